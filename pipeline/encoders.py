@@ -1,0 +1,242 @@
+"""The frozen CNN encoder: torchvision builders, their weights, and the image preprocessing.
+
+The annotation vectors a_1..a_L (paper section 3.1.1) are the spatial cells of a convolutional
+feature map, read row by row: cell (r, c) of an H x W grid is a_{r*W + c}.
+
+| encoder         | layer                              | 224x224 input gives       |
+| --------------- | ---------------------------------- | ------------------------- |
+| `vgg19`         | conv5_4 after its ReLU, before pool5 (the paper's) | 14x14x512: L=196, D=512 |
+| `vgg16`         | conv5_3 after its ReLU, before pool5 | 14x14x512             |
+| `resnet101/152` | layer4                             | 7x7x2048: L=49, D=2048    |
+| `squeezenet1_1` | the last Fire module (fire9)       | 13x13x512: L=169, D=512   |
+"""
+import hashlib
+import socket
+import urllib.error
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import nn
+from torchvision import models, transforms
+
+from .errors import PipelineError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RANDOM_SEED = 0  # `--weights random` is seeded, so its features are reproducible
+
+
+@dataclass(frozen=True)
+class _Arch:
+    builder: object  # torchvision model builder, e.g. models.vgg19
+    weights: object  # its weights enum, e.g. models.VGG19_Weights
+    layer: str
+    cut: object  # model -> the trunk that outputs the annotation layer
+
+
+def _resnet_trunk(m):
+    return nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4)
+
+
+ENCODERS = {
+    "vgg19": _Arch(models.vgg19, models.VGG19_Weights, "conv5_4 (after ReLU, before pool5)", lambda m: m.features[:36]),
+    "vgg16": _Arch(models.vgg16, models.VGG16_Weights, "conv5_3 (after ReLU, before pool5)", lambda m: m.features[:30]),
+    "resnet101": _Arch(models.resnet101, models.ResNet101_Weights, "layer4", _resnet_trunk),
+    "resnet152": _Arch(models.resnet152, models.ResNet152_Weights, "layer4", _resnet_trunk),
+    "squeezenet1_1": _Arch(models.squeezenet1_1, models.SqueezeNet1_1_Weights, "last Fire module (fire9)",
+                           lambda m: m.features),
+}
+
+
+class ImageError(PipelineError):
+    """An image file that cannot be used; ``reason`` says why in a few words."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = Path(path), reason
+
+
+def open_rgb(path) -> Image.Image:
+    """Decode an image file to 8-bit RGB, whatever its format and mode.
+
+    EXIF orientation is applied; greyscale (8/16-bit), CMYK and palette images are converted;
+    transparency is composited onto white. Images over PIL's decompression-bomb limit
+    (``Image.MAX_IMAGE_PIXELS``, about 89 megapixels) are refused.
+
+    Raises ImageError (missing, empty, not an image, truncated or corrupt, too large).
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageError(path, "empty file (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                img = ImageOps.exif_transpose(img)
+    except FileNotFoundError:
+        raise ImageError(path, "missing (no such file)") from None
+    except UnidentifiedImageError:
+        raise ImageError(path, "not an image (unrecognised format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(path, f"too large to decode safely ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(path, f"truncated or corrupt image data ({e})") from None
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # high bit-depth greyscale
+        a = np.asarray(img, dtype=np.float32)
+        img = Image.fromarray(np.uint8(255 * (a - a.min()) / max(float(a.max() - a.min()), 1e-6)))
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
+        img = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
+    return img.convert("RGB")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an RGB image becomes the encoder's input tensor (3, image_size, image_size).
+
+    mode 'center-crop': shorter side resized to image_size * 256/224 (256 for 224), then a centre
+    crop (the paper's and torchvision's convention); 'resize': direct resize to a square (keeps
+    the whole image, squashing its aspect ratio). Then ImageNet mean/std normalisation.
+    """
+
+    mode: str = "center-crop"
+    image_size: int = 224
+
+    def __post_init__(self):
+        if self.mode not in ("center-crop", "resize"):
+            raise PipelineError(f"unknown preprocessing {self.mode!r}; choose center-crop or resize")
+
+    def transform(self):
+        """The torchvision transform: PIL RGB image -> (3, image_size, image_size) float tensor."""
+        if self.mode == "center-crop":
+            size = [transforms.Resize(round(self.image_size * 256 / 224)), transforms.CenterCrop(self.image_size)]
+        else:
+            size = [transforms.Resize((self.image_size, self.image_size))]
+        return transforms.Compose(size + [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Encoder(nn.Module):
+    """A frozen CNN trunk that maps images to annotation vectors (paper section 3.1.1).
+
+    forward: images (B, 3, H, W) float, ImageNet-normalised -> annotations (B, L, D) float, where
+    L = h * w is the feature grid read row by row and D the channel count.
+    """
+
+    def __init__(self, name: str, trunk: nn.Module, weights: str, weights_sha256: str):
+        super().__init__()
+        self.name, self.trunk, self.weights, self.weights_sha256 = name, trunk, weights, weights_sha256
+        self.requires_grad_(False).eval()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.trunk(images).flatten(2).transpose(1, 2)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.trunk.parameters()).device
+
+    def train(self, mode: bool = True):  # frozen: always in eval mode (batch norm statistics fixed)
+        return super().train(False)
+
+    @torch.inference_mode()
+    def grid(self, image_size: int) -> tuple[int, int, int]:
+        """(h, w, D) of the feature map for a square input of ``image_size`` pixels."""
+        param = next(self.trunk.parameters())
+        fmap = self.trunk(torch.zeros(1, 3, image_size, image_size, device=param.device, dtype=param.dtype))
+        return fmap.shape[2], fmap.shape[3], fmap.shape[1]
+
+    def describe(self) -> dict:
+        """What identifies these features: encoder name, layer, weights and their hash."""
+        return {"name": self.name, "layer": ENCODERS[self.name].layer, "weights": self.weights,
+                "weights_sha256": self.weights_sha256}
+
+
+def state_sha256(module: nn.Module) -> str:
+    """SHA-256 over a module's state dict (names, dtypes, shapes and values), in key order."""
+    h = hashlib.sha256()
+    for key, t in module.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _imagenet_model(name: str, arch: _Arch) -> nn.Module:
+    w = arch.weights.DEFAULT
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(w.url).name
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)
+    try:
+        return arch.builder(weights=w)
+    except (urllib.error.URLError, OSError, RuntimeError) as e:
+        raise PipelineError(
+            f"ImageNet weights for {name} are not cached at {cache} and could not be downloaded ({e}). "
+            f"Fetch {w.url} on a machine with internet and copy it to {cache}, or pass --weights FILE "
+            f"(a state dict), or --weights random for untrained features (plumbing and speed tests only)"
+        ) from None
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+
+
+def _load_state_dict_file(model: nn.Module, trunk: nn.Module, path: Path) -> None:
+    """Load a state dict file (a whole model's, or ``features.*`` keys only) into ``model``; every
+    tensor of ``trunk`` must be given."""
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: no such weights file; pass imagenet, random or a state dict path") from None
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for non-checkpoint files
+        raise PipelineError(f"{path}: not a loadable state dict with weights_only=True ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200]})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise PipelineError(f"{path}: expected a dict of tensors (a state dict)")
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    trunk_ids = {id(t) for t in trunk.state_dict(keep_vars=True).values()}
+    needed = {k for k, t in model.state_dict(keep_vars=True).items() if id(t) in trunk_ids}
+    try:
+        result = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:
+        raise PipelineError(f"{path}: weights do not fit this encoder ({str(e).splitlines()[-1].strip()})") from None
+    missing = sorted(needed & set(result.missing_keys))
+    if missing or result.unexpected_keys:
+        raise PipelineError(f"{path}: weights do not fit this encoder: missing {missing[:3]}, "
+                            f"unexpected {result.unexpected_keys[:3]}; is it the right --encoder?")
+
+
+def build_encoder(name: str = "vgg19", weights: str = "imagenet", device="cpu") -> Encoder:
+    """Build a frozen encoder, the torchvision way (cf. ``models.vgg19(weights=...)``).
+
+    name: one of ``ENCODERS``.
+    weights: 'imagenet' (torchvision's default ImageNet weights: from the torch hub cache, else
+    downloaded), 'random' (seeded initialisation: untrained, for tests and timing), or a path to a
+    state dict file (a whole model's keys, or ``features.*`` keys only), loaded with
+    ``weights_only=True``.
+    Raises PipelineError for an unknown name, unobtainable ImageNet weights (never silently
+    random) or a weights file that does not fit.
+    """
+    if name not in ENCODERS:
+        raise PipelineError(f"unknown encoder {name!r}; choose one of {', '.join(ENCODERS)}")
+    arch = ENCODERS[name]
+    if weights == "imagenet":
+        model, label = _imagenet_model(name, arch), "imagenet"
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_SEED)
+            model = arch.builder(weights=None)
+        label = "random"
+        if weights != "random":
+            path = Path(weights).expanduser().resolve()
+            _load_state_dict_file(model, arch.cut(model), path)
+            label = str(path)
+    trunk = arch.cut(model)
+    return Encoder(name, trunk, label, state_sha256(trunk)).to(device)

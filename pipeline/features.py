@@ -1,0 +1,242 @@
+"""Stage one: image corpus -> frozen CNN -> HDF5 shards of annotation vectors.
+
+Images are decoded and preprocessed in DataLoader worker processes while the main process runs
+the encoder and writes shards, so decoding overlaps the forward pass. The work is planned in
+shards of ``shard_size`` images; a rerun skips the shards already on disk, so a killed run resumes
+where it stopped and gives the same values as an uninterrupted one.
+"""
+import hashlib
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from . import shards
+from .atomic import remove_stale_temps, write_json
+from .datasets import Record
+from .encoders import ImageError, Preprocess, build_encoder, open_rgb
+from .errors import PipelineError
+from .text import Vocabulary, tokenize
+
+
+@dataclass
+class FeatureConfig:
+    """Options of feature extraction (units in the names or comments)."""
+
+    encoder: str = "vgg19"
+    weights: str = "imagenet"  # 'imagenet' | 'random' | path to a state dict
+    preprocess: str = "center-crop"  # 'center-crop' | 'resize'
+    image_size: int = 224  # pixels, square encoder input
+    dtype: str = "float16"  # storage dtype of the annotation vectors: float16 | float32
+    shard_size: int = 2000  # images per shard
+    batch_size: int = 32  # images per forward pass
+    num_workers: int = 2  # image-decoding processes
+    device: str = "cpu"
+    min_count: int = 5  # vocabulary: minimum count of a word in the training captions
+
+    def __post_init__(self):
+        if self.dtype not in ("float16", "float32"):
+            raise PipelineError(f"--dtype must be float16 or float32, not {self.dtype!r}")
+        for name in ("shard_size", "batch_size", "image_size", "min_count"):
+            if getattr(self, name) < 1:
+                raise PipelineError(f"--{name.replace('_', '-')} must be at least 1")
+
+
+@dataclass
+class FeatureSummary:
+    """What a run did: images written (this run), seconds, and every failed image of the folder."""
+
+    out: Path
+    images: int = 0
+    seconds: float = 0.0
+    per_split: dict = field(default_factory=dict)  # split -> images in its shards (all runs)
+    failures: list = field(default_factory=list)  # dicts: split, image_id, path, reason
+
+    def line(self) -> str:
+        rate = self.images / self.seconds if self.seconds else 0.0
+        splits = ", ".join(f"{n} {s}" for s, n in self.per_split.items())
+        return (f"features: {self.images} images extracted in {self.seconds:.1f} s ({rate:.1f} images/s); "
+                f"folder holds {splits}; {len(self.failures)} failed -> {self.out}")
+
+
+class ImageFiles(Dataset):
+    """Decodes and preprocesses images in DataLoader workers.
+
+    Item i -> (i, image (3, S, S) float or None, reason str or None); a bad image gives None and
+    its reason instead of an exception, so one bad file does not stop the run.
+    """
+
+    def __init__(self, records: list[Record], transform):
+        self.records, self.transform = records, transform
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.transform(open_rgb(self.records[i].image_path)), None
+        except ImageError as e:
+            return i, None, e.reason
+
+
+def _collate(items):
+    good = [(i, x) for i, x, _ in items if x is not None]
+    bad = [(i, reason) for i, _, reason in items if reason is not None]
+    images = torch.stack([x for _, x in good]) if good else None
+    return [i for i, _ in good], images, bad
+
+
+def _fingerprint(records: list[Record]) -> str:
+    h = hashlib.sha256()
+    for r in records:
+        h.update(f"{r.image_id}\t{r.image_path}\n".encode())
+    return h.hexdigest()
+
+
+def write_text(records: list[Record], out: Path, min_count: int) -> Vocabulary:
+    """Tokenise every caption, build the vocabulary on the training split, and write
+    ``captions.json`` and ``vocab.json`` into ``out``. Raises PipelineError with no training split."""
+    tokens = {r.image_id: [tokenize(c) for c in r.captions] for r in records}
+    train = [t for r in records if r.split == "train" for t in tokens[r.image_id]]
+    if not train:
+        raise PipelineError("the dataset has no 'train' split to count the vocabulary on")
+    vocab = Vocabulary.build(train, min_count)
+    captions = {}
+    for r in records:
+        captions.setdefault(r.split, {})[r.image_id] = {"raw": list(r.captions), "tokens": tokens[r.image_id]}
+    write_json(out / shards.CAPTIONS, captions)
+    vocab.save(out / shards.VOCAB)
+    return vocab
+
+
+def extract_features(records: list[Record], out, config: FeatureConfig, dataset: str,
+                     splits: list[str] | None = None, progress: bool = True) -> FeatureSummary:
+    """Run the encoder over ``records`` (optionally only ``splits``) into shards under ``out``.
+
+    Resumes: shards already complete in ``out`` are kept and not recomputed. Bad images are
+    skipped and listed in ``out/bad_images.tsv`` and in the returned summary (the caller decides
+    whether that is an error).
+    Raises PipelineError for unknown split names, or if ``out`` holds features made with another
+    encoder, weights, preprocessing, dtype, shard size or image list.
+    """
+    out = Path(out)
+    known = list(dict.fromkeys(r.split for r in records))
+    splits = splits or known
+    unknown = [s for s in splits if s not in known]
+    if unknown:
+        raise PipelineError(f"unknown split(s) {', '.join(unknown)} for {dataset}; it has {', '.join(known)}")
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = write_text(records, out, config.min_count)
+    device = torch.device(config.device)
+    encoder = build_encoder(config.encoder, config.weights, device)
+    preprocess = Preprocess(config.preprocess, config.image_size)
+    h, w, D = encoder.grid(config.image_size)
+    setup = {"format": shards.FORMAT, "dataset": dataset, "encoder": encoder.describe(),
+             "preprocess": preprocess.to_dict(), "grid": [h, w], "L": h * w, "D": D, "dtype": config.dtype,
+             "shard_size": config.shard_size}
+    manifest = _resume_manifest(out, setup)
+    manifest["vocab_size"] = len(vocab)
+
+    by_split = {s: [r for r in records if r.split == s] for s in splits}
+    todo = []  # (split, shard index, records)
+    for split, recs in by_split.items():
+        fp = _fingerprint(recs)
+        old = manifest["splits"].get(split)
+        if old and old["fingerprint"] != fp:
+            raise PipelineError(f"{out}: the {split} shards were made from a different image list; "
+                                f"use another --out or delete {out / split}")
+        entries = {e["file"]: e for e in (old or {}).get("shards", []) if (out / e["file"]).exists()}
+        (out / split).mkdir(exist_ok=True)
+        remove_stale_temps(out / split)
+        for k in range(0, -(-len(recs) // config.shard_size)):
+            name = shards.shard_name(split, k)
+            if name not in entries and (out / name).exists():  # renamed, but the manifest not yet written
+                entries[name] = shards.shard_entry(out, name)
+            if name not in entries:
+                todo.append((split, k, recs[k * config.shard_size:(k + 1) * config.shard_size]))
+        manifest["splits"][split] = {"images": None, "planned": len(recs), "fingerprint": fp,
+                                     "shards": list(entries.values())}
+    _save_manifest(out, manifest)
+
+    summary = FeatureSummary(out)
+    start = time.perf_counter()
+    flat = [r for _, _, recs in todo for r in recs]
+    if flat:
+        summary.images = _run_encoder(encoder, flat, todo, out, config, preprocess, manifest, setup, progress)
+    summary.seconds = time.perf_counter() - start
+    for split, entry in manifest["splits"].items():
+        summary.per_split[split] = entry["images"]
+        summary.failures += [dict(f, split=split) for e in entry["shards"] for f in e["failures"]]
+    shards.write_bad_image_report(out / shards.BAD_IMAGES, summary.failures)
+    return summary
+
+
+def _resume_manifest(out: Path, setup: dict) -> dict:
+    """The manifest to continue from: the existing one if it matches ``setup``, else a new one."""
+    if not (out / shards.MANIFEST).exists():
+        return dict(setup, splits={})
+    old = shards.load_manifest(out)
+    differs = [k for k in setup if old.get(k) != setup[k]]
+    if differs:
+        raise PipelineError(f"{out} holds features made with a different {', '.join(differs)} "
+                            f"({', '.join(f'{k}={old.get(k)}' for k in differs)}); use another --out or delete it")
+    return dict(old, **setup)
+
+
+def _save_manifest(out: Path, manifest: dict) -> None:
+    for entry in manifest["splits"].values():
+        entry["shards"].sort(key=lambda e: e["file"])
+        entry["images"] = sum(e["images"] for e in entry["shards"])
+    write_json(out / shards.MANIFEST, manifest)
+
+
+def _run_encoder(encoder, flat, todo, out, config, preprocess, manifest, setup, progress) -> int:
+    """Encode the images of the shards in ``todo`` (``flat`` is their records in order); returns
+    the number of images written."""
+    batches, offset = [], 0
+    for _, _, recs in todo:  # batches never cross a shard, so shard k is the same whatever was done before
+        batches += [list(range(offset + i, offset + min(i + config.batch_size, len(recs))))
+                    for i in range(0, len(recs), config.batch_size)]
+        offset += len(recs)
+    loader = DataLoader(ImageFiles(flat, preprocess.transform()), batch_sampler=batches,
+                        num_workers=config.num_workers, collate_fn=_collate,
+                        pin_memory=encoder.device.type == "cuda",
+                        persistent_workers=False, prefetch_factor=4 if config.num_workers else None)
+    written, batch_iter = 0, iter(loader)
+    bar = tqdm(total=len(flat), unit="img", desc="features", disable=not progress, dynamic_ncols=True)
+    shown_failures = 0
+    with torch.inference_mode():
+        for split, k, recs in todo:
+            name = shards.shard_name(split, k)
+            with shards.write_shard(out / name, setup["L"], setup["D"], config.dtype) as shard:
+                done = 0
+                while done < len(recs):
+                    indices, images, bad = next(batch_iter)
+                    if images is not None:
+                        annotations = encoder(images.to(encoder.device, non_blocking=True))
+                        shard.add([flat[i].image_id for i in indices], annotations)
+                    for i, reason in bad:
+                        shard.failures.append({"image_id": flat[i].image_id, "path": str(flat[i].image_path),
+                                               "reason": reason})
+                        if shown_failures < 20:
+                            bar.write(f"skipped {flat[i].image_path}: {reason}")
+                        shown_failures += 1
+                    done += len(indices) + len(bad)
+                    written += len(indices)
+                    bar.update(len(indices) + len(bad))
+            manifest["splits"][split]["shards"].append(shards.shard_entry(out, name))
+            _save_manifest(out, manifest)
+    bar.close()
+    if shown_failures > 20:
+        print(f"... and {shown_failures - 20} more skipped images (all listed in {out / shards.BAD_IMAGES})")
+    return written
+
+
+def failure_counts(failures: list[dict]) -> Counter:
+    """How many failures of each kind (the reason's first words)."""
+    return Counter(f["reason"].split(" (")[0] for f in failures)
+

@@ -1,0 +1,129 @@
+import json
+import warnings
+
+import pytest
+from conftest import FLICKR8K, need_shared
+
+from pipeline.datasets import load_flickr8k, load_karpathy, load_records, make_synthetic, synthetic_captions
+from pipeline.errors import PipelineError
+
+
+def test_flickr8k_real_release_files():
+    root = need_shared(FLICKR8K)
+    with pytest.warns(UserWarning) as caught:
+        records = load_flickr8k(root)
+    messages = [str(w.message) for w in caught]
+    assert any("skipped 5 caption line(s)" in m and "line 6731: 2258277193_586949ec62.jpg.1" in m for m in messages)
+    assert any("91 captioned image(s) are in no split file" in m for m in messages)
+    by_split = {s: [r for r in records if r.split == s] for s in ("train", "dev", "test")}
+    assert [len(v) for v in by_split.values()] == [6000, 1000, 1000]
+    assert all(len(r.captions) == 5 for r in records)
+    first = by_split["train"][0]
+    assert first.image_path == root / "Flicker8k_Dataset" / first.image_id
+    assert len({r.image_id for r in records}) == 8000
+
+
+def _tiny_flickr8k(tmp_path, token_lines, splits=None):
+    text = tmp_path / "Flickr8k_text"
+    text.mkdir()
+    (text / "Flickr8k.token.txt").write_text("\n".join(token_lines) + "\n")
+    splits = splits or {"train": ["a.jpg"], "dev": ["b.jpg"], "test": []}
+    for split, names in splits.items():
+        (text / f"Flickr_8k.{split}Images.txt").write_text("".join(n + "\n" for n in names))
+    return tmp_path
+
+
+def test_flickr8k_groups_captions_and_skips_orphans(tmp_path):
+    root = _tiny_flickr8k(tmp_path, ["a.jpg#0\tA dog .", "a.jpg#1\tA cat .", "b.jpg#0\tSnow .",
+                                     "a.jpg.1#0\tquirk line", "c.jpg#0\tin no split"])
+    with pytest.warns(UserWarning) as caught:
+        records = load_flickr8k(root)
+    assert "line 4: a.jpg.1" in str(caught[0].message) and "(c.jpg)" in str(caught[1].message)
+    assert [(r.image_id, r.split, r.captions) for r in records] == [
+        ("a.jpg", "train", ("A dog .", "A cat .")), ("b.jpg", "dev", ("Snow .",))]
+
+
+@pytest.mark.parametrize("bad_line, message", [
+    ("a.jpg no tab here", r"Flickr8k.token.txt:2: expected"),
+    ("a.jpg\tno hash", r"Flickr8k.token.txt:2: expected"),
+    ("a.jpg#1\t   ", r"Flickr8k.token.txt:2: empty caption"),
+])
+def test_flickr8k_malformed_line_names_file_and_line(tmp_path, bad_line, message):
+    root = _tiny_flickr8k(tmp_path, ["a.jpg#0\tA dog .", bad_line, "b.jpg#0\tx"])
+    with pytest.raises(PipelineError, match=message):
+        load_flickr8k(root)
+
+
+def test_flickr8k_missing_files_and_uncaptioned_images(tmp_path):
+    with pytest.raises(PipelineError, match="Flickr8k.token.txt: missing caption file"):
+        load_flickr8k(tmp_path)
+    root = _tiny_flickr8k(tmp_path, ["a.jpg#0\tA dog ."])
+    with pytest.raises(PipelineError, match=r"devImages.txt:1: b.jpg has no caption"):
+        load_flickr8k(root)
+
+
+def _karpathy(tmp_path, images):
+    path = tmp_path / "dataset_coco.json"
+    path.write_text(json.dumps({"dataset": "coco", "images": images}))
+    return path
+
+
+def test_karpathy_json(tmp_path):
+    path = _karpathy(tmp_path, [
+        {"filepath": "val2014", "filename": "x.jpg", "cocoid": 7, "split": "restval",
+         "sentences": [{"raw": "A man.", "tokens": ["a", "man"]}, {"tokens": ["two", "men"]}]},
+        {"filename": "y.jpg", "imgid": 3, "split": "test", "sentences": [{"raw": "Snow."}]},
+    ])
+    records = load_karpathy(path, tmp_path / "images")
+    assert [(r.image_id, r.split, r.captions, r.image_path) for r in records] == [
+        ("7", "train", ("A man.", "two men"), tmp_path / "images" / "val2014" / "x.jpg"),
+        ("3", "test", ("Snow.",), tmp_path / "images" / "y.jpg")]
+
+
+@pytest.mark.parametrize("images, message", [
+    ([{"filename": "x.jpg", "split": "holdout", "sentences": [{"raw": "a"}]}], r"images\[0\]: missing or unknown"),
+    ([{"split": "train", "sentences": [{"raw": "a"}]}], r"images\[0\]: missing or unknown field 'filename'"),
+    ([{"filename": "x.jpg", "split": "train", "sentences": [{"raw": " "}]}], "empty caption"),
+    ([{"filename": "x.jpg", "split": "train", "sentences": [{"raw": "a"}]}] * 2, r"images\[1\]: duplicate image id"),
+])
+def test_karpathy_bad_entries_are_named(tmp_path, images, message):
+    with pytest.raises(PipelineError, match=message):
+        load_karpathy(_karpathy(tmp_path, images), tmp_path)
+
+
+def test_karpathy_not_json(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text("{")
+    with pytest.raises(PipelineError, match="d.json: not a Karpathy split json"):
+        load_karpathy(path, tmp_path)
+    with pytest.raises(PipelineError, match="needs --karpathy-json"):
+        load_records("karpathy")
+
+
+def test_synthetic_captions_name_the_drawn_objects(small_corpus):
+    json_path, root = small_corpus
+    data = json.loads(json_path.read_text())
+    records = load_karpathy(json_path, root)
+    assert [sum(r.split == s for r in records) for s in ("train", "val", "test")] == [40, 10, 10]
+    for entry, record in zip(data["images"], records):
+        scene = [(c, s, tuple(cell)) for c, s, cell in entry["objects"]]
+        assert record.captions == synthetic_captions(scene)
+        assert record.image_path.exists()
+    from PIL import Image
+    # the drawn colour is at the named cell: e.g. 'red' at the top left means a red-dominant pixel there
+    colour, _, (row, col) = scene[0]
+    img = Image.open(records[-1].image_path).convert("RGB")
+    r, g, b = img.getpixel((col * 112 + 56, row * 112 + 56))
+    dominant = {"red": r > 150 > g, "green": g > r and g > b, "blue": b > 150 > r, "yellow": r > 150 and g > 150 > b}
+    assert dominant[colour]
+
+
+def test_synthetic_is_deterministic_and_reused(tmp_path):
+    a = make_synthetic(tmp_path / "a", sizes={"train": 3}, seed=1)
+    b = make_synthetic(tmp_path / "b", sizes={"train": 3}, seed=1)
+    assert json.loads(a.read_text())["images"] == json.loads(b.read_text())["images"]
+    mtime = a.stat().st_mtime_ns
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert make_synthetic(tmp_path / "a", sizes={"train": 3}, seed=1) == a
+    assert a.stat().st_mtime_ns == mtime
