@@ -7,6 +7,10 @@ import click
 from pipeline.errors import PipelineError
 
 
+class Failure(click.ClickException):
+    exit_code = 2
+
+
 class Group(click.Group):
     """Turns PipelineError into a one-line message and exit status 2 (no traceback)."""
 
@@ -14,7 +18,7 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except PipelineError as e:
-            raise click.ClickException(str(e)) from None
+            raise Failure(str(e)) from None
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

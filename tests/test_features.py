@@ -1,0 +1,198 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from conftest import FLICKR8K, ROOT, need_shared
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from pipeline import shards
+from pipeline.datasets import load_karpathy
+from pipeline.encoders import Preprocess, build_encoder, open_rgb
+from pipeline.errors import PipelineError
+from pipeline.features import FeatureConfig, extract_features
+
+FAST = dict(encoder="squeezenet1_1", weights="random", shard_size=16, batch_size=5, num_workers=2)
+
+
+@pytest.fixture(scope="module")
+def corpus_with_bad_images(small_corpus, tmp_path_factory):
+    """The small corpus plus a zero-byte, a truncated, a text and a missing image in train: (json, root)."""
+    json_path, root = small_corpus
+    data = json.loads(json_path.read_text())
+    bad = tmp_path_factory.mktemp("bad")
+    (bad / "zero.jpg").write_bytes(b"")
+    (bad / "text.jpg").write_text("hello\n")
+    (bad / "trunc.jpg").write_bytes((root / "images" / "00000.jpg").read_bytes()[:2000])
+    for n, name in enumerate(["zero.jpg", "text.jpg", "trunc.jpg", "missing.jpg"]):
+        data["images"].insert(3 + 5 * n, {"filepath": str(bad), "filename": name, "imgid": 1000 + n, "split": "train",
+                                          "sentences": [{"raw": "a red circle at the top left"}]})
+    path = bad / "dataset_with_bad.json"
+    path.write_text(json.dumps(data))
+    return path, root
+
+
+@pytest.fixture(scope="module")
+def extracted(corpus_with_bad_images, tmp_path_factory):
+    json_path, root = corpus_with_bad_images
+    out = tmp_path_factory.mktemp("features")
+    summary = extract_features(load_karpathy(json_path, root), out, FeatureConfig(**FAST), "synthetic", progress=False)
+    return out, summary, load_karpathy(json_path, root)
+
+
+def test_shards_manifest_and_text(extracted):
+    out, summary, records = extracted
+    manifest = shards.load_manifest(out)
+    assert (manifest["grid"], manifest["L"], manifest["D"], manifest["dtype"]) == ([13, 13], 169, 512, "float16")
+    assert manifest["encoder"]["name"] == "squeezenet1_1" and len(manifest["encoder"]["weights_sha256"]) == 64
+    assert manifest["preprocess"] == {"mode": "center-crop", "image_size": 224}
+    assert {s: e["images"] for s, e in manifest["splits"].items()} == {"train": 40, "val": 10, "test": 10}
+    train = manifest["splits"]["train"]["shards"]
+    assert [e["file"] for e in train] == [f"train/shard-0000{k}.h5" for k in range(3)]  # 44 planned / 16
+    ids = []
+    for entry in train:
+        assert entry["sha256"] == shards.file_sha256(out / entry["file"])
+        with h5py.File(out / entry["file"]) as f:
+            assert f["annotations"].dtype == np.float16 and f["annotations"].shape[1:] == (169, 512)
+            ids += [s.decode() for s in f["image_ids"][:]]
+    assert ids == [r.image_id for r in records if r.split == "train" and r.image_id not in ("1000", "1001", "1002", "1003")]
+    captions = json.loads((out / shards.CAPTIONS).read_text())
+    assert captions["val"][records[-11].image_id]["tokens"][0][:2] == ["a", records[-11].captions[0].split()[1]]
+    assert json.loads((out / shards.VOCAB).read_text())["words"][:4] == ["<pad>", "<start>", "<end>", "<unk>"]
+    assert summary.per_split == {"train": 40, "val": 10, "test": 10} and summary.images == 60
+
+
+def test_bad_images_are_reported_and_the_rest_go_on(extracted):
+    out, summary, _ = extracted
+    reasons = {f["image_id"]: f["reason"] for f in summary.failures}
+    assert set(reasons) == {"1000", "1001", "1002", "1003"}
+    assert reasons["1000"] == "empty file (0 bytes)" and reasons["1001"].startswith("not an image")
+    assert reasons["1002"].startswith("truncated") and reasons["1003"].startswith("missing")
+    report = (out / shards.BAD_IMAGES).read_text().splitlines()
+    assert report[0] == "split\timage_id\tpath\treason" and len(report) == 5
+    assert any(line.startswith("train\t1003\t") and line.endswith("missing (no such file)") for line in report)
+
+
+def test_stored_values_are_the_encoder_output(extracted):
+    out, _, records = extracted
+    rec = [r for r in records if r.split == "val"][3]
+    encoder = build_encoder("squeezenet1_1", "random")
+    with torch.inference_mode():
+        expected = encoder(Preprocess().transform()(open_rgb(rec.image_path))[None])[0]
+    data = shards.AnnotationShards(out, "val")
+    i = data.image_ids.index(rec.image_id)
+    torch.testing.assert_close(data[i], expected, atol=2e-2, rtol=2e-3)  # float16 storage
+
+
+def test_reader_with_two_workers(extracted):
+    out, _, _ = extracted
+    data = shards.AnnotationShards(out, "train")
+    assert len(data) == 40 and data.grid == (13, 13) and data[0].dtype == torch.float32
+    with h5py.File(out / "train/shard-00001.h5") as f:
+        direct = torch.from_numpy(f["annotations"][:].astype(np.float32))
+    batches = list(DataLoader(data, batch_size=7, num_workers=2))
+    read = torch.cat(batches)
+    n0 = len(h5py.File(out / "train/shard-00000.h5")["image_ids"])
+    torch.testing.assert_close(read[n0:n0 + len(direct)], direct, rtol=0, atol=0)
+    pairs = shards.CaptionPairs(data)
+    assert len(pairs) == 80 and set(pairs.lengths()) <= set(range(6, 30))
+    a, caption, i = pairs[3]
+    assert caption[0] == data.vocab.start and caption[-1] == data.vocab.end and torch.equal(a, data[i])
+    assert data.vocab.decode(caption) == data.vocab.decode(data.captions[i][1])
+    with pytest.raises(PipelineError, match="no features for split 'dev'"):
+        shards.AnnotationShards(out, "dev")
+
+
+def test_rerun_skips_finished_shards_and_refuses_other_settings(extracted, corpus_with_bad_images):
+    out, _, _ = extracted
+    records = load_karpathy(*corpus_with_bad_images)
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*/*.h5")}
+    again = extract_features(records, out, FeatureConfig(**FAST), "synthetic", progress=False)
+    assert again.images == 0 and len(again.failures) == 4
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/*.h5")} == mtimes
+    with pytest.raises(PipelineError, match="different encoder"):
+        extract_features(records, out, FeatureConfig(**dict(FAST, encoder="vgg16")), "synthetic", progress=False)
+    with pytest.raises(PipelineError, match="different dtype, shard_size"):
+        extract_features(records, out, FeatureConfig(**dict(FAST, shard_size=8, dtype="float32")), "synthetic")
+    with pytest.raises(PipelineError, match="unknown split.*dev.*has train, val, test"):
+        extract_features(records, out, FeatureConfig(**FAST), "synthetic", ["train", "dev"])
+
+
+def _cli(*args, **kwargs):
+    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def _features_args(json_path, root, out, *extra):
+    return ["features", "--dataset", "karpathy", "--karpathy-json", str(json_path), "--image-dir", str(root),
+            "--encoder", "squeezenet1_1", "--weights", "random", "--out", str(out), "--no-progress", *extra]
+
+
+def test_cli_exit_status_with_bad_images(corpus_with_bad_images, tmp_path):
+    args = _features_args(*corpus_with_bad_images, tmp_path / "f", "--splits", "train", "--shard-size", "50")
+    out, err = _cli(*args).communicate()
+    assert "features: 40 images extracted" in out and "0 failed" not in out
+    assert "4 images could not be used" in err and "skipped" in out + err and "--skip-bad-images" in err
+    proc = _cli(*args, "--skip-bad-images")
+    out, err = proc.communicate()
+    assert proc.returncode == 0 and "0 images extracted" in out and "4 images could not be used" in err
+    assert shards.load_manifest(tmp_path / "f")["splits"].keys() == {"train"}
+    proc = _cli(*_features_args(*corpus_with_bad_images, tmp_path / "f", "--splits", "val", "--shard-size", "50"))
+    proc.communicate()
+    assert proc.returncode == 1  # the train failures are still in the folder
+    assert shards.load_manifest(tmp_path / "f")["splits"].keys() == {"train", "val"}
+
+
+def test_cli_bad_option_is_one_line(tmp_path):
+    proc = _cli("features", "--dataset", "flickr8k", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o"))
+    _, err = proc.communicate()
+    assert proc.returncode == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"Error: {tmp_path}/Flickr8k_text/Flickr8k.token.txt: missing")
+
+
+def test_sigkill_then_rerun_gives_the_uninterrupted_result(small_corpus, tmp_path):
+    json_path, root = small_corpus
+    small = ["--shard-size", "4", "--batch-size", "3", "--workers", "1"]
+    reference = _cli(*_features_args(json_path, root, tmp_path / "ref", *small))
+    reference.communicate()
+    assert reference.returncode == 0
+    killed = _cli(*_features_args(json_path, root, tmp_path / "out", *small), start_new_session=True)
+    deadline = time.time() + 120
+    while not list((tmp_path / "out" / "train").glob("shard-00002.h5")) and time.time() < deadline:
+        time.sleep(0.01)
+    assert killed.poll() is None, "the run ended before it could be killed"
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.communicate()
+    done_before = len(list((tmp_path / "out").glob("*/shard-*.h5")))
+    assert 3 <= done_before < 15
+    rerun = _cli(*_features_args(json_path, root, tmp_path / "out", *small))
+    out, _ = rerun.communicate()
+    assert rerun.returncode == 0 and f"{60 - 4 * done_before} images extracted" in out
+    assert not list((tmp_path / "out").rglob("*.tmp-*"))
+    ref, got = shards.load_manifest(tmp_path / "ref"), shards.load_manifest(tmp_path / "out")
+    assert got["splits"] == ref["splits"]  # same files, counts and checksums
+    for split in ("train", "val", "test"):
+        a, b = shards.AnnotationShards(tmp_path / "ref", split), shards.AnnotationShards(tmp_path / "out", split)
+        assert a.image_ids == b.image_ids
+        assert all(torch.equal(a[i], b[i]) for i in range(len(a)))
+
+
+def test_vgg19_on_full_size_originals(tmp_path):
+    originals = need_shared(FLICKR8K / "originals")
+    names = sorted(p.name for p in originals.glob("*.jpg"))[:4]
+    assert any(Image.open(originals / n).size != (224, 224) for n in names)
+    path = tmp_path / "originals.json"
+    path.write_text(json.dumps({"images": [{"filename": n, "split": "train", "sentences": [{"raw": "a photo"}]}
+                                           for n in names]}))
+    summary = extract_features(load_karpathy(path, originals), tmp_path / "f",
+                               FeatureConfig(encoder="vgg19", weights="random", batch_size=2, num_workers=0),
+                               "karpathy", progress=False, )
+    data = shards.AnnotationShards(tmp_path / "f", "train")
+    assert summary.images == 4 and data[3].shape == (196, 512) and data.grid == (14, 14)
