@@ -129,10 +129,9 @@ def extract_features(records: list[Record], out, config: FeatureConfig, dataset:
     unknown = [s for s in splits if s not in known]
     if unknown:
         raise PipelineError(f"unknown split(s) {', '.join(unknown)} for {dataset}; it has {', '.join(known)}")
+    encoder = build_encoder(config.encoder, config.weights, torch.device(config.device))
     out.mkdir(parents=True, exist_ok=True)
     vocab = write_text(records, out, config.min_count)
-    device = torch.device(config.device)
-    encoder = build_encoder(config.encoder, config.weights, device)
     preprocess = Preprocess(config.preprocess, config.image_size)
     h, w, D = encoder.grid(config.image_size)
     setup = {"format": shards.FORMAT, "dataset": dataset, "encoder": encoder.describe(),
