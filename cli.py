@@ -89,5 +89,72 @@ def features(dataset, data_dir, karpathy_json, image_dir, splits, encoder, weigh
             sys.exit(1)
 
 
+@main.command()
+@click.option("--features", "features_dir", type=click.Path(file_okay=False), required=True,
+              help="Features folder written by `cli.py features` (needs train, and dev or val).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Run folder for checkpoints (last.pt, best.pt) and metrics.jsonl. [default: data/runs/ATTENTION]")
+@click.option("--attention", type=click.Choice(["soft", "hard"]), default="soft",
+              help="soft: deterministic expected context (eq. 13); hard: sampled locations trained with REINFORCE "
+                   "(eq. 10-12).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt (its saved options are used).")
+@click.option("--optimizer", type=click.Choice(["adam", "rmsprop"]), default="adam",
+              help="Adam (authors' code) or RMSProp (the paper's choice for Flickr8k).")
+@click.option("--lr", type=float, default=2e-4, help="Learning rate.")
+@click.option("--batch-size", type=int, default=64, help="Captions per minibatch (all of one length).")
+@click.option("--epochs", type=int, default=20, help="Maximum epochs.")
+@click.option("--patience", type=int, default=5,
+              help="Early stopping: epochs without a better validation BLEU-4 (0: never stop early).")
+@click.option("--clip", type=float, default=5.0, help="Gradient L2-norm clipping threshold (0: off).")
+@click.option("--seed", type=int, default=0, help="Random seed (initialisation, batch order, dropout, sampling).")
+@click.option("--device", default="cpu", help="Torch device: cpu, cuda, cuda:1, ...")
+@click.option("--embed-dim", type=int, default=512, help="Word embedding size m.")
+@click.option("--hidden-dim", type=int, default=1000, help="LSTM size n.")
+@click.option("--attention-dim", type=int, default=512, help="Hidden size of the attention MLP f_att.")
+@click.option("--attention-layers", type=int, default=1,
+              help="Layers of f_att: 1 as in eq. 4; 2 as in the authors' COCO config.")
+@click.option("--dropout", type=float, default=0.5, help="Dropout probability on h_t and the deep output layer.")
+@click.option("--output-tanh", is_flag=True, help="tanh before L_o in the deep output (authors' code; not the paper).")
+@click.option("--no-gating", is_flag=True, help="Drop the gating scalar beta_t (section 4.2.1).")
+@click.option("--alpha-c", type=float, default=1.0, help="Weight lambda of the doubly stochastic regularisation (eq. 14).")
+@click.option("--entropy-c", type=float, default=0.002, help="Hard attention: entropy bonus weight lambda_e (eq. 12).")
+@click.option("--reinforce-scale", type=float, default=0.1, help="Hard attention: reward scale lambda_r (eq. 12).")
+@click.option("--baseline-decay", type=float, default=0.9, help="Hard attention: moving-average baseline decay.")
+@click.option("--semi-sampling-p", type=float, default=0.5,
+              help="Hard attention: probability that a minibatch uses the expected context instead of a sample.")
+@click.option("--decode-context", type=click.Choice(["expected", "sample", "argmax"]), default="expected",
+              help="Hard attention at validation: expected alpha (mean-field, the authors'), a sample, or argmax.")
+@click.option("--val-split", default="", help="Validation split. [default: dev or val, whichever exists]")
+@click.option("--val-images", type=int, default=0, help="Validate on the first N images only (0: all).")
+@click.option("--max-len", type=int, default=20, help="Longest caption decoded at validation, in words.")
+@click.option("--checkpoint-every", type=int, default=0, help="Also write last.pt every N steps (0: epoch ends only).")
+@click.option("--workers", type=int, default=0, help="DataLoader processes reading the shards (0: in-process).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def train(features_dir, out, attention, resume, optimizer, lr, batch_size, epochs, patience, clip, seed, device,
+          embed_dim, hidden_dim, attention_dim, attention_layers, dropout, output_tanh, no_gating, alpha_c, entropy_c,
+          reinforce_scale, baseline_decay, semi_sampling_p, decode_context, val_split, val_images, max_len,
+          checkpoint_every, workers, no_progress):
+    """Stage two: train the attention decoder on feature shards.
+
+    Validates each epoch by free-running greedy decoding scored with BLEU-4, keeps last.pt and
+    best.pt, and stops early when BLEU-4 stops improving.
+    """
+    from pipeline.train import TrainConfig, train as run_training
+
+    config = TrainConfig(
+        features=features_dir, out=out or f"data/runs/{attention}", attention=attention, optimizer=optimizer, lr=lr,
+        batch_size=batch_size, epochs=epochs, patience=patience, clip=clip, seed=seed, device=device,
+        val_split=val_split, val_images=val_images, max_len=max_len, decode_context=decode_context,
+        semi_sampling_p=semi_sampling_p, checkpoint_every=checkpoint_every, workers=workers,
+        model=dict(embed_dim=embed_dim, hidden_dim=hidden_dim, attention_dim=attention_dim,
+                   attention_layers=attention_layers, dropout=dropout, output_tanh=output_tanh, gating=not no_gating),
+        objective=dict(alpha_c=alpha_c, entropy_c=entropy_c, reinforce_scale=reinforce_scale,
+                       baseline_decay=baseline_decay))
+    state = run_training(config, resume=resume, progress=not no_progress)
+    run = state["run"]
+    click.echo(f"train: best BLEU-4 {run['best_bleu4']:.2f} at epoch {run['best_epoch']}; "
+               f"checkpoints in {config.out}")
+
+
 if __name__ == "__main__":
     main()

@@ -159,7 +159,7 @@ def extract_features(records: list[Record], out, config: FeatureConfig, dataset:
                 todo.append((split, k, recs[k * config.shard_size:(k + 1) * config.shard_size]))
         manifest["splits"][split] = {"images": None, "planned": len(recs), "fingerprint": fp,
                                      "shards": list(entries.values())}
-    _save_manifest(out, manifest)
+    shards.save_manifest(out, manifest)
 
     summary = FeatureSummary(out)
     start = time.perf_counter()
@@ -184,13 +184,6 @@ def _resume_manifest(out: Path, setup: dict) -> dict:
         raise PipelineError(f"{out} holds features made with a different {', '.join(differs)} "
                             f"({', '.join(f'{k}={old.get(k)}' for k in differs)}); use another --out or delete it")
     return dict(old, **setup)
-
-
-def _save_manifest(out: Path, manifest: dict) -> None:
-    for entry in manifest["splits"].values():
-        entry["shards"].sort(key=lambda e: e["file"])
-        entry["images"] = sum(e["images"] for e in entry["shards"])
-    write_json(out / shards.MANIFEST, manifest)
 
 
 def _run_encoder(encoder, flat, todo, out, config, preprocess, manifest, setup, progress) -> int:
@@ -228,7 +221,7 @@ def _run_encoder(encoder, flat, todo, out, config, preprocess, manifest, setup, 
                     written += len(indices)
                     bar.update(len(indices) + len(bad))
             manifest["splits"][split]["shards"].append(shards.shard_entry(out, name))
-            _save_manifest(out, manifest)
+            shards.save_manifest(out, manifest)
     bar.close()
     if shown_failures > 20:
         print(f"... and {shown_failures - 20} more skipped images (all listed in {out / shards.BAD_IMAGES})")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .atomic import atomic_path
+from .atomic import atomic_path, write_json
 from .errors import PipelineError
 from .text import Vocabulary
 
@@ -98,6 +98,14 @@ def load_manifest(features_dir) -> dict:
     if manifest.get("format") != FORMAT:
         raise PipelineError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}; re-extract the features")
     return manifest
+
+
+def save_manifest(features_dir: Path, manifest: dict) -> None:
+    """Write ``manifest.json`` atomically, with each split's shards in order and its image total."""
+    for entry in manifest["splits"].values():
+        entry["shards"].sort(key=lambda e: e["file"])
+        entry["images"] = sum(e["images"] for e in entry["shards"])
+    write_json(Path(features_dir) / MANIFEST, manifest)
 
 
 class AnnotationShards(Dataset):

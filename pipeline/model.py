@@ -1,0 +1,206 @@
+"""The attention LSTM decoder of Show, Attend and Tell (Xu et al. 2015, sections 3 and 4).
+
+Notation follows the paper: annotation vectors a_i (i = 1..L, each of size D), attention weights
+alpha_ti, gating scalar beta_t, context vector z_t, hidden state h_t, embedding matrix E.
+
+One decoding step (:meth:`Decoder.step`), shared by training and every decoding method:
+
+    e_ti    = w^T tanh(W_a a_i + W_h h_{t-1} + b)            eq. 4 (f_att, an MLP)
+    alpha_t = softmax_i(e_t)                                  eq. 5
+    beta_t  = sigmoid(w_beta^T h_{t-1} + b_beta)              section 4.2.1, a scalar per step
+    z_t     = beta_t * sum_i alpha_ti a_i                     soft attention, eq. 13 ("expected")
+            = beta_t * a_{s_t},  s_t ~ Multinoulli(alpha_t)   hard attention, eq. 8-9 ("sample")
+    i,f,o,g = W_e E y_{t-1} + W_hh h_{t-1} + W_z z_t + b      eq. 1
+    c_t, h_t = the LSTM update                                eq. 2-3
+    p(y_t)  ∝ exp(L_o(E y_{t-1} + L_h h_t + L_z z_t))        eq. 7, the deep output layer
+
+Initial state (section 3.1.2): h_0 = tanh(f_init,h(mean_i a_i)), c_0 = tanh(f_init,c(mean_i a_i)).
+Speed: W_a a_i is computed once per caption, not at every step, and the output layer runs once
+over all steps after the recurrence.
+"""
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import PipelineError
+
+CONTEXTS = ("expected", "sample", "argmax")
+
+
+@dataclass
+class DecoderConfig:
+    """Sizes and switches of the decoder. Defaults are the paper's / the authors' values."""
+
+    vocab_size: int
+    annotation_dim: int  # D, from the features manifest
+    embed_dim: int = 512  # m, word embedding size
+    hidden_dim: int = 1000  # n, LSTM size (authors: 1000; 1800 in their COCO config)
+    attention_dim: int = 512  # hidden size of the attention MLP f_att
+    attention_layers: int = 1  # 1: eq. 4; 2: the authors' COCO config (n_layers_att=2)
+    dropout: float = 0.5  # on h_t and on the deep output layer (authors: 0.5)
+    gating: bool = True  # the gating scalar beta_t (section 4.2.1)
+    prev2out: bool = True  # E y_{t-1} in the deep output (eq. 7)
+    ctx2out: bool = True  # L_z z_t in the deep output (eq. 7)
+    output_tanh: bool = False  # the authors' code puts tanh before L_o; the paper does not
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class DecoderOutput:
+    """What a teacher-forced pass returns (B captions, T predicted steps, L locations).
+
+    logits: (B, T, V) float, unnormalised log p(y_t); alpha: (B, T, L) attention weights;
+    beta: (B, T) gating scalars; log_p_s: (B,) sum_t log alpha_{t, s_t} of the sampled locations
+    (zeros unless context='sample'); entropy: (B,) sum_t H(alpha_t) in nats.
+    """
+
+    logits: torch.Tensor
+    alpha: torch.Tensor
+    beta: torch.Tensor
+    log_p_s: torch.Tensor
+    entropy: torch.Tensor
+
+
+class Decoder(nn.Module):
+    """LSTM decoder with soft or hard attention over L annotation vectors of size D."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        c = self.config = config
+        D, m, n, A = c.annotation_dim, c.embed_dim, c.hidden_dim, c.attention_dim
+        self.embedding = nn.Embedding(c.vocab_size, m)  # E
+        self.init_h, self.init_c = nn.Linear(D, n), nn.Linear(D, n)  # f_init
+        self.att_annotation = nn.Linear(D, A)  # W_a a_i + b
+        # h_{t-1} feeds three things at once: the LSTM gates (W_hh), f_att (W_h) and beta
+        self.hidden_proj = nn.Linear(n, 4 * n + A + 1)
+        self.att_extra = nn.Sequential(*[m for _ in range(c.attention_layers - 1) for m in (nn.Linear(A, A), nn.Tanh())])
+        self.att_score = nn.Linear(A, 1)  # w
+        self.input_embed = nn.Linear(m, 4 * n, bias=False)  # W_e
+        self.input_context = nn.Linear(D, 4 * n, bias=False)  # W_z
+        self.out_hidden = nn.Linear(n, m)  # L_h
+        self.out_context = nn.Linear(D, m, bias=False) if c.ctx2out else None  # L_z
+        self.out_vocab = nn.Linear(m, c.vocab_size)  # L_o
+        self.drop = nn.Dropout(c.dropout)
+        with torch.no_grad():  # LSTM forget-gate bias 1 (Jozefowicz et al. 2015)
+            self.hidden_proj.bias[n:2 * n].fill_(1.0)
+
+    # -- the pieces -------------------------------------------------------------------------------
+
+    def init_state(self, annotations: torch.Tensor):
+        """Initial (h_0, c_0) and the attention projection W_a a_i + b.
+
+        annotations: (B, L, D) float. Returns h0, c0: (B, n); proj: (B, L, A).
+        """
+        mean = annotations.mean(1)
+        return torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean)), self.att_annotation(annotations)
+
+    def step(self, embedded, h, c, annotations, proj, context: str = "expected"):
+        """One step of attention and LSTM (the module docstring's equations).
+
+        embedded: (B, m) E y_{t-1}; h, c: (B, n) state t-1; annotations: (B, L, D);
+        proj: (B, L, A) from :meth:`init_state`; context: 'expected' (soft attention, also the
+        hard model's mean-field decoding), 'sample' (s_t ~ Multinoulli(alpha_t)), 'argmax', or a
+        (B,) long tensor of given locations s_t.
+        Returns h, c: (B, n) state t; z: (B, D) context vector; alpha: (B, L); beta: (B,);
+        s: (B,) long chosen locations (None for 'expected').
+        """
+        n, A = self.config.hidden_dim, self.config.attention_dim
+        hp = self.hidden_proj(h)
+        gates_h, att_h, beta_logit = hp[:, :4 * n], hp[:, 4 * n:4 * n + A], hp[:, -1]
+        e = self.att_score(self.att_extra(torch.tanh(proj + att_h.unsqueeze(1)))).squeeze(2)  # eq. 4
+        alpha = torch.softmax(e, dim=1)  # eq. 5
+        if isinstance(context, str) and context == "expected":
+            s, z = None, torch.bmm(alpha.unsqueeze(1), annotations).squeeze(1)
+        else:
+            if torch.is_tensor(context):
+                s = context
+            elif context == "sample":
+                s = torch.multinomial(alpha.detach(), 1).squeeze(1)
+            elif context == "argmax":
+                s = alpha.argmax(1)
+            else:
+                raise PipelineError(f"unknown context {context!r}; choose one of {', '.join(CONTEXTS)}")
+            z = annotations[torch.arange(len(s), device=s.device), s]
+        beta = torch.sigmoid(beta_logit) if self.config.gating else torch.ones_like(beta_logit)
+        z = beta.unsqueeze(1) * z
+        gates = gates_h + self.input_embed(embedded) + self.input_context(z)  # eq. 1
+        i, f, o, g = gates.chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)  # eq. 2
+        h = torch.sigmoid(o) * torch.tanh(c)  # eq. 3
+        return h, c, z, alpha, beta, s
+
+    def output(self, embedded, h, z) -> torch.Tensor:
+        """Deep output layer (eq. 7): logits (..., V) from E y_{t-1} (..., m), h_t (..., n) and
+        z_t (..., D), with dropout on h_t and on the layer."""
+        x = self.out_hidden(self.drop(h))
+        if self.config.prev2out:
+            x = x + embedded
+        if self.out_context is not None:
+            x = x + self.out_context(z)
+        if self.config.output_tanh:
+            x = torch.tanh(x)
+        return self.out_vocab(self.drop(x))
+
+    # -- teacher forcing ---------------------------------------------------------------------------
+
+    def forward(self, annotations: torch.Tensor, captions: torch.Tensor, context: str = "expected") -> DecoderOutput:
+        """Teacher-forced pass over whole captions.
+
+        annotations: (B, L, D) float; captions: (B, T+1) long, ``<start> w_1 ... w_T``, where the
+        last token is ``<end>`` for a full caption (all captions of a batch have one length, as in
+        the paper's length-bucketed minibatches, section 4.3). Predicts tokens 1..T from 0..T-1.
+        context: as in :meth:`step`, or a (B, T) long tensor of given locations per step.
+        """
+        h, c, proj = self.init_state(annotations)
+        embedded = self.embedding(captions[:, :-1])  # (B, T, m)
+        hs, zs, alphas, betas, log_p_s, entropy = [], [], [], [], 0.0, 0.0
+        for t in range(embedded.shape[1]):
+            step_context = context[:, t] if torch.is_tensor(context) else context
+            h, c, z, alpha, beta, s = self.step(embedded[:, t], h, c, annotations, proj, step_context)
+            hs.append(h), zs.append(z), alphas.append(alpha), betas.append(beta)
+            log_alpha = torch.log(alpha.clamp_min(1e-12))
+            entropy = entropy - (alpha * log_alpha).sum(1)
+            if s is not None:
+                log_p_s = log_p_s + log_alpha.gather(1, s.unsqueeze(1)).squeeze(1)
+        logits = self.output(embedded, torch.stack(hs, 1), torch.stack(zs, 1))
+        log_p_s = log_p_s if torch.is_tensor(log_p_s) else torch.zeros_like(entropy)
+        return DecoderOutput(logits, torch.stack(alphas, 1), torch.stack(betas, 1), log_p_s, entropy)
+
+
+@dataclass
+class ObjectiveConfig:
+    """Weights of the training objective's terms."""
+
+    alpha_c: float = 1.0  # lambda of the doubly stochastic regularisation (eq. 14)
+    reinforce_scale: float = 0.1  # lambda_r of eq. 12 (authors scale the reward by 1/10)
+    entropy_c: float = 0.002  # lambda_e of eq. 12 (authors' alpha_entropy_c)
+    baseline_decay: float = 0.9  # b_k = decay * b_{k-1} + (1 - decay) * log p(y|s_k, a)
+
+
+def objective(out: DecoderOutput, captions: torch.Tensor, cfg: ObjectiveConfig, sampled: bool = False,
+              baseline: float | None = None):
+    """The loss to minimise and its parts.
+
+    Soft attention / expected context (eq. 14): the summed NLL of each caption, averaged over the
+    batch, plus alpha_c * sum_i (1 - sum_t alpha_ti)^2, averaged over the batch.
+    Hard attention with sampled locations (``sampled``, eq. 10-12): in addition, the surrogate
+    whose gradient is the REINFORCE estimate of dL_s/dW: reward log p(y|s, a) minus the moving
+    average ``baseline`` (None: the batch mean, for the first batch), scaled by reinforce_scale,
+    times log p(s|a), plus the entropy bonus entropy_c * H[s].
+    captions: (B, T+1) long as in :meth:`Decoder.forward`.
+    Returns (loss scalar, dict with 'nll' = mean summed NLL per caption and 'log_p_y' = mean
+    log p(y|s, a), floats).
+    """
+    targets = captions[:, 1:]
+    nll = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets).sum(1)
+    doubly_stochastic = ((1.0 - out.alpha.sum(1)) ** 2).sum(1)
+    loss = nll + cfg.alpha_c * doubly_stochastic
+    log_p_y = (-nll).detach()
+    if sampled:
+        reward = log_p_y - (log_p_y.mean() if baseline is None else baseline)
+        loss = loss - cfg.reinforce_scale * reward * out.log_p_s - cfg.entropy_c * out.entropy
+    return loss.mean(), {"nll": nll.mean().item(), "log_p_y": log_p_y.mean().item()}

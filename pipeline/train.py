@@ -1,0 +1,261 @@
+"""Stage two: train the attention decoder on the feature shards.
+
+Minibatches hold captions of a single length (paper section 4.3), so no padding enters the loss.
+Each epoch ends with free-running greedy decoding of the validation split, scored with
+coco-caption BLEU-4 (never teacher-forced); early stopping watches that score. ``last.pt`` is
+written every epoch (and every ``checkpoint_every`` steps) and ``best.pt`` when BLEU-4 improves,
+atomically; ``resume`` continues a killed run from ``last.pt`` and gives the same weights as an
+uninterrupted run (on CPU, for a given seed).
+"""
+import json
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .atomic import atomic_path
+from .decode import greedy_decode
+from .errors import PipelineError
+from .metrics import bleu
+from .model import Decoder, DecoderConfig, ObjectiveConfig, objective
+from .shards import AnnotationShards, CaptionPairs
+from .text import Vocabulary
+
+LAST, BEST, METRICS = "last.pt", "best.pt", "metrics.jsonl"
+FEATURE_KEYS = ("format", "dataset", "encoder", "preprocess", "grid", "L", "D", "dtype")
+
+
+@dataclass
+class TrainConfig:
+    """Options of a training run (units in the comments). Model sizes live in DecoderConfig."""
+
+    features: str  # features folder written by stage one
+    out: str  # run folder: checkpoints and metrics
+    attention: str = "soft"  # 'soft' | 'hard'
+    optimizer: str = "adam"  # 'adam' | 'rmsprop'
+    lr: float = 2e-4  # learning rate (authors: Adam 2e-4)
+    batch_size: int = 64  # captions per minibatch (at most; a length bucket's last batch is smaller)
+    epochs: int = 20  # maximum number of epochs
+    patience: int = 5  # stop after this many epochs without a better validation BLEU-4 (0: never)
+    clip: float = 5.0  # gradient-norm clipping threshold (0: off)
+    seed: int = 0
+    device: str = "cpu"
+    val_split: str = ""  # '' picks 'dev' or 'val', whichever the features have
+    val_images: int = 0  # validate on the first N images of the split (0: all)
+    max_len: int = 20  # longest caption decoded in validation, in words
+    decode_context: str = "expected"  # hard attention at validation: 'expected' | 'sample' | 'argmax'
+    semi_sampling_p: float = 0.5  # hard attention: chance a minibatch uses the expected context
+    checkpoint_every: int = 0  # also write last.pt every N steps (0: at epoch ends only)
+    workers: int = 0  # DataLoader processes reading shards (0: in the training process)
+    model: dict = field(default_factory=dict)  # DecoderConfig overrides: embed_dim, hidden_dim, ...
+    objective: dict = field(default_factory=dict)  # ObjectiveConfig overrides: alpha_c, ...
+
+    def __post_init__(self):
+        choices = {"attention": ("soft", "hard"), "optimizer": ("adam", "rmsprop"),
+                   "decode_context": ("expected", "sample", "argmax")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise PipelineError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}")
+        if self.batch_size < 1 or self.epochs < 1 or self.lr <= 0:
+            raise PipelineError("--batch-size and --epochs must be at least 1 and --lr positive")
+
+
+def bucket_batches(lengths: list[int], batch_size: int, generator: torch.Generator) -> list[list[int]]:
+    """Minibatches of indices whose captions all have one length (paper section 4.3).
+
+    Indices are shuffled within each length and the batches are shuffled, both with
+    ``generator``, so an epoch's order is fixed by its seed.
+    """
+    by_length = defaultdict(list)
+    for j, n in enumerate(lengths):
+        by_length[n].append(j)
+    batches = []
+    for n in sorted(by_length):
+        idx = by_length[n]
+        idx = [idx[p] for p in torch.randperm(len(idx), generator=generator).tolist()]
+        batches += [idx[k:k + batch_size] for k in range(0, len(idx), batch_size)]
+    return [batches[p] for p in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+def epoch_batches(pairs: CaptionPairs, config: TrainConfig, epoch: int) -> list[list[int]]:
+    """The minibatches of ``epoch``, the same on every run with the same seed."""
+    return bucket_batches(pairs.lengths(), config.batch_size, torch.Generator().manual_seed(config.seed * 100003 + epoch))
+
+
+def validate(decoder: Decoder, shards: AnnotationShards, config: TrainConfig, device) -> dict:
+    """Greedy free-running captions of the validation images and their BLEU-1..4 (coco-caption,
+    on the pipeline's tokens, in %). Returns {'bleu': [b1..b4], 'captions': [token lists]}."""
+    decoder.eval()
+    n = config.val_images or len(shards)
+    hyps = []
+    loader = DataLoader(torch.utils.data.Subset(shards, range(min(n, len(shards)))), batch_size=100,
+                        num_workers=config.workers)
+    vocab = shards.vocab
+    for annotations in loader:
+        tokens, _ = greedy_decode(decoder, annotations.to(device), vocab.start, vocab.end, config.max_len,
+                                  config.decode_context)
+        hyps += [vocab.decode(t) for t in tokens.tolist()]
+    refs = [[vocab.decode(c) for c in caps] for caps in shards.captions[:len(hyps)]]
+    return {"bleu": [100 * b for b in bleu(hyps, refs)], "captions": hyps}
+
+
+def make_optimizer(params, config: TrainConfig):
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.999))
+    return torch.optim.RMSprop(params, lr=config.lr)
+
+
+def feature_identity(shards: AnnotationShards) -> dict:
+    """What a checkpoint records of the features it was trained on."""
+    return dict({k: shards.manifest[k] for k in FEATURE_KEYS}, dir=str(shards.dir.resolve()))
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write a checkpoint atomically (temporary file, then rename)."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path) -> dict:
+    """Read a checkpoint with ``weights_only=True``. Raises PipelineError if absent or unreadable."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: no such checkpoint") from None
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for foreign files
+        raise PipelineError(f"{path}: not a checkpoint loadable with weights_only=True ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200]})") from None
+
+
+def build_decoder(checkpoint: dict) -> tuple[Decoder, Vocabulary]:
+    """The decoder and vocabulary stored in a checkpoint."""
+    decoder = Decoder(DecoderConfig(**checkpoint["model_config"]))
+    decoder.load_state_dict(checkpoint["model"])
+    return decoder, Vocabulary(checkpoint["vocab"])
+
+
+def _log(out: Path, record: dict) -> None:
+    with open(out / METRICS, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_log(out: Path, step: int) -> None:
+    """Drop log lines written after ``step`` (by a run killed after its last checkpoint)."""
+    path = out / METRICS
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in keep))
+
+
+def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Train a decoder per ``config``; returns the final training state (as in ``last.pt``).
+
+    Raises PipelineError if ``config.out`` already holds a run and ``resume`` is false, if there
+    is nothing to resume, or if the features differ from those the run started on.
+    """
+    out = Path(config.out)
+    if resume:
+        state = load_checkpoint(out / LAST)
+        config = TrainConfig(**state["train_config"])
+        print(f"resuming {out / LAST}: epoch {state['position']['epoch'] + 1}, step {state['position']['step']}")
+    elif (out / LAST).exists():
+        raise PipelineError(f"{out} already holds a run ({LAST}); pass --resume to continue it, or another --out")
+    device = torch.device(config.device)
+    train_shards = AnnotationShards(config.features, "train")
+    val_split = config.val_split or next((s for s in ("dev", "val") if s in train_shards.manifest["splits"]), None)
+    if val_split is None:
+        raise PipelineError(f"{config.features}: no 'dev' or 'val' features to validate on; pass --val-split")
+    val_shards = AnnotationShards(config.features, val_split)
+    pairs = CaptionPairs(train_shards)
+    features = feature_identity(train_shards)
+
+    torch.manual_seed(config.seed)
+    model_config = DecoderConfig(vocab_size=len(train_shards.vocab), annotation_dim=train_shards.D, **config.model)
+    decoder = Decoder(model_config).to(device)
+    objective_config = ObjectiveConfig(**config.objective)
+    optimizer = make_optimizer(decoder.parameters(), config)
+    position = {"epoch": 0, "batch": 0, "step": 0, "captions": 0, "loss_sum": 0.0, "nll_sum": 0.0}
+    run = {"baseline": None, "best_bleu4": -1.0, "best_epoch": -1, "stale_epochs": 0}
+    if resume:
+        if state["features"] | {"dir": ""} != features | {"dir": ""}:
+            raise PipelineError(f"{config.features}: these features differ from those {out / LAST} was trained on")
+        decoder.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        position, run = state["position"], state["run"]
+        _truncate_log(out, position["step"])
+    out.mkdir(parents=True, exist_ok=True)
+
+    def checkpoint(path: Path) -> dict:
+        rng = {"cpu": torch.get_rng_state()}
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        state = {"model": decoder.state_dict(), "optimizer": optimizer.state_dict(),
+                 "model_config": model_config.to_dict(), "train_config": asdict(config),
+                 "objective_config": asdict(objective_config), "vocab": train_shards.vocab.words,
+                 "features": features, "rng": rng, "position": dict(position), "run": dict(run)}
+        save_checkpoint(path, state)
+        return state
+
+    state = None
+    for epoch in range(position["epoch"], config.epochs):
+        if config.patience and run["stale_epochs"] >= config.patience:
+            break
+        batches = epoch_batches(pairs, config, epoch)
+        loader = DataLoader(pairs, batch_sampler=batches[position["batch"]:], num_workers=config.workers,
+                            generator=torch.Generator(), pin_memory=device.type == "cuda")
+        bar = tqdm(loader, total=len(batches), initial=position["batch"], desc=f"epoch {epoch + 1}/{config.epochs}",
+                   unit="batch", disable=not progress, dynamic_ncols=True)
+        decoder.train()
+        start, captions_seen = time.perf_counter(), 0
+        for annotations, captions, _ in bar:
+            annotations, captions = annotations.to(device, non_blocking=True), captions.to(device, non_blocking=True)
+            sampled = config.attention == "hard" and torch.rand(()).item() >= config.semi_sampling_p
+            result = decoder(annotations, captions, "sample" if sampled else "expected")
+            loss, stats = objective(result, captions, objective_config, sampled, run["baseline"])
+            if sampled:  # b_k = 0.9 b_{k-1} + 0.1 log p(y|s_k, a); the first batch starts it
+                b, d = run["baseline"], objective_config.baseline_decay
+                run["baseline"] = stats["log_p_y"] if b is None else d * b + (1 - d) * stats["log_p_y"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.clip:
+                torch.nn.utils.clip_grad_norm_(decoder.parameters(), config.clip)
+            optimizer.step()
+            position["batch"] += 1
+            position["step"] += 1
+            captions_seen += len(captions)
+            position["captions"] += len(captions)
+            position["loss_sum"] += loss.item() * len(captions)
+            position["nll_sum"] += stats["nll"] * len(captions)
+            bar.set_postfix(loss=f"{loss.item():.2f}", caps_s=f"{captions_seen / (time.perf_counter() - start):.0f}")
+            if config.checkpoint_every and position["step"] % config.checkpoint_every == 0:
+                checkpoint(out / LAST)
+        bar.close()
+        seconds = time.perf_counter() - start
+        val = validate(decoder, val_shards, config, device)
+        bleu4 = val["bleu"][3]
+        improved = bleu4 > run["best_bleu4"]
+        run.update(best_bleu4=max(bleu4, run["best_bleu4"]), best_epoch=epoch + 1 if improved else run["best_epoch"],
+                   stale_epochs=0 if improved else run["stale_epochs"] + 1)
+        n = max(position["captions"], 1)
+        record = {"epoch": epoch + 1, "step": position["step"], "loss": position["loss_sum"] / n,
+                  "nll": position["nll_sum"] / n, f"{val_split}_bleu": [round(b, 2) for b in val["bleu"]],
+                  f"{val_split}_bleu4": round(bleu4, 2), "seconds": round(seconds, 1),
+                  "captions_per_s": round(captions_seen / seconds, 1) if seconds else None}
+        _log(out, record)
+        position.update(epoch=epoch + 1, batch=0, captions=0, loss_sum=0.0, nll_sum=0.0)
+        print(f"epoch {epoch + 1}: loss {record['loss']:.3f}, {val_split} BLEU-4 {bleu4:.2f} "
+              f"(best {run['best_bleu4']:.2f} at epoch {run['best_epoch']}), {seconds:.0f} s, "
+              f"{record['captions_per_s']} captions/s; e.g. \"{' '.join(val['captions'][0])}\"")
+        state = checkpoint(out / LAST)
+        if improved:
+            save_checkpoint(out / BEST, state)
+    return state or checkpoint(out / LAST)

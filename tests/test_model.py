@@ -1,0 +1,84 @@
+import itertools
+
+import pytest
+import torch
+
+from pipeline.errors import PipelineError
+from pipeline.model import Decoder, DecoderConfig, ObjectiveConfig, objective
+
+
+def tiny(L=3, D=4, V=7, **kw):
+    torch.manual_seed(0)
+    cfg = DecoderConfig(vocab_size=V, annotation_dim=D, embed_dim=5, hidden_dim=6, attention_dim=4, dropout=0.0, **kw)
+    return Decoder(cfg).eval(), torch.randn(1, L, D)
+
+
+def test_shapes_and_attention_is_a_distribution():
+    decoder, a = tiny(attention_layers=2, output_tanh=True)
+    captions = torch.tensor([[1, 4, 5, 6, 2], [1, 6, 6, 4, 2]])
+    out = decoder(a.expand(2, -1, -1), captions)
+    assert out.logits.shape == (2, 4, 7) and out.alpha.shape == (2, 4, 3) and out.beta.shape == (2, 4)
+    torch.testing.assert_close(out.alpha.sum(2), torch.ones(2, 4))
+    assert ((out.beta > 0) & (out.beta < 1)).all() and torch.equal(out.log_p_s, torch.zeros(2))
+    sampled = decoder(a.expand(2, -1, -1), captions, "sample")
+    assert (sampled.log_p_s < 0).all()
+    with pytest.raises(PipelineError, match="unknown context"):
+        decoder(a, captions[:1], "nearest")
+
+
+def test_doubly_stochastic_term_is_eq_14():
+    decoder, a = tiny()
+    captions = torch.tensor([[1, 4, 5, 2]])
+    out = decoder(a, captions)
+    plain, _ = objective(out, captions, ObjectiveConfig(alpha_c=0.0))
+    regularised, parts = objective(out, captions, ObjectiveConfig(alpha_c=2.0))
+    expected = 2.0 * ((1 - out.alpha[0].sum(0)) ** 2).sum()
+    torch.testing.assert_close(regularised - plain, expected)
+    assert parts["nll"] == pytest.approx(plain.item())
+
+
+def _path_log_probs(decoder, a, captions, L, T):
+    """log p(s|a) and log p(y|s, a) of every attention path s in {0..L-1}^T."""
+    paths = torch.tensor(list(itertools.product(range(L), repeat=T)))
+    out = decoder(a.expand(len(paths), -1, -1), captions.expand(len(paths), -1), paths)
+    _, parts = objective(out, captions.expand(len(paths), -1), ObjectiveConfig(alpha_c=0.0))
+    nll = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), captions[:, 1:].expand(len(paths), -1).flatten(),
+                                            reduction="none").view(len(paths), T).sum(1)
+    return out.log_p_s, -nll
+
+
+def test_reinforce_estimator_matches_the_exact_gradient():
+    """Eq. 11-12: the average of the sampled estimator (baseline and entropy off) over 400k samples
+    equals the gradient of L_s = sum_s p(s|a) log p(y|s, a), computed exactly by enumerating all
+    L^T = 27 paths: within 1% (relative L2 error) over all parameters, within 8% on the attention
+    MLP's (measured: 0.3% and 5.4%; the Monte Carlo error of an estimator without baseline)."""
+    L, T = 3, 3
+    decoder, a = tiny(L=L)
+    captions = torch.tensor([[1, 4, 5, 2]])
+    names, params = zip(*decoder.named_parameters())
+    attention = [n.startswith("att_") for n in names]  # f_att: where the score-function term matters
+
+    log_p_s, log_p_y = _path_log_probs(decoder, a, captions, L, T)
+    assert torch.exp(log_p_s).sum().item() == pytest.approx(1.0, abs=1e-5)
+    exact = torch.autograd.grad((torch.exp(log_p_s) * log_p_y).sum(), params, allow_unused=True)
+
+    n = 400_000
+    torch.manual_seed(1)
+    out = decoder(a.expand(n, -1, -1), captions.expand(n, -1), "sample")
+    cfg = ObjectiveConfig(alpha_c=0.0, reinforce_scale=1.0, entropy_c=0.0)
+    loss, _ = objective(out, captions.expand(n, -1), cfg, sampled=True, baseline=0.0)
+    estimate = torch.autograd.grad(-loss, params, allow_unused=True)
+
+    def flat(grads, only_attention=False):
+        return torch.cat([g.flatten() for g, att in zip(grads, attention)
+                          if g is not None and (att or not only_attention)])
+
+    def relative_error(grads, only_attention=False):
+        x = flat(exact, only_attention)
+        return ((flat(grads, only_attention) - x).norm() / x.norm()).item()
+
+    assert relative_error(estimate) < 0.01 and relative_error(estimate, only_attention=True) < 0.08
+    # the score-function term matters: without it the attention gradient is far off
+    out = decoder(a.expand(n, -1, -1), captions.expand(n, -1), "sample")
+    no_reinforce, _ = objective(out, captions.expand(n, -1), ObjectiveConfig(alpha_c=0.0))
+    assert relative_error(torch.autograd.grad(-no_reinforce, params, allow_unused=True), only_attention=True) > 0.3

@@ -1,0 +1,143 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT
+from object_features import OBJECTS, write_object_features
+
+from pipeline.decode import greedy_decode
+from pipeline.errors import PipelineError
+from pipeline.metrics import bleu
+from pipeline.shards import AnnotationShards
+from pipeline.train import TrainConfig, bucket_batches, build_decoder, load_checkpoint, train
+
+TINY = dict(embed_dim=32, hidden_dim=64, attention_dim=32, dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def objects(tmp_path_factory):
+    """A features folder of object scenes and the scenes of each split."""
+    out = tmp_path_factory.mktemp("objects")
+    return out, write_object_features(out)
+
+
+def test_bucket_batches_hold_one_length_and_cover_everything_once():
+    lengths = [5, 7, 5, 9, 7, 5, 5, 7, 12]
+    batches = bucket_batches(lengths, 2, torch.Generator().manual_seed(3))
+    assert sorted(i for b in batches for i in b) == list(range(9))
+    assert all(len({lengths[i] for i in b}) == 1 and len(b) <= 2 for b in batches)
+    assert batches == bucket_batches(lengths, 2, torch.Generator().manual_seed(3))
+    assert batches != bucket_batches(lengths, 2, torch.Generator().manual_seed(4))
+
+
+def held_out_scores(run, features, scenes, context="expected"):
+    """Greedy captions of the test scenes: BLEU-4 (fraction), and per named object the attention
+    mass on its cell at the step that emits its word."""
+    decoder, vocab = build_decoder(load_checkpoint(run / "best.pt"))
+    test = AnnotationShards(features, "test")
+    annotations = torch.stack([test[i] for i in range(len(test))])
+    tokens, alpha = greedy_decode(decoder.eval(), annotations, vocab.start, vocab.end, 20, context)
+    hyps = [vocab.decode(t) for t in tokens.tolist()]
+    masses = [alpha[i, hyps[i].index(obj), cell].item() if obj in hyps[i] else 0.0
+              for i, scene in enumerate(scenes) for obj, cell in scene]
+    return bleu(hyps, [[vocab.decode(c) for c in caps] for caps in test.captions])[3], torch.tensor(masses)
+
+
+@pytest.mark.parametrize("attention, epochs", [("soft", 12), ("hard", 30)])
+def test_learns_to_caption_and_attend_held_out_scenes(objects, tmp_path, attention, epochs):
+    """Known answer: captions name the two objects in reading order, so a model that attends to
+    the object it names can caption unseen scenes exactly. The doubly stochastic term is off here:
+    with T = 6 steps over L = 16 cells it pushes every cell toward the same total attention."""
+    features, scenes = objects
+    config = TrainConfig(features=str(features), out=str(tmp_path / attention), attention=attention, lr=3e-3,
+                         epochs=epochs, batch_size=32, patience=0, model=TINY, objective={"alpha_c": 0.0})
+    state = train(config, progress=False)
+    assert state["run"]["best_bleu4"] >= 95
+    bleu4, mass = held_out_scores(tmp_path / attention, features, scenes["test"])
+    assert bleu4 >= 0.95
+    assert mass.mean() > 0.5, f"attention on the named object: mean {mass.mean():.2f}"
+
+
+def test_doubly_stochastic_term_spreads_attention(objects, tmp_path):
+    features, scenes = objects
+    coverage = {}
+    for alpha_c in (0.0, 1.0):
+        out = tmp_path / f"ac{alpha_c}"
+        train(TrainConfig(features=str(features), out=str(out), lr=3e-3, epochs=4, batch_size=32, patience=0,
+                          model=TINY, objective={"alpha_c": alpha_c}), progress=False)
+        decoder, vocab = build_decoder(load_checkpoint(out / "last.pt"))
+        test = AnnotationShards(features, "test")
+        captions = torch.tensor([c[0] for c in test.captions])
+        out_ = decoder.eval()(torch.stack([test[i] for i in range(len(test))]), captions)
+        coverage[alpha_c] = ((1 - out_.alpha.sum(1)) ** 2).sum(1).mean().item()
+    assert coverage[1.0] < 0.5 * coverage[0.0]
+
+
+def test_checkpoint_contents_and_refusals(objects, tmp_path):
+    features, _ = objects
+    config = TrainConfig(features=str(features), out=str(tmp_path / "run"), epochs=1, batch_size=64, model=TINY)
+    train(config, progress=False)
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert {"model", "optimizer", "model_config", "train_config", "vocab", "features", "rng", "position"} <= state.keys()
+    assert state["features"]["L"] == 16 and state["vocab"][:4] == ["<pad>", "<start>", "<end>", "<unk>"]
+    assert state["position"]["epoch"] == 1 and state["position"]["step"] == 24  # 1500 captions of one length / 64
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert log[0]["epoch"] == 1 and log[0]["step"] == 24 and "val_bleu4" in log[0]
+    with pytest.raises(PipelineError, match="already holds a run"):
+        train(config, progress=False)
+    with pytest.raises(PipelineError, match="no such checkpoint"):
+        train(TrainConfig(features=str(features), out=str(tmp_path / "none")), resume=True)
+
+
+def test_validation_is_free_running_greedy_decoding(objects, tmp_path):
+    from pipeline.train import validate
+    features, _ = objects
+    config = TrainConfig(features=str(features), out=str(tmp_path / "r"), epochs=1, model=TINY)
+    train(config, progress=False)
+    decoder, vocab = build_decoder(load_checkpoint(tmp_path / "r" / "last.pt"))
+    val = AnnotationShards(features, "val")
+    result = validate(decoder, val, config, torch.device("cpu"))
+    tokens, _ = greedy_decode(decoder, torch.stack([val[i] for i in range(len(val))]), vocab.start, vocab.end)
+    assert result["captions"] == [vocab.decode(t) for t in tokens.tolist()]
+
+
+def _train_cli(features, out, *extra):
+    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "train", "--features", str(features), "--out",
+                             str(out), "--epochs", "2", "--batch-size", "16", "--checkpoint-every", "7", "--no-progress",
+                             "--embed-dim", "16", "--hidden-dim", "32", "--attention-dim", "16", *extra],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+@pytest.mark.parametrize("attention", ["soft", "hard"])
+def test_sigkill_then_resume_gives_the_uninterrupted_weights(objects, tmp_path, attention):
+    features, _ = objects
+    reference = _train_cli(features, tmp_path / "ref", "--attention", attention)
+    out, err = reference.communicate()
+    assert reference.returncode == 0, err
+    killed = _train_cli(features, tmp_path / "run", "--attention", attention)
+    deadline = time.time() + 120
+    while time.time() < deadline and killed.poll() is None:
+        last = tmp_path / "run" / "last.pt"
+        if last.exists() and 14 <= torch.load(last, weights_only=True)["position"]["step"] < 80:
+            break
+        time.sleep(0.05)
+    assert killed.poll() is None, "training ended before it could be killed"
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.communicate()
+    resumed = subprocess.run([sys.executable, str(ROOT / "cli.py"), "train", "--features", str(features), "--out",
+                              str(tmp_path / "run"), "--resume", "--no-progress"], cwd=ROOT, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    a = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert a["position"] == b["position"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    logs = [[{k: v for k, v in json.loads(line).items() if k not in ("seconds", "captions_per_s")}
+             for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("ref", "run")]
+    assert logs[0] == logs[1] and len(logs[0]) == 2
