@@ -15,10 +15,27 @@ WEIGHTS ?= imagenet
 SPLITS ?=
 SKIP_BAD ?=
 OUT ?= data/features/$(DATASET)-$(ENCODER)
+FEATURES ?= $(OUT)
+ATTENTION ?= soft
+RUN ?= data/runs/$(DATASET)-$(ENCODER)-$(ATTENTION)
+TRAIN_ARGS ?=
+DEMO_TRAIN_ARGS ?= --epochs 30 --patience 5 --embed-dim 128 --hidden-dim 256 --attention-dim 128 --lr 1e-3
+VAL_SPLIT ?= $(if $(filter flickr8k,$(DATASET)),dev,val)
+EVAL_SPLIT ?= $(VAL_SPLIT)
+BEAM ?= 3
+CHECKPOINT ?= $(RUN)/best.pt
+IMG ?=
+PLOT ?= $(RUN)/attention.png
+
+comma := ,
+empty :=
+space := $(empty) $(empty)
+# `make all` extracts only the splits it trains, validates and scores on
+ALL_SPLITS = $(or $(SPLITS),$(subst $(space),$(comma),$(sort train $(VAL_SPLIT) $(EVAL_SPLIT))))
 
 SOURCE = $(if $(filter karpathy,$(DATASET)),--karpathy-json $(KARPATHY_JSON) --image-dir $(IMAGE_DIR),--data-dir $(DATA_DIR))
 
-.PHONY: venv features demo test
+.PHONY: venv features train score caption all demo test
 venv: $(VENV)/.complete
 
 $(VENV)/.complete: requirements.txt
@@ -31,9 +48,31 @@ features: venv
 	$(PY) cli.py features --dataset $(DATASET) $(SOURCE) --encoder $(ENCODER) --weights $(WEIGHTS) \
 		$(if $(SPLITS),--splits $(SPLITS)) --out $(OUT) $(if $(filter 1,$(SKIP_BAD)),--skip-bad-images)
 
-# The main job on the embedded default: the generated synthetic corpus, SqueezeNet with seeded weights.
+# Continues the run in RUN if it has a last.pt.
+train: venv
+	$(PY) cli.py train --features $(FEATURES) --attention $(ATTENTION) --out $(RUN) \
+		$(if $(wildcard $(RUN)/last.pt),--resume) $(TRAIN_ARGS)
+
+score: venv
+	$(PY) cli.py evaluate --checkpoint $(CHECKPOINT) --split $(EVAL_SPLIT) --beam-size $(BEAM)
+
+caption: venv
+	$(PY) cli.py caption $(IMG) --checkpoint $(CHECKPOINT) --attention-plot $(PLOT)
+
+all: venv
+	$(MAKE) features SPLITS=$(ALL_SPLITS)
+	$(MAKE) train
+	$(MAKE) score
+
+# The whole chain on the embedded default: the generated synthetic corpus (shapes at known
+# places), SqueezeNet with seeded random weights, a small soft-attention decoder; scores the
+# held-out test scenes and draws the attention of one of them.
+DEMO = DATASET=synthetic ENCODER=squeezenet1_1 WEIGHTS=random OUT=data/features/demo RUN=data/runs/demo
 demo: venv
-	$(MAKE) features DATASET=synthetic ENCODER=squeezenet1_1 WEIGHTS=random OUT=data/features/demo
+	$(MAKE) features $(DEMO)
+	$(MAKE) train $(DEMO) TRAIN_ARGS="$(DEMO_TRAIN_ARGS)"
+	$(MAKE) score $(DEMO) EVAL_SPLIT=test
+	$(MAKE) caption $(DEMO) IMG=data/synthetic/images/01100.jpg PLOT=data/runs/demo/attention.png
 
 test: venv
 	$(PY) -m pytest -q tests

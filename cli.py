@@ -156,5 +156,62 @@ def train(features_dir, out, attention, resume, optimizer, lr, batch_size, epoch
                f"checkpoints in {config.out}")
 
 
+@main.command()
+@click.option("--checkpoint", type=click.Path(dir_okay=False), required=True, help="A best.pt or last.pt of `cli.py train`.")
+@click.option("--split", default="test", help="Split of the features to caption and score.")
+@click.option("--beam-size", type=int, default=3, help="Beam size k (1: greedy).")
+@click.option("--max-len", type=int, default=20, help="Longest caption, in words.")
+@click.option("--length-penalty", type=float, default=0.0,
+              help="Rank beams by log-probability / length**this (0: plain log-probability).")
+@click.option("--features", "features_dir", type=click.Path(file_okay=False), default=None,
+              help="Features folder. [default: the one the checkpoint was trained on]")
+@click.option("--batch-size", type=int, default=50, help="Images decoded at once.")
+@click.option("--device", default="cpu", help="Torch device: cpu, cuda, ...")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def evaluate(checkpoint, split, beam_size, max_len, length_penalty, features_dir, batch_size, device, no_progress):
+    """Caption a split with beam search and score it: BLEU-1..4, METEOR, ROUGE-L, CIDEr (coco-caption).
+
+    Writes the captions (COCO results json) and the scores (json) next to the checkpoint.
+    """
+    from pipeline.evaluate import evaluate as run_evaluation
+
+    result = run_evaluation(checkpoint, split, beam_size, max_len, length_penalty, features_dir, batch_size, device,
+                            progress=not no_progress)
+    for note in result["notes"]:
+        click.echo(f"note: {note}", err=True)
+    for image_id, caption in result["examples"]:
+        click.echo(f"{image_id}: {caption}")
+    click.echo(f"{split} ({result['images']} images, beam {beam_size}): " +
+               ", ".join(f"{k} {v:.1f}" for k, v in result["scores"].items()))
+    click.echo(f"captions: {result['captions']}\nscores: {result['scores_file']}")
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--checkpoint", type=click.Path(dir_okay=False), required=True, help="A best.pt or last.pt of `cli.py train`.")
+@click.option("--beam-size", type=int, default=3, help="Beam size k (1: greedy).")
+@click.option("--max-len", type=int, default=20, help="Longest caption, in words.")
+@click.option("--attention-plot", type=click.Path(dir_okay=False), default=None,
+              help="Save the attention figure (paper Fig. 2/3) here as PNG; with several images, as PATH-STEM-IMAGE.png.")
+@click.option("--device", default="cpu", help="Torch device: cpu, cuda, ...")
+def caption(images, checkpoint, beam_size, max_len, attention_plot, device):
+    """Caption image files (any size; JPEG, PNG, ...) with a trained checkpoint.
+
+    Runs the encoder the checkpoint's features were made with. Unreadable files are reported and
+    the others still captioned; the exit status is 1 if any failed.
+    """
+    from pipeline.caption import caption_images
+
+    failed = 0
+    for result in caption_images(images, checkpoint, beam_size, max_len, attention_plot, device):
+        if result.error:
+            failed += 1
+            click.echo(f"{result.path}: error: {result.error}", err=True)
+        else:
+            click.echo(f"{result.path}: {result.caption}" + (f"  [{result.plot}]" if result.plot else ""))
+    if failed:
+        sys.exit(1)
+
+
 if __name__ == "__main__":
     main()

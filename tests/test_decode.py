@@ -1,0 +1,86 @@
+import pytest
+import torch
+from object_features import write_object_features
+
+from pipeline.decode import beam_search, greedy_decode
+from pipeline.model import Decoder, DecoderConfig
+from pipeline.shards import AnnotationShards
+from pipeline.train import TrainConfig, build_decoder, load_checkpoint, train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A briefly trained (imperfect, so beams matter) soft decoder and held-out annotations."""
+    out = tmp_path_factory.mktemp("decode")
+    write_object_features(out / "features", sizes={"train": 300, "val": 20, "test": 64})
+    train(TrainConfig(features=str(out / "features"), out=str(out / "run"), epochs=2, lr=3e-3, batch_size=32,
+                      model=dict(embed_dim=16, hidden_dim=32, attention_dim=16)), progress=False)
+    decoder, vocab = build_decoder(load_checkpoint(out / "run" / "last.pt"))
+    test = AnnotationShards(out / "features", "test")
+    return decoder.eval(), vocab, torch.stack([test[i] for i in range(len(test))])
+
+
+def sequence_log_prob(decoder, annotations, tokens, vocab, ended=True):
+    """log p(tokens [<end>]) by a teacher-forced pass."""
+    seq = torch.tensor([[vocab.start] + tokens + ([vocab.end] if ended else [])])
+    out = decoder(annotations.unsqueeze(0), seq)
+    return torch.log_softmax(out.logits, -1)[0].gather(1, seq[0, 1:].unsqueeze(1)).sum().item()
+
+
+def test_beam_size_1_is_greedy(trained):
+    decoder, vocab, a = trained
+    tokens, alpha = greedy_decode(decoder, a, vocab.start, vocab.end, 20)
+    beams = beam_search(decoder, a, vocab.start, vocab.end, beam_size=1, max_len=20)
+    for i, caption in enumerate(beams):
+        greedy = tokens[i].tolist()
+        n = greedy.index(vocab.end) if vocab.end in greedy else len(greedy)
+        assert caption.tokens == greedy[:n]
+        torch.testing.assert_close(caption.alpha, alpha[i, :n + 1])
+
+
+def test_larger_beams_never_score_below_greedy(trained):
+    decoder, vocab, a = trained
+    greedy = beam_search(decoder, a, vocab.start, vocab.end, beam_size=1)
+    differs = 0
+    for k in (2, 3, 5):
+        beams = beam_search(decoder, a, vocab.start, vocab.end, beam_size=k)
+        for g, b, x in zip(greedy, beams, a):
+            assert b.ended and b.log_prob >= g.log_prob - 1e-5
+            assert b.log_prob == pytest.approx(sequence_log_prob(decoder, x, b.tokens, vocab), abs=1e-4)
+            assert b.alpha.shape == (len(b.tokens) + 1, 16)
+            differs += b.tokens != g.tokens
+    assert differs > 0, "the beams never changed a caption: the test model is too easy to tell anything"
+
+
+def test_batched_equals_one_image_at_a_time(trained):
+    decoder, vocab, a = trained
+    batched = beam_search(decoder, a[:6], vocab.start, vocab.end, beam_size=3)
+    for i in range(6):
+        single = beam_search(decoder, a[i:i + 1], vocab.start, vocab.end, beam_size=3)[0]
+        assert single.tokens == batched[i].tokens and single.log_prob == pytest.approx(batched[i].log_prob, abs=1e-5)
+
+
+def test_a_model_that_never_ends_gives_max_length_captions():
+    torch.manual_seed(0)
+    decoder = Decoder(DecoderConfig(vocab_size=9, annotation_dim=8, embed_dim=8, hidden_dim=8, attention_dim=8)).eval()
+    with torch.no_grad():
+        decoder.out_vocab.bias[2] = -1e4  # <end> never wins
+    a = torch.randn(3, 5, 8)
+    for k in (1, 3):
+        captions = beam_search(decoder, a, 1, 2, beam_size=k, max_len=7)
+        assert all(len(c.tokens) == 7 and not c.ended and c.alpha.shape == (7, 5) for c in captions)
+        assert all(c.log_prob == pytest.approx(sequence_log_prob(decoder, x, c.tokens, _Vocab, ended=False), abs=1e-4)
+                   for c, x in zip(captions, a))
+
+
+class _Vocab:
+    start, end = 1, 2
+
+
+def test_hard_attention_sampling_returns_locations(trained):
+    decoder, vocab, a = trained
+    captions = beam_search(decoder, a[:4], vocab.start, vocab.end, beam_size=2, context="argmax")
+    for c in captions:
+        assert c.locations is not None and len(c.locations) == len(c.tokens) + 1
+        assert torch.equal(c.locations, c.alpha.argmax(1))
+    assert beam_search(decoder, a[:1], vocab.start, vocab.end)[0].locations is None

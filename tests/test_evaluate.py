@@ -1,0 +1,86 @@
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+from PIL import Image
+
+from pipeline.datasets import load_karpathy
+from pipeline.errors import PipelineError
+from pipeline.evaluate import evaluate
+from pipeline.features import FeatureConfig, extract_features
+from pipeline.metrics import score_captions
+from pipeline.train import TrainConfig, train
+
+REFS = {"a": ["a dog runs on the grass .", "A dog is running."], "b": ["Two men talk on a bench", "two men talking"]}
+
+
+def test_scores_without_java_say_what_is_missing():
+    scores, notes = score_captions({"a": "a dog runs on the grass", "b": "two men talk on a bench"}, REFS, java=False)
+    assert set(scores) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr"}
+    assert scores["BLEU-4"] == pytest.approx(100.0, abs=1e-3) and scores["ROUGE-L"] == pytest.approx(100.0)
+    assert any("Java not found: METEOR and SPICE left out" in n for n in notes)
+    worse, _ = score_captions({"a": "a cat", "b": "a bench"}, REFS, java=False)
+    assert all(worse[k] < scores[k] for k in scores)
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="needs a Java runtime for PTBTokenizer and METEOR")
+def test_scores_with_java_include_meteor():
+    scores, notes = score_captions({"a": "A dog runs on the grass.", "b": "a cat"}, REFS)
+    assert {"METEOR", "BLEU-4", "CIDEr", "ROUGE-L"} <= set(scores) and 0 < scores["METEOR"] < 100
+    assert all("Java not found" not in n for n in notes)
+
+
+@pytest.fixture(scope="module")
+def run(small_corpus, tmp_path_factory):
+    """Features of the small synthetic corpus and a decoder trained on them for one epoch."""
+    json_path, root = small_corpus
+    out = tmp_path_factory.mktemp("eval")
+    extract_features(load_karpathy(json_path, root), out / "features",
+                     FeatureConfig(encoder="squeezenet1_1", weights="random", num_workers=0), "synthetic", progress=False)
+    train(TrainConfig(features=str(out / "features"), out=str(out / "run"), epochs=1,
+                      model=dict(embed_dim=16, hidden_dim=32, attention_dim=16)), progress=False)
+    return out, root
+
+
+def test_evaluate_writes_coco_results_and_scores(run):
+    out, _ = run
+    result = evaluate(out / "run" / "best.pt", "test", beam_size=2, progress=False)
+    captions = json.loads(result["captions"].read_text())
+    assert result["captions"].name == "best-test-beam2.captions.json" and len(captions) == 10
+    assert set(captions[0]) == {"image_id", "caption"}
+    saved = json.loads(result["scores_file"].read_text())
+    assert saved["scores"] == result["scores"] and saved["split"] == "test" and "BLEU-4" in saved["scores"]
+    with pytest.raises(PipelineError, match="no features for split 'dev'"):
+        evaluate(out / "run" / "best.pt", "dev", progress=False)
+
+
+def test_caption_cli_with_attention_plots_and_a_bad_file(run, tmp_path):
+    out, root = run
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not an image")
+    big = tmp_path / "big.png"
+    Image.open(root / "images" / "00003.jpg").resize((640, 300)).convert("RGBA").save(big)
+    proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), "caption", str(root / "images" / "00001.jpg"), str(bad),
+                           str(big), "--checkpoint", str(out / "run" / "best.pt"), "--attention-plot",
+                           str(tmp_path / "att.png")], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert f"{bad}: error: not an image" in proc.stderr and "Traceback" not in proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"{root / 'images' / '00001.jpg'}: ")
+    for name in ("att-00001.png", "att-big.png"):
+        figure = Image.open(tmp_path / name)
+        assert figure.size[0] > 300 and figure.size[1] > 150
+
+
+def test_caption_refuses_other_encoder_weights(run, tmp_path):
+    import torch
+    from pipeline.caption import load_captioner
+    out, _ = run
+    state = torch.load(out / "run" / "best.pt", weights_only=True)
+    state["features"]["encoder"]["weights_sha256"] = "0" * 64
+    torch.save(state, tmp_path / "other.pt")
+    with pytest.raises(PipelineError, match="differ from those its features were made with"):
+        load_captioner(tmp_path / "other.pt")
