@@ -129,11 +129,14 @@ def features(dataset, data_dir, karpathy_json, image_dir, splits, encoder, weigh
 @click.option("--max-len", type=int, default=20, help="Longest caption decoded at validation, in words.")
 @click.option("--checkpoint-every", type=int, default=0, help="Also write last.pt every N steps (0: epoch ends only).")
 @click.option("--workers", type=int, default=0, help="DataLoader processes reading the shards (0: in-process).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
+              help="bf16: autocast matrix products to bfloat16 (weights stay fp32), about 2x faster on CPUs with "
+                   "AVX512-BF16; auto: bf16 where the CPU or GPU computes it natively, else fp32.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train(features_dir, out, attention, resume, optimizer, lr, batch_size, epochs, patience, clip, seed, device,
           embed_dim, hidden_dim, attention_dim, attention_layers, dropout, output_tanh, no_gating, alpha_c, entropy_c,
           reinforce_scale, baseline_decay, semi_sampling_p, decode_context, val_split, val_images, max_len,
-          checkpoint_every, workers, no_progress):
+          checkpoint_every, workers, precision, no_progress):
     """Stage two: train the attention decoder on feature shards.
 
     Validates each epoch by free-running greedy decoding scored with BLEU-4, keeps last.pt and
@@ -145,7 +148,7 @@ def train(features_dir, out, attention, resume, optimizer, lr, batch_size, epoch
         features=features_dir, out=out or f"data/runs/{attention}", attention=attention, optimizer=optimizer, lr=lr,
         batch_size=batch_size, epochs=epochs, patience=patience, clip=clip, seed=seed, device=device,
         val_split=val_split, val_images=val_images, max_len=max_len, decode_context=decode_context,
-        semi_sampling_p=semi_sampling_p, checkpoint_every=checkpoint_every, workers=workers,
+        semi_sampling_p=semi_sampling_p, checkpoint_every=checkpoint_every, workers=workers, precision=precision,
         model=dict(embed_dim=embed_dim, hidden_dim=hidden_dim, attention_dim=attention_dim,
                    attention_layers=attention_layers, dropout=dropout, output_tanh=output_tanh, gating=not no_gating),
         objective=dict(alpha_c=alpha_c, entropy_c=entropy_c, reinforce_scale=reinforce_scale,

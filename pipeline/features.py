@@ -48,7 +48,7 @@ class FeatureConfig:
 
 @dataclass
 class FeatureSummary:
-    """What a run did: images written (this run), seconds, and every failed image of the folder."""
+    """What a run did: images written (this run), seconds, and the failed images of the splits asked for."""
 
     out: Path
     images: int = 0
@@ -167,10 +167,12 @@ def extract_features(records: list[Record], out, config: FeatureConfig, dataset:
     if flat:
         summary.images = _run_encoder(encoder, flat, todo, out, config, preprocess, manifest, setup, progress)
     summary.seconds = time.perf_counter() - start
+    everything = []
     for split, entry in manifest["splits"].items():
         summary.per_split[split] = entry["images"]
-        summary.failures += [dict(f, split=split) for e in entry["shards"] for f in e["failures"]]
-    shards.write_bad_image_report(out / shards.BAD_IMAGES, summary.failures)
+        everything += [dict(f, split=split) for e in entry["shards"] for f in e["failures"]]
+    shards.write_bad_image_report(out / shards.BAD_IMAGES, everything)
+    summary.failures = [f for f in everything if f["split"] in splits]
     return summary
 
 

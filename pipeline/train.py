@@ -51,17 +51,37 @@ class TrainConfig:
     semi_sampling_p: float = 0.5  # hard attention: chance a minibatch uses the expected context
     checkpoint_every: int = 0  # also write last.pt every N steps (0: at epoch ends only)
     workers: int = 0  # DataLoader processes reading shards (0: in the training process)
+    precision: str = "auto"  # 'fp32', 'bf16' (autocast; fp32 weights), or 'auto': bf16 where the hardware has it
     model: dict = field(default_factory=dict)  # DecoderConfig overrides: embed_dim, hidden_dim, ...
     objective: dict = field(default_factory=dict)  # ObjectiveConfig overrides: alpha_c, ...
 
     def __post_init__(self):
-        choices = {"attention": ("soft", "hard"), "optimizer": ("adam", "rmsprop"),
+        choices = {"attention": ("soft", "hard"), "optimizer": ("adam", "rmsprop"), "precision": ("auto", "fp32", "bf16"),
                    "decode_context": ("expected", "sample", "argmax")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise PipelineError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}")
         if self.batch_size < 1 or self.epochs < 1 or self.lr <= 0:
             raise PipelineError("--batch-size and --epochs must be at least 1 and --lr positive")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively (a CUDA GPU that supports it, or a CPU with
+    AVX512-BF16 or AMX-BF16), so that bf16 autocast speeds training up."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast(config: TrainConfig, device: torch.device):
+    """The autocast context of ``config.precision`` on ``device``: bf16 matrix products and
+    activations with fp32 weights, or plain fp32."""
+    bf16 = config.precision == "bf16" or (config.precision == "auto" and native_bf16(device))
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def bucket_batches(lengths: list[int], batch_size: int, generator: torch.Generator) -> list[list[int]]:
@@ -96,8 +116,9 @@ def validate(decoder: Decoder, shards: AnnotationShards, config: TrainConfig, de
                         num_workers=config.workers)
     vocab = shards.vocab
     for annotations in loader:
-        tokens, _ = greedy_decode(decoder, annotations.to(device), vocab.start, vocab.end, config.max_len,
-                                  config.decode_context)
+        with autocast(config, device):
+            tokens, _ = greedy_decode(decoder, annotations.to(device), vocab.start, vocab.end, config.max_len,
+                                      config.decode_context)
         hyps += [vocab.decode(t) for t in tokens.tolist()]
     refs = [[vocab.decode(c) for c in caps] for caps in shards.captions[:len(hyps)]]
     return {"bleu": [100 * b for b in bleu(hyps, refs)], "captions": hyps}
@@ -219,8 +240,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
         for annotations, captions, _ in bar:
             annotations, captions = annotations.to(device, non_blocking=True), captions.to(device, non_blocking=True)
             sampled = config.attention == "hard" and torch.rand(()).item() >= config.semi_sampling_p
-            result = decoder(annotations, captions, "sample" if sampled else "expected")
-            loss, stats = objective(result, captions, objective_config, sampled, run["baseline"])
+            with autocast(config, device):
+                result = decoder(annotations, captions, "sample" if sampled else "expected")
+                loss, stats = objective(result, captions, objective_config, sampled, run["baseline"])
             if sampled:  # b_k = 0.9 b_{k-1} + 0.1 log p(y|s_k, a); the first batch starts it
                 b, d = run["baseline"], objective_config.baseline_decay
                 run["baseline"] = stats["log_p_y"] if b is None else d * b + (1 - d) * stats["log_p_y"]

@@ -146,8 +146,9 @@ def test_cli_exit_status_with_bad_images(corpus_with_bad_images, tmp_path):
     assert shards.load_manifest(tmp_path / "f")["splits"].keys() == {"train"}
     proc = _cli(*_features_args(*corpus_with_bad_images, tmp_path / "f", "--splits", "val", "--shard-size", "50"))
     proc.communicate()
-    assert proc.returncode == 1  # the train failures are still in the folder
+    assert proc.returncode == 0  # val has no bad image; the train failures stay in the report
     assert shards.load_manifest(tmp_path / "f")["splits"].keys() == {"train", "val"}
+    assert len((tmp_path / "f" / "bad_images.tsv").read_text().splitlines()) == 5
 
 
 def test_cli_bad_option_is_one_line(tmp_path):

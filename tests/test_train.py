@@ -95,14 +95,15 @@ def test_checkpoint_contents_and_refusals(objects, tmp_path):
 
 
 def test_validation_is_free_running_greedy_decoding(objects, tmp_path):
-    from pipeline.train import validate
+    from pipeline.train import autocast, validate
     features, _ = objects
     config = TrainConfig(features=str(features), out=str(tmp_path / "r"), epochs=1, model=TINY)
     train(config, progress=False)
     decoder, vocab = build_decoder(load_checkpoint(tmp_path / "r" / "last.pt"))
     val = AnnotationShards(features, "val")
     result = validate(decoder, val, config, torch.device("cpu"))
-    tokens, _ = greedy_decode(decoder, torch.stack([val[i] for i in range(len(val))]), vocab.start, vocab.end)
+    with autocast(config, torch.device("cpu")):
+        tokens, _ = greedy_decode(decoder, torch.stack([val[i] for i in range(len(val))]), vocab.start, vocab.end)
     assert result["captions"] == [vocab.decode(t) for t in tokens.tolist()]
 
 
