@@ -165,11 +165,11 @@ def _log(out: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _truncate_log(out: Path, step: int) -> None:
-    """Drop log lines written after ``step`` (by a run killed after its last checkpoint)."""
+def _truncate_log(out: Path, epochs_done: int) -> None:
+    """Drop log lines of epochs after ``epochs_done`` (written by a run killed before its checkpoint)."""
     path = out / METRICS
     if path.exists():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] <= epochs_done]
         with atomic_path(path) as tmp:
             tmp.write_text("".join(line + "\n" for line in keep))
 
@@ -212,7 +212,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
         if device.type == "cuda":
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         position, run = state["position"], state["run"]
-        _truncate_log(out, position["step"])
+        _truncate_log(out, position["epoch"])
     out.mkdir(parents=True, exist_ok=True)
 
     def checkpoint(path: Path) -> dict:
