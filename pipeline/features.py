@@ -131,6 +131,7 @@ def extract_features(records: list[Record], out, config: FeatureConfig, dataset:
         raise PipelineError(f"unknown split(s) {', '.join(unknown)} for {dataset}; it has {', '.join(known)}")
     encoder = build_encoder(config.encoder, config.weights, torch.device(config.device))
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)  # a manifest or text file being written when a run was killed
     vocab = write_text(records, out, config.min_count)
     preprocess = Preprocess(config.preprocess, config.image_size)
     h, w, D = encoder.grid(config.image_size)
