@@ -38,7 +38,8 @@ SOURCE = $(if $(filter karpathy,$(DATASET)),--karpathy-json $(KARPATHY_JSON) --i
 .PHONY: venv features train score caption all demo test
 venv: $(VENV)/.complete
 
-$(VENV)/.complete: requirements.txt
+# The hash in the path tracks requirements.txt, so the stamp needs no prerequisite.
+$(VENV)/.complete:
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -r requirements.txt
