@@ -97,7 +97,8 @@ def features(dataset, data_dir, karpathy_json, image_dir, splits, encoder, weigh
 @click.option("--attention", type=click.Choice(["soft", "hard"]), default="soft",
               help="soft: deterministic expected context (eq. 13); hard: sampled locations trained with REINFORCE "
                    "(eq. 10-12).")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt (its saved options are used).")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --out from its last.pt, with its saved options (--features and --out as given).")
 @click.option("--optimizer", type=click.Choice(["adam", "rmsprop"]), default="adam",
               help="Adam (authors' code) or RMSProp (the paper's choice for Flickr8k).")
 @click.option("--lr", type=float, default=2e-4, help="Learning rate.")

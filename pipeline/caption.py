@@ -58,7 +58,8 @@ def caption_images(paths, checkpoint_path, beam_size: int = 3, max_len: int = 20
     identity = checkpoint["features"]
     storage = getattr(torch, identity["dtype"])
     context = checkpoint["train_config"]["decode_context"]
-    show = transforms.Compose(preprocess.transform().transforms[:-2])  # the resize/crop, for the figure
+    transform = preprocess.transform()
+    show = transforms.Compose(transform.transforms[:-2])  # the resize/crop, for the figure
     results = []
     for path in map(Path, paths):
         try:
@@ -67,7 +68,7 @@ def caption_images(paths, checkpoint_path, beam_size: int = 3, max_len: int = 20
             results.append(ImageCaption(path, error=e.reason))
             continue
         with torch.inference_mode():
-            annotations = encoder(preprocess.transform()(image).unsqueeze(0).to(device))
+            annotations = encoder(transform(image).unsqueeze(0).to(device))
         annotations = annotations.to(storage).float()  # as stored in the shards the decoder learnt from
         best = beam_search(decoder, annotations, vocab.start, vocab.end, beam_size, max_len, context=context)[0]
         words = [vocab.words[t] for t in best.tokens]

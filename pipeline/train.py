@@ -182,8 +182,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     """
     out = Path(config.out)
     if resume:
-        state = load_checkpoint(out / LAST)
-        config = TrainConfig(**state["train_config"])
+        state = load_checkpoint(out / LAST)  # its options, but the folders given now (they may have moved)
+        config = TrainConfig(**dict(state["train_config"], features=config.features, out=config.out))
         print(f"resuming {out / LAST}: epoch {state['position']['epoch'] + 1}, step {state['position']['step']}")
     elif (out / LAST).exists():
         raise PipelineError(f"{out} already holds a run ({LAST}); pass --resume to continue it, or another --out")
