@@ -12,6 +12,7 @@ KARPATHY_JSON ?=
 IMAGE_DIR ?=
 ENCODER ?= vgg19
 WEIGHTS ?= imagenet
+PREPROCESS ?= center-crop
 SPLITS ?=
 SKIP_BAD ?=
 OUT ?= data/features/$(DATASET)-$(ENCODER)
@@ -46,7 +47,7 @@ $(VENV)/.complete:
 	touch $@
 
 features: venv
-	$(PY) cli.py features --dataset $(DATASET) $(SOURCE) --encoder $(ENCODER) --weights $(WEIGHTS) \
+	$(PY) cli.py features --dataset $(DATASET) $(SOURCE) --encoder $(ENCODER) --weights $(WEIGHTS) --preprocess $(PREPROCESS) \
 		$(if $(SPLITS),--splits $(SPLITS)) --out $(OUT) $(if $(filter 1,$(SKIP_BAD)),--skip-bad-images)
 
 # Continues the run in RUN if it has a last.pt.
