@@ -132,14 +132,12 @@ def extract_features(records: list[Record], out, config: FeatureConfig, dataset:
     encoder = build_encoder(config.encoder, config.weights, torch.device(config.device))
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)  # a manifest or text file being written when a run was killed
-    vocab = write_text(records, out, config.min_count)
     preprocess = Preprocess(config.preprocess, config.image_size)
     h, w, D = encoder.grid(config.image_size)
     setup = {"format": shards.FORMAT, "dataset": dataset, "encoder": encoder.describe(),
              "preprocess": preprocess.to_dict(), "grid": [h, w], "L": h * w, "D": D, "dtype": config.dtype,
              "shard_size": config.shard_size}
     manifest = _resume_manifest(out, setup)
-    manifest["vocab_size"] = len(vocab)
 
     by_split = {s: [r for r in records if r.split == s] for s in splits}
     todo = []  # (split, shard index, records)
@@ -160,6 +158,7 @@ def extract_features(records: list[Record], out, config: FeatureConfig, dataset:
                 todo.append((split, k, recs[k * config.shard_size:(k + 1) * config.shard_size]))
         manifest["splits"][split] = {"images": None, "planned": len(recs), "fingerprint": fp,
                                      "shards": list(entries.values())}
+    manifest["vocab_size"] = len(write_text(records, out, config.min_count))  # only once the folder fits
     shards.save_manifest(out, manifest)
 
     summary = FeatureSummary(out)
