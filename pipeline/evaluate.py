@@ -10,19 +10,9 @@ from tqdm import tqdm
 
 from .atomic import write_json
 from .decode import beam_search
-from .errors import PipelineError
 from .metrics import score_captions
 from .shards import AnnotationShards
-from .train import build_decoder, feature_identity, load_checkpoint
-
-
-def check_features(checkpoint: dict, shards: AnnotationShards, checkpoint_path) -> None:
-    """Raise PipelineError if ``shards`` were not made like the features the checkpoint was trained on."""
-    trained, given = dict(checkpoint["features"], dir=""), dict(feature_identity(shards), dir="")
-    if trained != given:
-        differs = ", ".join(k for k in trained if trained[k] != given.get(k))
-        raise PipelineError(f"{shards.dir}: features differ from those {checkpoint_path} was trained on ({differs}); "
-                            f"extract them with the same encoder and weights")
+from .train import build_decoder, check_features, load_checkpoint
 
 
 def evaluate(checkpoint_path, split: str = "test", beam_size: int = 3, max_len: int = 20, length_penalty: float = 0.0,

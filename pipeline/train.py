@@ -135,6 +135,15 @@ def feature_identity(shards: AnnotationShards) -> dict:
     return dict({k: shards.manifest[k] for k in FEATURE_KEYS}, dir=str(shards.dir.resolve()))
 
 
+def check_features(checkpoint: dict, shards: AnnotationShards, checkpoint_path) -> None:
+    """Raise PipelineError if ``shards`` were not made like the features the checkpoint was trained on."""
+    trained, given = dict(checkpoint["features"], dir=""), dict(feature_identity(shards), dir="")
+    if trained != given:
+        differs = ", ".join(k for k in trained if trained[k] != given.get(k))
+        raise PipelineError(f"{shards.dir}: features differ from those {checkpoint_path} was trained on ({differs}); "
+                            f"extract them with the same encoder and weights")
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write a checkpoint atomically (temporary file, then rename)."""
     with atomic_path(path) as tmp:
@@ -204,8 +213,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     position = {"epoch": 0, "batch": 0, "step": 0, "captions": 0, "loss_sum": 0.0, "nll_sum": 0.0}
     run = {"baseline": None, "best_bleu4": -1.0, "best_epoch": -1, "stale_epochs": 0}
     if resume:
-        if state["features"] | {"dir": ""} != features | {"dir": ""}:
-            raise PipelineError(f"{config.features}: these features differ from those {out / LAST} was trained on")
+        check_features(state, train_shards, out / LAST)
         decoder.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["cpu"])
