@@ -36,7 +36,7 @@ ALL_SPLITS = $(or $(SPLITS),$(subst $(space),$(comma),$(sort train $(VAL_SPLIT) 
 
 SOURCE = $(if $(filter karpathy,$(DATASET)),--karpathy-json $(KARPATHY_JSON) --image-dir $(IMAGE_DIR),--data-dir $(DATA_DIR))
 
-.PHONY: venv features train score caption all demo test
+.PHONY: venv features train score caption all demo test bench
 venv: $(VENV)/.complete
 
 # The hash in the path tracks requirements.txt, so the stamp needs no prerequisite.
@@ -80,3 +80,7 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q tests
+
+# Every stage measured against its limit; tables printed and written to bench/RESULTS.md.
+bench: venv
+	$(PY) -m bench

@@ -106,7 +106,14 @@ def features(dataset, data_dir, karpathy_json, image_dir, splits, encoder, weigh
 @click.option("--epochs", type=int, default=20, help="Maximum epochs.")
 @click.option("--patience", type=int, default=5,
               help="Early stopping: epochs without a better validation BLEU-4 (0: never stop early).")
+@click.option("--lr-decay", type=float, default=0.5,
+              help="Multiply the learning rate by this when validation BLEU-4 stops improving (1: constant).")
+@click.option("--lr-patience", type=int, default=0,
+              help="Epochs without a better validation BLEU-4 tolerated before each learning-rate decay.")
 @click.option("--clip", type=float, default=5.0, help="Gradient L2-norm clipping threshold (0: off).")
+@click.option("--ema-decay", type=float, default=0.0,
+              help="Keep an exponential moving average of the weights (decay per step, e.g. 0.999), validate and "
+                   "score it instead of the last weights (0: off).")
 @click.option("--seed", type=int, default=0, help="Random seed (initialisation, batch order, dropout, sampling).")
 @click.option("--device", default="cpu", help="Torch device: cpu, cuda, cuda:1, ...")
 @click.option("--embed-dim", type=int, default=512, help="Word embedding size m.")
@@ -127,6 +134,7 @@ def features(dataset, data_dir, karpathy_json, image_dir, splits, encoder, weigh
               help="Hard attention at validation: expected alpha (mean-field, the authors'), a sample, or argmax.")
 @click.option("--val-split", default="", help="Validation split. [default: dev or val, whichever exists]")
 @click.option("--val-images", type=int, default=0, help="Validate on the first N images only (0: all).")
+@click.option("--val-beam-size", type=int, default=3, help="Beam size of validation decoding (1: greedy).")
 @click.option("--max-len", type=int, default=20, help="Longest caption decoded at validation, in words.")
 @click.option("--checkpoint-every", type=int, default=0, help="Also write last.pt every N steps (0: epoch ends only).")
 @click.option("--workers", type=int, default=0, help="DataLoader processes reading the shards (0: in-process).")
@@ -134,21 +142,22 @@ def features(dataset, data_dir, karpathy_json, image_dir, splits, encoder, weigh
               help="bf16: autocast matrix products to bfloat16 (weights stay fp32), about 2x faster on CPUs with "
                    "AVX512-BF16; auto: bf16 where the CPU or GPU computes it natively, else fp32.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def train(features_dir, out, attention, resume, optimizer, lr, batch_size, epochs, patience, clip, seed, device,
-          embed_dim, hidden_dim, attention_dim, attention_layers, dropout, output_tanh, no_gating, alpha_c, entropy_c,
-          reinforce_scale, baseline_decay, semi_sampling_p, decode_context, val_split, val_images, max_len,
-          checkpoint_every, workers, precision, no_progress):
+def train(features_dir, out, attention, resume, optimizer, lr, batch_size, epochs, patience, lr_decay, lr_patience,
+          clip, ema_decay, seed, device, embed_dim, hidden_dim, attention_dim, attention_layers, dropout, output_tanh,
+          no_gating, alpha_c, entropy_c, reinforce_scale, baseline_decay, semi_sampling_p, decode_context, val_split,
+          val_images, val_beam_size, max_len, checkpoint_every, workers, precision, no_progress):
     """Stage two: train the attention decoder on feature shards.
 
-    Validates each epoch by free-running greedy decoding scored with BLEU-4, keeps last.pt and
-    best.pt, and stops early when BLEU-4 stops improving.
+    Validates each epoch by free-running beam-search decoding scored with BLEU-4, keeps last.pt
+    and best.pt, decays the learning rate and stops early when BLEU-4 stops improving.
     """
     from pipeline.train import TrainConfig, train as run_training
 
     config = TrainConfig(
         features=features_dir, out=out or f"data/runs/{attention}", attention=attention, optimizer=optimizer, lr=lr,
-        batch_size=batch_size, epochs=epochs, patience=patience, clip=clip, seed=seed, device=device,
-        val_split=val_split, val_images=val_images, max_len=max_len, decode_context=decode_context,
+        batch_size=batch_size, epochs=epochs, patience=patience, lr_decay=lr_decay, lr_patience=lr_patience, clip=clip,
+        ema_decay=ema_decay, seed=seed, device=device, val_split=val_split, val_images=val_images,
+        val_beam_size=val_beam_size, max_len=max_len, decode_context=decode_context,
         semi_sampling_p=semi_sampling_p, checkpoint_every=checkpoint_every, workers=workers, precision=precision,
         model=dict(embed_dim=embed_dim, hidden_dim=hidden_dim, attention_dim=attention_dim,
                    attention_layers=attention_layers, dropout=dropout, output_tanh=output_tanh, gating=not no_gating),

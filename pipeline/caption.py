@@ -4,7 +4,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torchvision import transforms
 
 from .decode import beam_search
 from .encoders import ImageError, Preprocess, build_encoder, open_rgb
@@ -59,7 +58,7 @@ def caption_images(paths, checkpoint_path, beam_size: int = 3, max_len: int = 20
     storage = getattr(torch, identity["dtype"])
     context = checkpoint["train_config"]["decode_context"]
     transform = preprocess.transform()
-    show = transforms.Compose(transform.transforms[:-2])  # the resize/crop, for the figure
+    show = preprocess.crop()  # the image as the encoder saw it, for the figure
     results = []
     for path in map(Path, paths):
         try:

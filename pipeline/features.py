@@ -1,7 +1,8 @@
 """Stage one: image corpus -> frozen CNN -> HDF5 shards of annotation vectors.
 
-Images are decoded and preprocessed in DataLoader worker processes while the main process runs
-the encoder and writes shards, so decoding overlaps the forward pass. The work is planned in
+Images are decoded, resized and cropped in DataLoader worker processes (as uint8) while the main
+process normalises whole batches, runs the encoder and writes shards, so decoding overlaps the
+forward pass. The work is planned in
 shards of ``shard_size`` images; a rerun skips the shards already on disk, so a killed run resumes
 where it stopped and gives the same values as an uninterrupted one.
 """
@@ -64,9 +65,9 @@ class FeatureSummary:
 
 
 class ImageFiles(Dataset):
-    """Decodes and preprocesses images in DataLoader workers.
+    """Decodes, resizes and crops images in DataLoader workers.
 
-    Item i -> (i, image (3, S, S) float or None, reason str or None); a bad image gives None and
+    Item i -> (i, image (3, S, S) uint8 or None, reason str or None); a bad image gives None and
     its reason instead of an exception, so one bad file does not stop the run.
     """
 
@@ -196,7 +197,7 @@ def _run_encoder(encoder, flat, todo, out, config, preprocess, manifest, setup, 
         batches += [list(range(offset + i, offset + min(i + config.batch_size, len(recs))))
                     for i in range(0, len(recs), config.batch_size)]
         offset += len(recs)
-    loader = DataLoader(ImageFiles(flat, preprocess.transform()), batch_sampler=batches,
+    loader = DataLoader(ImageFiles(flat, preprocess.pixels()), batch_sampler=batches,
                         num_workers=config.num_workers, collate_fn=_collate,
                         pin_memory=encoder.device.type == "cuda",
                         persistent_workers=False, prefetch_factor=4 if config.num_workers else None)
@@ -211,7 +212,7 @@ def _run_encoder(encoder, flat, todo, out, config, preprocess, manifest, setup, 
                 while done < len(recs):
                     indices, images, bad = next(batch_iter)
                     if images is not None:
-                        annotations = encoder(images.to(encoder.device, non_blocking=True))
+                        annotations = encoder(preprocess.normalize(images.to(encoder.device, non_blocking=True)))
                         shard.add([flat[i].image_id for i in indices], annotations)
                     for i, reason in bad:
                         shard.failures.append({"image_id": flat[i].image_id, "path": str(flat[i].image_path),

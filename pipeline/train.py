@@ -1,8 +1,10 @@
 """Stage two: train the attention decoder on the feature shards.
 
 Minibatches hold captions of a single length (paper section 4.3), so no padding enters the loss.
-Each epoch ends with free-running greedy decoding of the validation split, scored with
-coco-caption BLEU-4 (never teacher-forced); early stopping watches that score. ``last.pt`` is
+Each epoch ends with free-running beam-search decoding of the validation split (beam 3 by
+default, as the captions are scored), scored with coco-caption BLEU-4 (never teacher-forced); the
+learning rate decays (halves, by default) and early stopping counts whenever that score fails to
+improve. ``last.pt`` is
 written every epoch (and every ``checkpoint_every`` steps) and ``best.pt`` when BLEU-4 improves,
 atomically; ``resume`` continues a killed run from ``last.pt`` and gives the same weights as an
 uninterrupted run (on CPU, for a given seed).
@@ -14,11 +16,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .atomic import atomic_path
-from .decode import greedy_decode
+from .decode import beam_search
 from .errors import PipelineError
 from .metrics import bleu
 from .model import Decoder, DecoderConfig, ObjectiveConfig, objective
@@ -41,11 +44,15 @@ class TrainConfig:
     batch_size: int = 64  # captions per minibatch (at most; a length bucket's last batch is smaller)
     epochs: int = 20  # maximum number of epochs
     patience: int = 5  # stop after this many epochs without a better validation BLEU-4 (0: never)
+    lr_decay: float = 0.5  # multiply the learning rate by this after lr_patience + 1 epochs without a better BLEU-4
+    lr_patience: int = 0  # epochs without a better validation BLEU-4 tolerated before each decay
     clip: float = 5.0  # gradient-norm clipping threshold (0: off)
+    ema_decay: float = 0.0  # validate, keep and score an exponential moving average of the weights (0: off)
     seed: int = 0
     device: str = "cpu"
     val_split: str = ""  # '' picks 'dev' or 'val', whichever the features have
     val_images: int = 0  # validate on the first N images of the split (0: all)
+    val_beam_size: int = 3  # beam size of validation decoding (1: greedy)
     max_len: int = 20  # longest caption decoded in validation, in words
     decode_context: str = "expected"  # hard attention at validation: 'expected' | 'sample' | 'argmax'
     semi_sampling_p: float = 0.5  # hard attention: chance a minibatch uses the expected context
@@ -61,8 +68,12 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise PipelineError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}")
-        if self.batch_size < 1 or self.epochs < 1 or self.lr <= 0:
-            raise PipelineError("--batch-size and --epochs must be at least 1 and --lr positive")
+        if self.batch_size < 1 or self.epochs < 1 or self.val_beam_size < 1 or self.lr <= 0:
+            raise PipelineError("--batch-size, --epochs and --val-beam-size must be at least 1 and --lr positive")
+        if not 0 < self.lr_decay <= 1:
+            raise PipelineError("--lr-decay must be in (0, 1] (1: keep the learning rate)")
+        if not 0 <= self.ema_decay < 1:
+            raise PipelineError("--ema-decay must be in [0, 1) (0: no weight averaging)")
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -107,8 +118,9 @@ def epoch_batches(pairs: CaptionPairs, config: TrainConfig, epoch: int) -> list[
 
 
 def validate(decoder: Decoder, shards: AnnotationShards, config: TrainConfig, device) -> dict:
-    """Greedy free-running captions of the validation images and their BLEU-1..4 (coco-caption,
-    on the pipeline's tokens, in %). Returns {'bleu': [b1..b4], 'captions': [token lists]}."""
+    """Free-running captions of the validation images (beam search of ``config.val_beam_size``)
+    and their BLEU-1..4 (coco-caption, on the pipeline's tokens, in %).
+    Returns {'bleu': [b1..b4], 'captions': [token lists]}."""
     decoder.eval()
     n = config.val_images or len(shards)
     hyps = []
@@ -117,9 +129,9 @@ def validate(decoder: Decoder, shards: AnnotationShards, config: TrainConfig, de
     vocab = shards.vocab
     for annotations in loader:
         with autocast(config, device):
-            tokens, _ = greedy_decode(decoder, annotations.to(device), vocab.start, vocab.end, config.max_len,
-                                      config.decode_context)
-        hyps += [vocab.decode(t) for t in tokens.tolist()]
+            captions = beam_search(decoder, annotations.to(device), vocab.start, vocab.end, config.val_beam_size,
+                                   config.max_len, context=config.decode_context)
+        hyps += [vocab.decode(c.tokens) for c in captions]
     refs = [[vocab.decode(c) for c in caps] for caps in shards.captions[:len(hyps)]]
     return {"bleu": [100 * b for b in bleu(hyps, refs)], "captions": hyps}
 
@@ -163,9 +175,13 @@ def load_checkpoint(path) -> dict:
 
 
 def build_decoder(checkpoint: dict) -> tuple[Decoder, Vocabulary]:
-    """The decoder and vocabulary stored in a checkpoint."""
+    """The decoder and vocabulary stored in a checkpoint: the moving average of the weights where
+    the run kept one (``ema_decay``), else the trained weights."""
     decoder = Decoder(DecoderConfig(**checkpoint["model_config"]))
-    decoder.load_state_dict(checkpoint["model"])
+    weights = checkpoint["model"]
+    if "ema" in checkpoint:
+        weights = {k.removeprefix("module."): v for k, v in checkpoint["ema"].items() if k != "n_averaged"}
+    decoder.load_state_dict(weights)
     return decoder, Vocabulary(checkpoint["vocab"])
 
 
@@ -181,6 +197,30 @@ def _truncate_log(out: Path, epochs_done: int) -> None:
         keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] <= epochs_done]
         with atomic_path(path) as tmp:
             tmp.write_text("".join(line + "\n" for line in keep))
+
+
+def train_step(decoder: Decoder, optimizer, annotations: torch.Tensor, captions: torch.Tensor, config: TrainConfig,
+               objective_config: ObjectiveConfig, run: dict):
+    """One minibatch update: forward (soft, or for hard attention a sampled or, with chance
+    ``semi_sampling_p``, expected context), the objective, backward, clipping, optimizer step.
+
+    annotations: (B, L, D) float; captions: (B, T+1) long, one length. ``run['baseline']`` (the
+    REINFORCE moving average, None before the first sampled batch) is updated in place.
+    Returns (loss: 0-dim tensor, stats: dict of floats) as :func:`pipeline.model.objective`.
+    """
+    sampled = config.attention == "hard" and torch.rand(()).item() >= config.semi_sampling_p
+    with autocast(config, annotations.device):
+        result = decoder(annotations, captions, "sample" if sampled else "expected")
+        loss, stats = objective(result, captions, objective_config, sampled, run["baseline"])
+    if sampled:  # b_k = 0.9 b_{k-1} + 0.1 log p(y|s_k, a); the first batch starts it
+        b, d = run["baseline"], objective_config.baseline_decay
+        run["baseline"] = stats["log_p_y"] if b is None else d * b + (1 - d) * stats["log_p_y"]
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.clip:
+        torch.nn.utils.clip_grad_norm_(decoder.parameters(), config.clip)
+    optimizer.step()
+    return loss, stats
 
 
 def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
@@ -210,12 +250,15 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     decoder = Decoder(model_config).to(device)
     objective_config = ObjectiveConfig(**config.objective)
     optimizer = make_optimizer(decoder.parameters(), config)
+    ema = AveragedModel(decoder, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay)) if config.ema_decay else None
     position = {"epoch": 0, "batch": 0, "step": 0, "captions": 0, "loss_sum": 0.0, "nll_sum": 0.0}
     run = {"baseline": None, "best_bleu4": -1.0, "best_epoch": -1, "stale_epochs": 0}
     if resume:
         check_features(state, train_shards, out / LAST)
         decoder.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         torch.set_rng_state(state["rng"]["cpu"])
         if device.type == "cuda":
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -231,6 +274,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
                  "model_config": model_config.to_dict(), "train_config": asdict(config),
                  "objective_config": asdict(objective_config), "vocab": train_shards.vocab.words,
                  "features": features, "rng": rng, "position": dict(position), "run": dict(run)}
+        if ema is not None:
+            state["ema"] = ema.state_dict()
         save_checkpoint(path, state)
         return state
 
@@ -247,18 +292,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
         start, captions_seen = time.perf_counter(), 0
         for annotations, captions, _ in bar:
             annotations, captions = annotations.to(device, non_blocking=True), captions.to(device, non_blocking=True)
-            sampled = config.attention == "hard" and torch.rand(()).item() >= config.semi_sampling_p
-            with autocast(config, device):
-                result = decoder(annotations, captions, "sample" if sampled else "expected")
-                loss, stats = objective(result, captions, objective_config, sampled, run["baseline"])
-            if sampled:  # b_k = 0.9 b_{k-1} + 0.1 log p(y|s_k, a); the first batch starts it
-                b, d = run["baseline"], objective_config.baseline_decay
-                run["baseline"] = stats["log_p_y"] if b is None else d * b + (1 - d) * stats["log_p_y"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.clip:
-                torch.nn.utils.clip_grad_norm_(decoder.parameters(), config.clip)
-            optimizer.step()
+            loss, stats = train_step(decoder, optimizer, annotations, captions, config, objective_config, run)
+            if ema is not None:
+                ema.update_parameters(decoder)
             position["batch"] += 1
             position["step"] += 1
             captions_seen += len(captions)
@@ -270,20 +306,24 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
                 checkpoint(out / LAST)
         bar.close()
         seconds = time.perf_counter() - start
-        val = validate(decoder, val_shards, config, device)
+        val = validate(decoder if ema is None else ema.module, val_shards, config, device)
         bleu4 = val["bleu"][3]
         improved = bleu4 > run["best_bleu4"]
         run.update(best_bleu4=max(bleu4, run["best_bleu4"]), best_epoch=epoch + 1 if improved else run["best_epoch"],
                    stale_epochs=0 if improved else run["stale_epochs"] + 1)
+        lr = optimizer.param_groups[0]["lr"]
+        if not improved and run["stale_epochs"] % (config.lr_patience + 1) == 0:
+            for group in optimizer.param_groups:  # the optimizer's state_dict carries it into last.pt
+                group["lr"] *= config.lr_decay
         n = max(position["captions"], 1)
         record = {"epoch": epoch + 1, "step": position["step"], "loss": position["loss_sum"] / n,
                   "nll": position["nll_sum"] / n, f"{val_split}_bleu": [round(b, 2) for b in val["bleu"]],
-                  f"{val_split}_bleu4": round(bleu4, 2), "seconds": round(seconds, 1),
+                  f"{val_split}_bleu4": round(bleu4, 2), "lr": lr, "seconds": round(seconds, 1),
                   "captions_per_s": round(captions_seen / seconds, 1) if seconds else None}
         _log(out, record)
         position.update(epoch=epoch + 1, batch=0, captions=0, loss_sum=0.0, nll_sum=0.0)
         print(f"epoch {epoch + 1}: loss {record['loss']:.3f}, {val_split} BLEU-4 {bleu4:.2f} "
-              f"(best {run['best_bleu4']:.2f} at epoch {run['best_epoch']}), {seconds:.0f} s, "
+              f"(best {run['best_bleu4']:.2f} at epoch {run['best_epoch']}), lr {lr:.2g}, {seconds:.0f} s, "
               f"{record['captions_per_s']} captions/s; e.g. \"{' '.join(val['captions'][0])}\"")
         state = checkpoint(out / LAST)
         if improved:

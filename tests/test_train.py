@@ -94,17 +94,53 @@ def test_checkpoint_contents_and_refusals(objects, tmp_path):
         train(TrainConfig(features=str(features), out=str(tmp_path / "none")), resume=True)
 
 
-def test_validation_is_free_running_greedy_decoding(objects, tmp_path):
+def test_validation_is_free_running_beam_search(objects, tmp_path):
+    from pipeline.decode import beam_search
     from pipeline.train import autocast, validate
-    features, _ = objects
-    config = TrainConfig(features=str(features), out=str(tmp_path / "r"), epochs=1, model=TINY)
+    features, _ = objects  # fp32: under bf16, ties among the logits break differently in the two decoders
+    config = TrainConfig(features=str(features), out=str(tmp_path / "r"), epochs=1, model=TINY, precision="fp32")
     train(config, progress=False)
     decoder, vocab = build_decoder(load_checkpoint(tmp_path / "r" / "last.pt"))
     val = AnnotationShards(features, "val")
-    result = validate(decoder, val, config, torch.device("cpu"))
+    annotations = torch.stack([val[i] for i in range(len(val))])
     with autocast(config, torch.device("cpu")):
-        tokens, _ = greedy_decode(decoder, torch.stack([val[i] for i in range(len(val))]), vocab.start, vocab.end)
-    assert result["captions"] == [vocab.decode(t) for t in tokens.tolist()]
+        tokens, _ = greedy_decode(decoder, annotations, vocab.start, vocab.end)
+        beams = beam_search(decoder, annotations, vocab.start, vocab.end, 3)
+    assert validate(decoder, val, config, torch.device("cpu"))["captions"] == [vocab.decode(c.tokens) for c in beams]
+    greedy = TrainConfig(**dict(vars(config), val_beam_size=1))
+    assert validate(decoder, val, greedy, torch.device("cpu"))["captions"] == [vocab.decode(t) for t in tokens.tolist()]
+
+
+@pytest.mark.parametrize("lr_patience, expected", [(0, [8e-9, 8e-9, 4e-9, 2e-9]), (1, [8e-9, 8e-9, 8e-9, 4e-9])])
+def test_learning_rate_decays_when_validation_bleu_stalls(objects, tmp_path, lr_patience, expected):
+    """With a learning rate too small to change the captions, BLEU-4 never improves after epoch 1,
+    so the rate halves after every epoch (lr_patience 0) or every second one (1); the log shows
+    the rate each epoch ran with, and last.pt carries the rate for the next epoch to a resume."""
+    features, _ = objects
+    config = TrainConfig(features=str(features), out=str(tmp_path / "r"), epochs=4, lr=8e-9, lr_patience=lr_patience,
+                         patience=0, val_images=20, val_beam_size=1, model=TINY)
+    state = train(config, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert len({entry["val_bleu4"] for entry in log}) == 1
+    assert [entry["lr"] for entry in log] == pytest.approx(expected)
+    following = expected[-1] / 2 if lr_patience == 0 else expected[-1]  # epoch 4 is the 3rd stale one
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(following)
+
+
+def test_weight_average_is_what_is_validated_and_loaded(objects, tmp_path):
+    from pipeline.train import validate
+    features, _ = objects
+    config = TrainConfig(features=str(features), out=str(tmp_path / "r"), epochs=2, lr=3e-3, ema_decay=0.9,
+                         val_beam_size=1, model=TINY, precision="fp32")
+    state = train(config, progress=False)
+    assert state["ema"]["n_averaged"].item() == state["position"]["step"]
+    decoder, _ = build_decoder(state)
+    raw = {k: v for k, v in state["model"].items()}
+    averaged = decoder.state_dict()
+    assert all(torch.equal(averaged[k], state["ema"][f"module.{k}"]) for k in averaged)
+    assert not all(torch.equal(averaged[k], raw[k]) for k in raw)
+    logged = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])["val_bleu4"]
+    assert round(validate(decoder, AnnotationShards(features, "val"), config, torch.device("cpu"))["bleu"][3], 2) == logged
 
 
 def _train_cli(features, out, *extra):
@@ -114,13 +150,13 @@ def _train_cli(features, out, *extra):
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-@pytest.mark.parametrize("attention", ["soft", "hard"])
-def test_sigkill_then_resume_gives_the_uninterrupted_weights(objects, tmp_path, attention):
+@pytest.mark.parametrize("options", [("--attention", "soft"), ("--attention", "hard"), ("--ema-decay", "0.9")])
+def test_sigkill_then_resume_gives_the_uninterrupted_weights(objects, tmp_path, options):
     features, _ = objects
-    reference = _train_cli(features, tmp_path / "ref", "--attention", attention)
+    reference = _train_cli(features, tmp_path / "ref", *options)
     out, err = reference.communicate()
     assert reference.returncode == 0, err
-    killed = _train_cli(features, tmp_path / "run", "--attention", attention)
+    killed = _train_cli(features, tmp_path / "run", *options)
     deadline = time.time() + 120
     while time.time() < deadline and killed.poll() is None:
         last = tmp_path / "run" / "last.pt"
@@ -137,8 +173,10 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(objects, tmp_path, 
     a = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert a["position"] == b["position"]
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert a.keys() == b.keys()
+    for part in ("model", "ema") if "ema" in a else ("model",):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
     logs = [[{k: v for k, v in json.loads(line).items() if k not in ("seconds", "captions_per_s")}
              for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("ref", "run")]
     assert logs[0] == logs[1] and len(logs[0]) == 2

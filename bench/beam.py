@@ -1,0 +1,24 @@
+"""Beam search: images/s at beam 3 and 5, the whole batch of 64 images at once against one image
+at a time, same model (default sizes, L=196). With untrained weights no hypothesis ends early, so
+every caption runs to the 20-word limit in both modes."""
+import torch
+
+from pipeline.decode import beam_search
+from pipeline.model import Decoder, DecoderConfig
+
+from .common import seconds
+
+IMAGES, VOCAB, MAX_LEN = 64, 2600, 20
+
+
+def run() -> list[str]:
+    torch.manual_seed(0)
+    decoder = Decoder(DecoderConfig(vocab_size=VOCAB, annotation_dim=512)).eval()
+    annotations = torch.randn(IMAGES, 196, 512).relu()
+    lines = ["| beam size | batch of 64: images/s | one image at a time: images/s | ratio (target >= 5) |",
+             "|---|---|---|---|"]
+    for k in (3, 5):
+        batched = seconds(lambda: beam_search(decoder, annotations, 1, 2, k, MAX_LEN))
+        single = seconds(lambda: [beam_search(decoder, annotations[i:i + 1], 1, 2, k, MAX_LEN) for i in range(IMAGES)])
+        lines.append(f"| {k} | {IMAGES / batched:.1f} | {IMAGES / single:.1f} | **{single / batched:.1f}** |")
+    return lines

@@ -1,0 +1,65 @@
+"""What every benchmark shares: timing, the machine's description, the real images, peak memory."""
+import os
+import platform
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data"))
+FLICKR8K = SHARED / "flickr8k"
+SQUEEZENET_WEIGHTS = SHARED / "weights" / "squeezenet1_1-imagenet-features.pth"
+
+
+def seconds(fn, repeat: int = 1, warmup: int = 1) -> float:
+    """Wall-clock seconds of one call of ``fn`` (the best of ``repeat``, after ``warmup`` calls)."""
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def machine() -> str:
+    """One line: CPU model, cores, torch version and thread count, accelerator if any."""
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads){gpu}"
+
+
+def flickr8k_records(limit: int | None = None, splits=("train", "dev")):
+    """Records of the real Flickr8k images in ../shared/data (the first ``limit`` of ``splits``),
+    or None where that data is absent."""
+    from pipeline.datasets import load_flickr8k
+
+    if not FLICKR8K.exists():
+        return None
+    with warnings.catch_warnings():  # the token file's known quirks, reported by `cli.py features`
+        warnings.simplefilter("ignore")
+        records = [r for r in load_flickr8k(FLICKR8K) if r.split in splits]
+    return records[:limit] if limit else records
+
+
+def run_measuring_memory(args: list[str]) -> tuple[float, float]:
+    """Run ``python ARGS`` from the repository root; returns (wall seconds, peak RSS in MiB of that
+    process). Raises RuntimeError with its output if it fails."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n{output.decode(errors='replace')[-2000:]}")
+    return time.perf_counter() - start, usage.ru_maxrss / 1024

@@ -1,0 +1,54 @@
+"""Memory: peak RSS of ``cli.py features`` and ``cli.py train`` over 1000 and over 7000 images,
+each in its own process. Shards stream, so the peak must not grow with the number of images."""
+import json
+from pathlib import Path
+
+from pipeline.datasets import load_karpathy, make_synthetic
+
+from .common import FLICKR8K, SQUEEZENET_WEIGHTS, flickr8k_records, run_measuring_memory
+
+SIZES = {1000: (800, 200), 7000: (6000, 1000)}  # images: (train, val)
+# A small decoder, so that one epoch over 7000 images (35,000 captions) takes seconds: memory here
+# is about the data's path, and the model's own size does not depend on the number of images.
+TRAIN_ARGS = ["--epochs", "1", "--embed-dim", "32", "--hidden-dim", "64", "--attention-dim", "32",
+              "--val-images", "100", "--val-beam-size", "1", "--no-progress"]
+
+
+def corpus(workspace: Path, images: int) -> tuple[Path, Path]:
+    """A Karpathy json of ``images`` real Flickr8k images (synthetic ones where ../shared/data is
+    absent), split train/val as in SIZES; returns (json path, image folder)."""
+    n_train, n_val = SIZES[images]
+    records = flickr8k_records()
+    if records is None:
+        folder = workspace / f"synthetic-{images}"
+        path = make_synthetic(folder, {"train": n_train, "val": n_val, "test": 1})
+        records = load_karpathy(path, folder)
+    train = [r for r in records if r.split == "train"][:n_train]
+    val = [r for r in records if r.split in ("dev", "val")][:n_val]
+    entries = [{"filename": r.image_path.name, "split": "train" if r.split == "train" else "val",
+                "sentences": [{"raw": c} for c in r.captions]} for r in train + val]
+    path = workspace / f"corpus-{images}.json"
+    path.write_text(json.dumps({"images": entries}))
+    return path, train[0].image_path.parent
+
+
+def run(workspace: Path) -> tuple[list[str], Path]:
+    """Returns the table and the features folder of 7000 images (for the shard-reading benchmark)."""
+    weights = str(SQUEEZENET_WEIGHTS) if SQUEEZENET_WEIGHTS.exists() else "random"
+    rows = {}
+    for images in SIZES:
+        corpus_json, image_dir = corpus(workspace, images)
+        features, run_dir = workspace / f"features-{images}", workspace / f"run-{images}"
+        rows[images] = (
+            run_measuring_memory(["cli.py", "features", "--dataset", "karpathy", "--karpathy-json", str(corpus_json),
+                                  "--image-dir", str(image_dir), "--encoder", "squeezenet1_1", "--weights", weights,
+                                  "--out", str(features), "--no-progress"]),
+            run_measuring_memory(["cli.py", "train", "--features", str(features), "--out", str(run_dir), *TRAIN_ARGS]))
+    small, large = rows[1000], rows[7000]
+    source = "Flickr8k" if FLICKR8K.exists() else "synthetic"
+    lines = ["| stage | 1000 images: peak RSS MiB (s) | 7000 images: peak RSS MiB (s) | ratio (flat: about 1) |",
+             "|---|---|---|---|"]
+    for k, stage in enumerate((f"`cli.py features` (SqueezeNet, {source})", "`cli.py train` (1 epoch, small decoder)")):
+        (t1, m1), (t7, m7) = small[k], large[k]
+        lines.append(f"| {stage} | {m1:.0f} ({t1:.0f} s) | {m7:.0f} ({t7:.0f} s) | **{m7 / m1:.2f}** |")
+    return lines, workspace / "features-7000"

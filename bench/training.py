@@ -1,0 +1,86 @@
+"""Training step: captions/s and tokens/s of :func:`pipeline.train.train_step` on random
+annotation vectors and captions of one length, its achieved FLOP/s as a fraction of this
+machine's measured matmul FLOP/s (same run), and a profile of where the time goes."""
+import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
+
+from pipeline.model import Decoder, DecoderConfig, ObjectiveConfig
+from pipeline.train import TrainConfig, native_bf16, train_step
+
+from .common import seconds
+
+VOCAB = 2600  # about Flickr8k's vocabulary at min count 5
+WORDS = 12  # words per caption (Flickr8k's mean is about 11): 13 predicted tokens with <end>
+PORT_CAPTIONS_PER_S = 39  # the most used PyTorch port at 512/512/512, L=169, batch 32, on this CPU (issue 5)
+
+
+def matmul_flops(dtype: torch.dtype, n: int = 2048) -> float:
+    """Measured FLOP/s of an (n x n) @ (n x n) matrix product in ``dtype``."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n ** 3 / seconds(lambda: a @ b, repeat=5)
+
+
+def setup(sizes: tuple[int, int, int], L: int, batch: int, attention: str, precision: str):
+    embed, hidden, att = sizes
+    torch.manual_seed(0)
+    decoder = Decoder(DecoderConfig(vocab_size=VOCAB, annotation_dim=512, embed_dim=embed, hidden_dim=hidden,
+                                    attention_dim=att))
+    config = TrainConfig(features="", out="", attention=attention, batch_size=batch, precision=precision)
+    optimizer = torch.optim.Adam(decoder.parameters(), lr=config.lr)
+    annotations = torch.randn(batch, L, 512).relu()
+    captions = torch.randint(4, VOCAB, (batch, WORDS + 2))
+    run = {"baseline": None}
+
+    def step():
+        train_step(decoder, optimizer, annotations, captions, config, ObjectiveConfig(), run)
+    return step
+
+
+def step_flops(step) -> int:
+    """Floating-point operations of one training step (forward and backward), counted by torch."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return counter.get_total_flops()
+
+
+def measure(sizes, L, batch, attention, precision, steps: int = 8) -> dict:
+    step = setup(sizes, L, batch, attention, precision)
+    took = seconds(lambda: [step() for _ in range(steps)], warmup=1) / steps
+    return {"captions_s": batch / took, "tokens_s": batch * (WORDS + 1) / took, "flops": step_flops(step) / took}
+
+
+def top_ops(sizes, L, batch, attention, precision, rows: int = 8) -> list[str]:
+    """The ``rows`` operators with the most self CPU time over 3 training steps."""
+    step = setup(sizes, L, batch, attention, precision)
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    return [f"{e.key} {100 * e.self_cpu_time_total / total:.0f}%" for e in events[:rows]]
+
+
+def run() -> list[str]:
+    bf16 = native_bf16(torch.device("cpu"))
+    peak32 = matmul_flops(torch.float32)
+    peak16 = matmul_flops(torch.bfloat16) if bf16 else None
+    precisions = ["fp32", "bf16"] if bf16 else ["fp32"]
+    configs = [(f"VGG-sized {a}, 512/1000/512, L=196, batch 64", ((512, 1000, 512), 196, 64, a)) for a in ("soft", "hard")]
+    configs.append(("port's sizes soft, 512/512/512, L=169, batch 32", ((512, 512, 512), 169, 32, "soft")))
+    lines = [f"Measured matmul peak (2048^3): fp32 {peak32 / 1e9:.0f} GFLOP/s"
+             + (f", bf16 {peak16 / 1e9:.0f} GFLOP/s" if bf16 else "") + ".", "",
+             "| configuration | precision | captions/s | tokens/s | achieved GFLOP/s | of fp32 matmul peak "
+             "| vs the port's 39 captions/s (target >= 5) |", "|---|---|---|---|---|---|---|"]
+    for label, args in configs:
+        for precision in precisions:
+            r = measure(*args, precision)
+            port = f"**{r['captions_s'] / PORT_CAPTIONS_PER_S:.1f}x**" if label.startswith("port") else ""
+            lines.append(f"| {label} | {precision} | {r['captions_s']:.0f} | {r['tokens_s']:.0f} | "
+                         f"{r['flops'] / 1e9:.0f} | {r['flops'] / peak32:.2f} | {port} |")
+    best = precisions[-1]
+    for label, args in configs[:2]:
+        lines += ["", f"Profile, {label}, {best} (self CPU time): " + ", ".join(top_ops(*args, best))]
+    return lines
