@@ -5,6 +5,7 @@ import torch
 
 from pipeline.decode import beam_search
 from pipeline.model import Decoder, DecoderConfig
+from pipeline.train import native_bf16
 
 from .common import seconds
 
@@ -15,10 +16,15 @@ def run() -> list[str]:
     torch.manual_seed(0)
     decoder = Decoder(DecoderConfig(vocab_size=VOCAB, annotation_dim=512)).eval()
     annotations = torch.randn(IMAGES, 196, 512).relu()
-    lines = ["| beam size | batch of 64: images/s | one image at a time: images/s | ratio (target >= 5) |",
-             "|---|---|---|---|"]
+    precisions = ["fp32", "bf16"] if native_bf16(torch.device("cpu")) else ["fp32"]
+    lines = ["| beam size | precision | batch of 64: images/s | one image at a time: images/s | ratio (target >= 5) |",
+             "|---|---|---|---|---|"]
     for k in (3, 5):
-        batched = seconds(lambda: beam_search(decoder, annotations, 1, 2, k, MAX_LEN))
-        single = seconds(lambda: [beam_search(decoder, annotations[i:i + 1], 1, 2, k, MAX_LEN) for i in range(IMAGES)])
-        lines.append(f"| {k} | {IMAGES / batched:.1f} | {IMAGES / single:.1f} | **{single / batched:.1f}** |")
+        for precision in precisions:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                batched = seconds(lambda: beam_search(decoder, annotations, 1, 2, k, MAX_LEN))
+                single = seconds(lambda: [beam_search(decoder, annotations[i:i + 1], 1, 2, k, MAX_LEN)
+                                          for i in range(IMAGES)])
+            lines.append(f"| {k} | {precision} | {IMAGES / batched:.1f} | {IMAGES / single:.1f} | "
+                         f"**{single / batched:.1f}** |")
     return lines

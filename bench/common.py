@@ -3,6 +3,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -54,12 +55,20 @@ def flickr8k_records(limit: int | None = None, splits=("train", "dev")):
 
 def run_measuring_memory(args: list[str]) -> tuple[float, float]:
     """Run ``python ARGS`` from the repository root; returns (wall seconds, peak RSS in MiB of that
-    process). Raises RuntimeError with its output if it fails."""
+    process: its VmHWM, polled; getrusage would report at least this process's own peak, which a
+    child inherits at fork). Raises RuntimeError with its output if it fails."""
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    output = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n{output.decode(errors='replace')[-2000:]}")
-    return time.perf_counter() - start, usage.ru_maxrss / 1024
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        peak_kib = 0
+        while proc.poll() is None:
+            try:
+                status = Path(f"/proc/{proc.pid}/status").read_text()
+                peak_kib = max(peak_kib, int(status.split("VmHWM:")[1].split()[0]))
+            except (OSError, IndexError):
+                pass
+            time.sleep(0.05)
+        if proc.returncode:
+            log.seek(0)
+            raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n{log.read().decode(errors='replace')[-2000:]}")
+    return time.perf_counter() - start, peak_kib / 1024

@@ -7,7 +7,9 @@ shards of ``shard_size`` images; a rerun skips the shards already on disk, so a 
 where it stopped and gives the same values as an uninterrupted one.
 """
 import hashlib
+import os
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +86,12 @@ class ImageFiles(Dataset):
             return i, None, e.reason
 
 
+def _lower_priority(_worker_id: int) -> None:
+    """Decoding workers yield the CPU to the encoder's threads, whose parallel regions would
+    otherwise stall whenever a worker takes one of their cores."""
+    os.nice(10)
+
+
 def _collate(items):
     good = [(i, x) for i, x, _ in items if x is not None]
     bad = [(i, reason) for i, _, reason in items if reason is not None]
@@ -115,10 +123,13 @@ def write_text(records: list[Record], out: Path, min_count: int) -> Vocabulary:
 
 
 def extract_features(records: list[Record], out, config: FeatureConfig, dataset: str,
-                     splits: list[str] | None = None, progress: bool = True) -> FeatureSummary:
+                     splits: list[str] | None = None, progress: bool = True, command: str | None = None) -> FeatureSummary:
     """Run the encoder over ``records`` (optionally only ``splits``) into shards under ``out``.
 
-    Resumes: shards already complete in ``out`` are kept and not recomputed. Bad images are
+    Resumes: shards already complete in ``out`` are kept and not recomputed; a shard that is
+    truncated or altered (its SHA-256 differs from the manifest's) is extracted again. ``command``
+    (the command line of this run) is recorded in the manifest, to be shown as the way to
+    rebuild damaged shards. Bad images are
     skipped and listed in ``out/bad_images.tsv`` and in the returned summary (the caller decides
     whether that is an error).
     Raises PipelineError for unknown split names, or if ``out`` holds features made with another
@@ -139,6 +150,7 @@ def extract_features(records: list[Record], out, config: FeatureConfig, dataset:
              "preprocess": preprocess.to_dict(), "grid": [h, w], "L": h * w, "D": D, "dtype": config.dtype,
              "shard_size": config.shard_size}
     manifest = _resume_manifest(out, setup)
+    manifest["command"] = command or manifest.get("command")
 
     by_split = {s: [r for r in records if r.split == s] for s in splits}
     todo = []  # (split, shard index, records)
@@ -148,7 +160,14 @@ def extract_features(records: list[Record], out, config: FeatureConfig, dataset:
         if old and old["fingerprint"] != fp:
             raise PipelineError(f"{out}: the {split} shards were made from a different image list; "
                                 f"use another --out or delete {out / split}")
-        entries = {e["file"]: e for e in (old or {}).get("shards", []) if (out / e["file"]).exists()}
+        entries = {}
+        for entry in (old or {}).get("shards", []):
+            problem = shards.shard_problem(out, entry, manifest)
+            if problem is None:
+                entries[entry["file"]] = entry
+            elif problem != "missing":
+                warnings.warn(f"{out / entry['file']}: {problem}; extracting it again")
+                (out / entry["file"]).unlink()
         (out / split).mkdir(exist_ok=True)
         remove_stale_temps(out / split)
         for k in range(0, -(-len(recs) // config.shard_size)):
@@ -200,7 +219,8 @@ def _run_encoder(encoder, flat, todo, out, config, preprocess, manifest, setup, 
     loader = DataLoader(ImageFiles(flat, preprocess.pixels()), batch_sampler=batches,
                         num_workers=config.num_workers, collate_fn=_collate,
                         pin_memory=encoder.device.type == "cuda",
-                        persistent_workers=False, prefetch_factor=4 if config.num_workers else None)
+                        persistent_workers=False, prefetch_factor=4 if config.num_workers else None,
+                        worker_init_fn=_lower_priority)
     written, batch_iter = 0, iter(loader)
     bar = tqdm(total=len(flat), unit="img", desc="features", disable=not progress, dynamic_ncols=True)
     shown_failures = 0

@@ -85,6 +85,47 @@ def shard_entry(features_dir: Path, name: str) -> dict:
     return {"file": name, "images": images, "sha256": file_sha256(path), "failures": failures}
 
 
+def shard_problem(features_dir: Path, entry: dict, manifest: dict) -> str | None:
+    """Why the shard of manifest ``entry`` is unusable (missing, truncated or altered: its SHA-256
+    differs from the manifest's; or annotations not (images, L, D) of the manifest's dtype), or
+    None if it is whole."""
+    path = features_dir / entry["file"]
+    if not path.exists():
+        return "missing"
+    if file_sha256(path) != entry["sha256"]:
+        return f"truncated or altered ({path.stat().st_size} bytes; its SHA-256 differs from the manifest's)"
+    try:
+        with h5py.File(path, "r") as f:
+            shape, dtype, ids = f["annotations"].shape, f["annotations"].dtype, len(f["image_ids"])
+    except (OSError, KeyError) as e:
+        return f"not a readable shard ({e})"
+    expected = (entry["images"], manifest["L"], manifest["D"])
+    if shape != expected or dtype != np.dtype(manifest["dtype"]) or ids != entry["images"]:
+        return f"annotations {shape} {dtype} with {ids} image ids, the manifest says {expected} {manifest['dtype']}"
+    return None
+
+
+def rebuild_hint(features_dir: Path, manifest: dict) -> str:
+    """The command that rebuilds a features folder's missing or damaged shards (and only those)."""
+    return manifest.get("command") or f"python cli.py features --out {features_dir} (with the options that made it)"
+
+
+def check_shards(features_dir, splits=None) -> list[str]:
+    """One line per unusable shard of ``splits`` (default: all) of a features folder, naming the
+    file, what is wrong and the command that rebuilds it; empty when every shard is whole.
+    Raises PipelineError if the folder has no readable manifest."""
+    features_dir = Path(features_dir)
+    manifest = load_manifest(features_dir)
+    problems = []
+    for split, entry in manifest["splits"].items():
+        for shard in entry["shards"] if splits is None or split in splits else []:
+            reason = shard_problem(features_dir, shard, manifest)
+            if reason:
+                problems.append(f"{features_dir / shard['file']}: {reason}; rebuild it with: "
+                                f"{rebuild_hint(features_dir, manifest)}")
+    return problems
+
+
 def load_manifest(features_dir) -> dict:
     """Read ``features_dir/manifest.json``. Raises PipelineError if absent or not a manifest."""
     path = Path(features_dir) / MANIFEST
@@ -117,7 +158,8 @@ class AnnotationShards(Dataset):
     Attributes: ``image_ids`` (list of str), ``captions`` (per image, its captions as token-id
     lists ``<start> ... <end>``), ``references`` (per image, its raw captions), ``vocab``,
     ``manifest``, ``L``, ``D``, ``grid`` (h, w).
-    Raises PipelineError if the folder has no such split or a shard file is missing.
+    Raises PipelineError if the folder has no such split or a shard is missing, truncated or
+    altered (:func:`check_shards`: every shard's SHA-256 is checked on opening).
     """
 
     def __init__(self, features_dir, split: str):
@@ -129,12 +171,12 @@ class AnnotationShards(Dataset):
                                 f"extract it with `python cli.py features --splits {split}`")
         self.split, self.L, self.D, self.grid = split, self.manifest["L"], self.manifest["D"], tuple(self.manifest["grid"])
         self.vocab = Vocabulary.load(self.dir / VOCAB)
+        problems = check_shards(self.dir, [split])
+        if problems:
+            raise PipelineError("; ".join(problems))
         self.rows, self.image_ids = [], []  # rows[i] = (shard file, row within it)
         for entry in splits[split]["shards"]:
-            path = self.dir / entry["file"]
-            if not path.exists():
-                raise PipelineError(f"{path}: shard missing; rerun `python cli.py features` into {self.dir} to rebuild it")
-            with h5py.File(path, "r") as f:
+            with h5py.File(self.dir / entry["file"], "r") as f:
                 ids = [s.decode() if isinstance(s, bytes) else s for s in f["image_ids"][:]]
             self.rows += [(entry["file"], r) for r in range(len(ids))]
             self.image_ids += ids

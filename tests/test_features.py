@@ -197,3 +197,41 @@ def test_vgg19_on_full_size_originals(tmp_path):
                                "karpathy", progress=False, )
     data = shards.AnnotationShards(tmp_path / "f", "train")
     assert summary.images == 4 and data[3].shape == (196, 512) and data.grid == (14, 14)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "alter"])
+def test_damaged_shard_is_named_refused_and_rebuilt(small_corpus, tmp_path, damage):
+    """`verify` and the reader name a truncated or altered shard and the command that rebuilds
+    it; that command (the recorded features run) re-extracts only that shard, to the same values."""
+    args = _features_args(*small_corpus, tmp_path / "f", "--splits", "train", "--shard-size", "16")
+    proc = _cli(*args)
+    assert proc.communicate() and proc.returncode == 0
+    before = shards.AnnotationShards(tmp_path / "f", "train")
+    values = [before[i] for i in range(len(before))]
+    manifest = shards.load_manifest(tmp_path / "f")
+    shard = tmp_path / "f" / "train" / "shard-00001.h5"
+    data = bytearray(shard.read_bytes())
+    if damage == "truncate":
+        data = data[:len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0xFF  # one byte in the middle of the annotations
+    shard.write_bytes(bytes(data))
+
+    proc = _cli("verify", str(tmp_path / "f"))
+    _, err = proc.communicate()
+    assert proc.returncode == 1
+    assert err.startswith(f"{shard}: truncated or altered") and manifest["command"] in err
+    assert manifest["command"].startswith("python ") and "--shard-size 16" in manifest["command"]
+    with pytest.raises(PipelineError, match="shard-00001.h5: truncated or altered") as refused:
+        shards.AnnotationShards(tmp_path / "f", "train")
+    assert str(refused.value) == err.strip()
+
+    rebuild = subprocess.run(manifest["command"].replace("python ", f"{sys.executable} ", 1), shell=True, cwd=ROOT,
+                             capture_output=True, text=True)
+    assert rebuild.returncode == 0, rebuild.stderr
+    assert "features: 16 images extracted" in rebuild.stdout and "extracting it again" in rebuild.stderr
+    proc = _cli("verify", str(tmp_path / "f"))
+    out, _ = proc.communicate()
+    assert proc.returncode == 0 and "is whole (train 40 images in 3 shards" in out
+    after = shards.AnnotationShards(tmp_path / "f", "train")
+    assert all(torch.equal(a, after[i]) for i, a in enumerate(values))
