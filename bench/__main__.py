@@ -18,35 +18,47 @@ TITLES = {"features": "1. Feature extraction", "training": "2. Training step", "
           "memory": "5. Memory", "reading": "4. Shard reading"}
 
 
+def previous_sections(path: Path) -> dict[str, str]:
+    """The sections of an earlier RESULTS.md, by title, to keep those not measured in this run."""
+    if not path.exists():
+        return {}
+    blocks = path.read_text(encoding="utf-8").split("\n## ")[1:]
+    return {block.splitlines()[0]: "## " + block.rstrip("\n") + "\n" for block in blocks}
+
+
 @click.command()
 @click.argument("sections", nargs=-1, type=click.Choice(SECTIONS))
 @click.option("--results", type=click.Path(dir_okay=False), default=str(Path(__file__).parent / "RESULTS.md"),
-              show_default=True, help="Markdown file the tables are written to.")
+              show_default=True, help="Markdown file the tables are written to (sections not run are kept).")
 def main(sections, results):
     """Measure every stage against its limit (all SECTIONS by default; 'reading' also runs 'memory',
     whose 7000-image features it reads)."""
     sections = set(sections or SECTIONS) | ({"memory"} if "reading" in sections else set())
-    started = time.perf_counter()
-    out = [f"# Benchmarks", "", f"`{' '.join(['python -m bench', *sys.argv[1:]])}` on {machine()}, "
-           f"{datetime.date.today().isoformat()}.", ""]
+    results = Path(results)
+    kept = previous_sections(results)
+    provenance = f"`{' '.join(['python -m bench', *sys.argv[1:]])}` on {machine()}, {datetime.date.today().isoformat()}"
 
-    def section(name, lines):
-        block = [f"## {TITLES[name]}", "", *lines, ""]
-        click.echo("\n".join(block))
-        out.extend(block)
+    def section(name, lines, started):
+        block = "\n".join([f"## {TITLES[name]}", "", f"{provenance}; {time.perf_counter() - started:.0f} s.", "",
+                           *lines, ""])
+        click.echo(block)
+        kept[TITLES[name]] = block
 
     with tempfile.TemporaryDirectory(prefix="bench-") as workspace:
         for name, module in (("features", features), ("training", training), ("beam", beam)):
             if name in sections:
-                section(name, module.run())
+                started = time.perf_counter()
+                section(name, module.run(), started)
         if "memory" in sections:
+            started = time.perf_counter()
             lines, features_7000 = memory.run(Path(workspace))
+            section("memory", lines, started)
             if "reading" in sections:
-                section("reading", reading.run(features_7000))
-            section("memory", lines)
-    out.append(f"All of it took {time.perf_counter() - started:.0f} s.")
-    with atomic_path(Path(results)) as tmp:
-        tmp.write_text("\n".join(out) + "\n", encoding="utf-8")
+                started = time.perf_counter()
+                section("reading", reading.run(features_7000), started)
+    order = sorted(kept, key=lambda title: title.split(".")[0])
+    with atomic_path(results) as tmp:
+        tmp.write_text("# Benchmarks\n\n" + "\n".join(kept[title] for title in order), encoding="utf-8")
     click.echo(f"written to {results}")
 
 

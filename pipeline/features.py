@@ -6,6 +6,7 @@ forward pass. The work is planned in
 shards of ``shard_size`` images; a rerun skips the shards already on disk, so a killed run resumes
 where it stopped and gives the same values as an uninterrupted one.
 """
+import ctypes
 import hashlib
 import os
 import time
@@ -84,6 +85,19 @@ class ImageFiles(Dataset):
             return i, self.transform(open_rgb(self.records[i].image_path)), None
         except ImageError as e:
             return i, None, e.reason
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc ``malloc_trim``; nothing elsewhere).
+
+    The encoder's activations are large and short-lived; glibc then serves them from a heap that
+    fragments, and without this the peak RSS grows with the length of the run (bench/memory.py:
+    1.2 GB over 1000 images, 2.6 GB over 7000), though no data is kept.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _lower_priority(_worker_id: int) -> None:
@@ -234,6 +248,8 @@ def _run_encoder(encoder, flat, todo, out, config, preprocess, manifest, setup, 
                     if images is not None:
                         annotations = encoder(preprocess.normalize(images.to(encoder.device, non_blocking=True)))
                         shard.add([flat[i].image_id for i in indices], annotations)
+                        del annotations
+                        release_free_memory()
                     for i, reason in bad:
                         shard.failures.append({"image_id": flat[i].image_id, "path": str(flat[i].image_path),
                                                "reason": reason})
