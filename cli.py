@@ -239,12 +239,12 @@ def verify(features_dir):
     """
     from pipeline.shards import check_shards, load_manifest
 
-    problems = check_shards(features_dir)
+    manifest = load_manifest(features_dir)
+    problems = check_shards(features_dir, manifest)
     for line in problems:
         click.echo(line, err=True)
     if problems:
         sys.exit(1)
-    manifest = load_manifest(features_dir)
     counts = ", ".join(f"{s} {e['images']} images in {len(e['shards'])} shards" for s, e in manifest["splits"].items())
     click.echo(f"verify: {features_dir} is whole ({counts}; L={manifest['L']}, D={manifest['D']}, {manifest['dtype']})")
 

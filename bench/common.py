@@ -40,17 +40,20 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads){gpu}"
 
 
-def flickr8k_records(limit: int | None = None, splits=("train", "dev")):
-    """Records of the real Flickr8k images in ../shared/data (the first ``limit`` of ``splits``),
-    or None where that data is absent."""
-    from pipeline.datasets import load_flickr8k
+def corpus_records(folder: Path, n_train: int, n_val: int = 0) -> tuple[list, list]:
+    """The first ``n_train`` training and ``n_val`` validation records of the real Flickr8k images
+    in ../shared/data, or of a synthetic corpus generated into ``folder`` where that data is absent."""
+    from pipeline.datasets import load_flickr8k, load_karpathy, make_synthetic
 
-    if not FLICKR8K.exists():
-        return None
-    with warnings.catch_warnings():  # the token file's known quirks, reported by `cli.py features`
-        warnings.simplefilter("ignore")
-        records = [r for r in load_flickr8k(FLICKR8K) if r.split in splits]
-    return records[:limit] if limit else records
+    if FLICKR8K.exists():
+        with warnings.catch_warnings():  # the token file's known quirks, reported by `cli.py features`
+            warnings.simplefilter("ignore")
+            records = load_flickr8k(FLICKR8K)
+    else:
+        records = load_karpathy(make_synthetic(folder, {"train": n_train, "val": max(n_val, 1), "test": 1}), folder)
+    train = [r for r in records if r.split == "train"][:n_train]
+    val = [r for r in records if r.split in ("dev", "val")][:n_val]
+    return train, val
 
 
 def run_measuring_memory(args: list[str]) -> tuple[float, float]:

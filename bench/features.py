@@ -2,26 +2,16 @@
 pass, HDF5 write) over the bare encoder forward pass on already-decoded tensors, same images,
 same batch size, same process. Also the effect of inference_mode and channels_last."""
 import tempfile
+from pathlib import Path
 
 import torch
 
-from pipeline.datasets import load_karpathy, make_synthetic
 from pipeline.encoders import Preprocess, build_encoder, open_rgb
 from pipeline.features import FeatureConfig, extract_features
 
-from .common import SQUEEZENET_WEIGHTS, flickr8k_records, seconds
+from .common import SQUEEZENET_WEIGHTS, corpus_records, seconds
 
 BATCH = 32
-
-
-def images(n: int):
-    """n real Flickr8k training records (or synthetic ones where ../shared/data is absent)."""
-    records = flickr8k_records(n, splits=("train",))
-    if records is None:
-        folder = tempfile.mkdtemp(prefix="bench-images-")
-        records = [r for r in load_karpathy(make_synthetic(folder, {"train": n, "val": 1, "test": 1}), folder)
-                   if r.split == "train"]
-    return records
 
 
 def bare_forward(encoder, batches, mode: str) -> float:
@@ -43,7 +33,7 @@ def bare_forward(encoder, batches, mode: str) -> float:
 
 
 def bench_encoder(name: str, weights: str, n: int) -> dict:
-    records = images(n)
+    records, _ = corpus_records(Path(tempfile.mkdtemp(prefix="bench-images-")), n)
     encoder = build_encoder(name, weights)
     transform = Preprocess().transform()
     batches = torch.stack([transform(open_rgb(r.image_path)) for r in records]).split(BATCH)

@@ -3,9 +3,7 @@ each in its own process. Shards stream, so the peak must not grow with the numbe
 import json
 from pathlib import Path
 
-from pipeline.datasets import load_karpathy, make_synthetic
-
-from .common import FLICKR8K, SQUEEZENET_WEIGHTS, flickr8k_records, run_measuring_memory
+from .common import FLICKR8K, SQUEEZENET_WEIGHTS, corpus_records, run_measuring_memory
 
 SIZES = {1000: (800, 200), 7000: (6000, 1000)}  # images: (train, val)
 # A small decoder, so that one epoch over 7000 images (35,000 captions) takes seconds: memory here
@@ -17,14 +15,7 @@ TRAIN_ARGS = ["--epochs", "1", "--embed-dim", "32", "--hidden-dim", "64", "--att
 def corpus(workspace: Path, images: int) -> tuple[Path, Path]:
     """A Karpathy json of ``images`` real Flickr8k images (synthetic ones where ../shared/data is
     absent), split train/val as in SIZES; returns (json path, image folder)."""
-    n_train, n_val = SIZES[images]
-    records = flickr8k_records()
-    if records is None:
-        folder = workspace / f"synthetic-{images}"
-        path = make_synthetic(folder, {"train": n_train, "val": n_val, "test": 1})
-        records = load_karpathy(path, folder)
-    train = [r for r in records if r.split == "train"][:n_train]
-    val = [r for r in records if r.split in ("dev", "val")][:n_val]
+    train, val = corpus_records(workspace / f"synthetic-{images}", *SIZES[images])
     entries = [{"filename": r.image_path.name, "split": "train" if r.split == "train" else "val",
                 "sentences": [{"raw": c} for c in r.captions]} for r in train + val]
     path = workspace / f"corpus-{images}.json"

@@ -2,9 +2,9 @@
 
 Images are decoded, resized and cropped in DataLoader worker processes (as uint8) while the main
 process normalises whole batches, runs the encoder and writes shards, so decoding overlaps the
-forward pass. The work is planned in
-shards of ``shard_size`` images; a rerun skips the shards already on disk, so a killed run resumes
-where it stopped and gives the same values as an uninterrupted one.
+forward pass. The work is planned in shards of ``shard_size`` images; a rerun skips the shards
+already on disk, so a killed run resumes where it stopped and gives the same values as an
+uninterrupted one.
 """
 import ctypes
 import hashlib
@@ -87,6 +87,13 @@ class ImageFiles(Dataset):
             return i, None, e.reason
 
 
+try:  # loaded once: release_free_memory runs after every batch
+    _LIBC = ctypes.CDLL("libc.so.6")
+    _LIBC.malloc_trim  # noqa: B018 - absent outside glibc
+except (OSError, AttributeError):
+    _LIBC = None
+
+
 def release_free_memory() -> None:
     """Hand the heap's free pages back to the OS (glibc ``malloc_trim``; nothing elsewhere).
 
@@ -94,10 +101,8 @@ def release_free_memory() -> None:
     fragments, and without this the peak RSS grows with the length of the run (bench/memory.py:
     1.2 GB over 1000 images, 2.6 GB over 7000), though no data is kept.
     """
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def _lower_priority(_worker_id: int) -> None:
@@ -143,9 +148,8 @@ def extract_features(records: list[Record], out, config: FeatureConfig, dataset:
     Resumes: shards already complete in ``out`` are kept and not recomputed; a shard that is
     truncated or altered (its SHA-256 differs from the manifest's) is extracted again. ``command``
     (the command line of this run) is recorded in the manifest, to be shown as the way to
-    rebuild damaged shards. Bad images are
-    skipped and listed in ``out/bad_images.tsv`` and in the returned summary (the caller decides
-    whether that is an error).
+    rebuild damaged shards. Bad images are skipped and listed in ``out/bad_images.tsv`` and in the
+    returned summary (the caller decides whether that is an error).
     Raises PipelineError for unknown split names, or if ``out`` holds features made with another
     encoder, weights, preprocessing, dtype, shard size or image list.
     """

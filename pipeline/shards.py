@@ -110,12 +110,11 @@ def rebuild_hint(features_dir: Path, manifest: dict) -> str:
     return manifest.get("command") or f"python cli.py features --out {features_dir} (with the options that made it)"
 
 
-def check_shards(features_dir, splits=None) -> list[str]:
-    """One line per unusable shard of ``splits`` (default: all) of a features folder, naming the
-    file, what is wrong and the command that rebuilds it; empty when every shard is whole.
-    Raises PipelineError if the folder has no readable manifest."""
+def check_shards(features_dir, manifest: dict, splits=None) -> list[str]:
+    """One line per unusable shard of ``splits`` (default: all) of a features folder with this
+    ``manifest`` (:func:`load_manifest`), naming the file, what is wrong and the command that
+    rebuilds it; empty when every shard is whole."""
     features_dir = Path(features_dir)
-    manifest = load_manifest(features_dir)
     problems = []
     for split, entry in manifest["splits"].items():
         for shard in entry["shards"] if splits is None or split in splits else []:
@@ -171,7 +170,7 @@ class AnnotationShards(Dataset):
                                 f"extract it with `python cli.py features --splits {split}`")
         self.split, self.L, self.D, self.grid = split, self.manifest["L"], self.manifest["D"], tuple(self.manifest["grid"])
         self.vocab = Vocabulary.load(self.dir / VOCAB)
-        problems = check_shards(self.dir, [split])
+        problems = check_shards(self.dir, self.manifest, [split])
         if problems:
             raise PipelineError("; ".join(problems))
         self.rows, self.image_ids = [], []  # rows[i] = (shard file, row within it)

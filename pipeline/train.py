@@ -4,10 +4,9 @@ Minibatches hold captions of a single length (paper section 4.3), so no padding 
 Each epoch ends with free-running beam-search decoding of the validation split (beam 3 by
 default, as the captions are scored), scored with coco-caption BLEU-4 (never teacher-forced); the
 learning rate decays (halves, by default) and early stopping counts whenever that score fails to
-improve. ``last.pt`` is
-written every epoch (and every ``checkpoint_every`` steps) and ``best.pt`` when BLEU-4 improves,
-atomically; ``resume`` continues a killed run from ``last.pt`` and gives the same weights as an
-uninterrupted run (on CPU, for a given seed).
+improve. ``last.pt`` is written every epoch (and every ``checkpoint_every`` steps) and ``best.pt``
+when BLEU-4 improves, atomically; ``resume`` continues a killed run from ``last.pt`` and gives the
+same weights as an uninterrupted run (on CPU, for a given seed).
 """
 import json
 import time

@@ -135,8 +135,7 @@ def test_weight_average_is_what_is_validated_and_loaded(objects, tmp_path):
     state = train(config, progress=False)
     assert state["ema"]["n_averaged"].item() == state["position"]["step"]
     decoder, _ = build_decoder(state)
-    raw = {k: v for k, v in state["model"].items()}
-    averaged = decoder.state_dict()
+    raw, averaged = state["model"], decoder.state_dict()
     assert all(torch.equal(averaged[k], state["ema"][f"module.{k}"]) for k in averaged)
     assert not all(torch.equal(averaged[k], raw[k]) for k in raw)
     logged = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])["val_bleu4"]
