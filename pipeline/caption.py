@@ -43,7 +43,7 @@ def load_captioner(checkpoint_path, device="cpu"):
     if encoder.weights_sha256 != recorded["weights_sha256"]:
         raise PipelineError(f"{checkpoint_path}: the {recorded['name']} weights '{recorded['weights']}' found now differ "
                             f"from those its features were made with (SHA-256 {recorded['weights_sha256'][:12]}...)")
-    decoder, vocab = build_decoder(checkpoint)
+    decoder, vocab = build_decoder(checkpoint, checkpoint_path)
     return encoder, Preprocess(**identity["preprocess"]), decoder.to(device).eval(), vocab, checkpoint
 
 

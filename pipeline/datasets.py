@@ -144,13 +144,17 @@ def load_karpathy(json_path, image_dir) -> list[Record]:
     for n, entry in enumerate(images):
         where = f"{json_path}: images[{n}]"
         try:
-            filename, split = entry["filename"], KARPATHY_SPLIT_NAMES[entry["split"]]
+            filename, split = entry["filename"], entry["split"]
             captions = tuple(s.get("raw") or " ".join(s["tokens"]) for s in entry["sentences"])
         except KeyError as e:
-            raise PipelineError(f"{where}: missing or unknown field {e} (need filename, split in "
-                                f"{sorted(KARPATHY_SPLIT_NAMES)}, sentences)") from None
+            raise PipelineError(f"{where}: missing field {e} (each image needs filename, split, sentences with "
+                                "raw or tokens)") from None
         except (TypeError, AttributeError) as e:
             raise PipelineError(f"{where}: malformed entry ({e})") from None
+        if split not in KARPATHY_SPLIT_NAMES:
+            raise PipelineError(f"{where} ({filename}): unknown split {split!r}; use one of "
+                                f"{', '.join(sorted(KARPATHY_SPLIT_NAMES))}")
+        split = KARPATHY_SPLIT_NAMES[split]
         if not captions or not all(c.strip() for c in captions):
             raise PipelineError(f"{where} ({filename}): has an empty caption; fix or drop that sentence")
         image_id = str(entry.get("cocoid", entry.get("imgid", filename)))

@@ -19,7 +19,7 @@ def greedy_decode(decoder: Decoder, annotations: torch.Tensor, start: int, end: 
     caption's ``<end>`` hold whatever was decoded there and are to be cut at the first ``end``)
     and alpha: (B, T, L) the attention weights of each step. context as in :meth:`Decoder.step`.
     """
-    h, c, proj = decoder.init_state(annotations)
+    annotations, h, c, proj = decoder.init_state(annotations)
     token = torch.full((annotations.shape[0],), start, dtype=torch.long, device=annotations.device)
     done = torch.zeros_like(token, dtype=torch.bool)
     tokens, alphas = [], []
@@ -55,17 +55,34 @@ def beam_search(decoder: Decoder, annotations: torch.Tensor, start: int, end: in
 
     annotations: (B, L, D) float. Each step expands the k live hypotheses of every image (a
     (B*k, V) tensor of scores), retires those of the k best that end in ``end`` to the finished
-    pool and carries the k best unfinished ones on (from the 2k best, so k stay live). Hypotheses are ranked by log-probability divided by
-    ``length ** length_penalty`` (length in tokens, ``<end>`` included; 0: plain log-probability).
+    pool and carries the k best unfinished ones on (from the 2k best, so k stay live).
+    Hypotheses are ranked by log-probability divided by ``length ** length_penalty`` (length in
+    tokens, ``<end>`` included; 0: plain log-probability).
     An image whose hypotheses never end within ``max_len`` steps gets its best live one (``ended``
     False). context as in :meth:`Decoder.step` ('expected' for soft attention).
+    Beam search can prune the greedy caption's path (its prefix may drop out of the k best before
+    it ends), so for k > 1 the greedy caption (this search with k = 1, 1/k more work) is decoded
+    too and returned where it ranks higher: a larger beam never returns a worse-ranked caption.
     Returns one :class:`Caption` per image, the best-ranked.
     """
+    captions = _beam(decoder, annotations, start, end, beam_size, max_len, length_penalty, context)
+    if beam_size == 1:
+        return captions
+
+    def rank(caption: Caption):
+        return caption.ended, caption.log_prob / (len(caption.tokens) + caption.ended) ** length_penalty
+
+    greedy = _beam(decoder, annotations, start, end, 1, max_len, length_penalty, context)
+    return [g if rank(g) > rank(b) else b for b, g in zip(captions, greedy)]
+
+
+def _beam(decoder, annotations, start, end, beam_size, max_len, length_penalty, context) -> list[Caption]:
+    """The beam search of :func:`beam_search` proper (without its greedy safeguard)."""
     B, L, _ = annotations.shape
     k, device, inf = beam_size, annotations.device, float("-inf")
     rows = torch.arange(B, device=device).unsqueeze(1)  # (B, 1)
-    h, c, proj = decoder.init_state(annotations)
-    a, h, c, proj = (x.repeat_interleave(k, 0) for x in (annotations, h, c, proj))
+    a, h, c, proj = decoder.init_state(annotations)
+    a, h, c, proj = (x.repeat_interleave(k, 0) for x in (a, h, c, proj))
     score = torch.full((B, k), inf, device=device)
     score[:, 0] = 0.0  # one live hypothesis to start with
     token = torch.full((B * k,), start, dtype=torch.long, device=device)

@@ -24,7 +24,7 @@ from torch import nn
 from torchvision import models
 from torchvision.transforms import v2 as transforms
 
-from .errors import PipelineError
+from .errors import PipelineError, describe
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -213,8 +213,7 @@ def _load_state_dict_file(model: nn.Module, trunk: nn.Module, path: Path) -> Non
     except FileNotFoundError:
         raise PipelineError(f"{path}: no such weights file; pass imagenet, random or a state dict path") from None
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for non-checkpoint files
-        raise PipelineError(f"{path}: not a loadable state dict with weights_only=True ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:200]})") from None
+        raise PipelineError(f"{path}: not a loadable state dict with weights_only=True ({describe(e)})") from None
     for key in ("state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]

@@ -6,3 +6,10 @@ class PipelineError(Exception):
 
     ``cli.py`` prints the message (no traceback) and exits with status 2.
     """
+
+
+def describe(error: Exception) -> str:
+    """``TypeName: first line of the message`` (at most 200 characters), for wrapping a library's
+    exception into a PipelineError's one line."""
+    first = (str(error).splitlines() or [""])[0][:200]
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__

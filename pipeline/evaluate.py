@@ -25,7 +25,7 @@ def evaluate(checkpoint_path, split: str = "test", beam_size: int = 3, max_len: 
     """
     checkpoint_path = Path(checkpoint_path)
     checkpoint = load_checkpoint(checkpoint_path)
-    decoder, vocab = build_decoder(checkpoint)
+    decoder, vocab = build_decoder(checkpoint, checkpoint_path)
     decoder.to(device).eval()
     shards = AnnotationShards(features or checkpoint["features"]["dir"], split)
     check_features(checkpoint, shards, checkpoint_path)

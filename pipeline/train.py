@@ -21,13 +21,14 @@ from tqdm import tqdm
 
 from .atomic import atomic_path
 from .decode import beam_search
-from .errors import PipelineError
+from .errors import PipelineError, describe
 from .metrics import bleu
 from .model import Decoder, DecoderConfig, ObjectiveConfig, objective
 from .shards import AnnotationShards, CaptionPairs
 from .text import Vocabulary
 
 LAST, BEST, METRICS = "last.pt", "best.pt", "metrics.jsonl"
+CHECKPOINT_KEYS = ("model", "model_config", "train_config", "vocab", "features")
 FEATURE_KEYS = ("format", "dataset", "encoder", "preprocess", "grid", "L", "D", "dtype")
 
 
@@ -46,6 +47,7 @@ class TrainConfig:
     lr_decay: float = 0.5  # multiply the learning rate by this after lr_patience + 1 epochs without a better BLEU-4
     lr_patience: int = 0  # epochs without a better validation BLEU-4 tolerated before each decay
     clip: float = 5.0  # gradient-norm clipping threshold (0: off)
+    normalize: bool = True  # scale the annotation vectors to RMS 1 (DecoderConfig.annotation_scale)
     ema_decay: float = 0.0  # validate, keep and score an exponential moving average of the weights (0: off)
     seed: int = 0
     device: str = "cpu"
@@ -162,25 +164,49 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def load_checkpoint(path) -> dict:
-    """Read a checkpoint with ``weights_only=True``. Raises PipelineError if absent or unreadable."""
+    """Read a checkpoint with ``weights_only=True``. Raises PipelineError if absent, unreadable
+    (including a file that needs arbitrary unpickling) or not written by :func:`train`."""
     path = Path(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise PipelineError(f"{path}: no such checkpoint") from None
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for foreign files
-        raise PipelineError(f"{path}: not a checkpoint loadable with weights_only=True ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:200]})") from None
+        raise PipelineError(f"{path}: not a checkpoint loadable with weights_only=True ({describe(e)})") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise PipelineError(f"{path}: not a checkpoint written by `cli.py train` (no {', '.join(missing)})")
+    return state
 
 
-def build_decoder(checkpoint: dict) -> tuple[Decoder, Vocabulary]:
-    """The decoder and vocabulary stored in a checkpoint: the moving average of the weights where
-    the run kept one (``ema_decay``), else the trained weights."""
-    decoder = Decoder(DecoderConfig(**checkpoint["model_config"]))
+def annotation_rms(shards: AnnotationShards, images: int = 500) -> float:
+    """Root mean square of the annotation vectors' values over ``images`` images spread evenly
+    over the split (all of them if fewer). Raises PipelineError if they are all zero."""
+    picks = sorted({round(i * (len(shards) - 1) / max(images - 1, 1)) for i in range(min(images, len(shards)))})
+    rms = torch.stack([shards[i].pow(2).mean() for i in picks]).mean().sqrt().item()
+    if not rms > 0:
+        raise PipelineError(f"{shards.dir}: the {shards.split} annotation vectors are all zero; extract them again")
+    return rms
+
+
+def build_decoder(checkpoint: dict, path) -> tuple[Decoder, Vocabulary]:
+    """The decoder and vocabulary stored in ``checkpoint`` (read from ``path``): the moving average
+    of the weights where the run kept one (``ema_decay``), else the trained weights.
+    Raises PipelineError if the weights or the vocabulary do not fit the model's config."""
+    config = DecoderConfig(**checkpoint["model_config"])
     weights = checkpoint["model"]
     if "ema" in checkpoint:
         weights = {k.removeprefix("module."): v for k, v in checkpoint["ema"].items() if k != "n_averaged"}
-    decoder.load_state_dict(weights)
+    decoder = Decoder(config)
+    try:
+        decoder.load_state_dict(weights)
+    except RuntimeError as e:  # its first line is a heading; the second names the first misfit
+        detail = next((line.strip() for line in str(e).splitlines()[1:]), describe(e))[:200]
+        raise PipelineError(f"{path}: its weights do not fit its model ({detail}); the file is damaged or was "
+                            "edited: use another checkpoint") from None
+    if len(checkpoint["vocab"]) != config.vocab_size:
+        raise PipelineError(f"{path}: its vocabulary has {len(checkpoint['vocab'])} words, its model "
+                            f"{config.vocab_size}; the file is damaged or was edited: use another checkpoint")
     return decoder, Vocabulary(checkpoint["vocab"])
 
 
@@ -245,7 +271,12 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     features = feature_identity(train_shards)
 
     torch.manual_seed(config.seed)
-    model_config = DecoderConfig(vocab_size=len(train_shards.vocab), annotation_dim=train_shards.D, **config.model)
+    if resume:
+        model_config = DecoderConfig(**state["model_config"])
+    else:
+        scale = {"annotation_scale": 1.0 / annotation_rms(train_shards)} if config.normalize else {}
+        model_config = DecoderConfig(vocab_size=len(train_shards.vocab), annotation_dim=train_shards.D,
+                                     **{**scale, **config.model})
     decoder = Decoder(model_config).to(device)
     objective_config = ObjectiveConfig(**config.objective)
     optimizer = make_optimizer(decoder.parameters(), config)
@@ -254,6 +285,10 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     run = {"baseline": None, "best_bleu4": -1.0, "best_epoch": -1, "stale_epochs": 0}
     if resume:
         check_features(state, train_shards, out / LAST)
+        if state["vocab"] != train_shards.vocab.words:
+            raise PipelineError(f"{train_shards.dir / 'vocab.json'}: not the vocabulary {out / LAST} was trained with "
+                                f"({len(train_shards.vocab)} words, it has {len(state['vocab'])}); resume on the "
+                                "features the run started from")
         decoder.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if ema is not None:

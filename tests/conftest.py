@@ -1,4 +1,6 @@
-"""Shared fixtures: the real data in ../shared/data (skipped where absent) and a small generated corpus."""
+"""Shared fixtures: the real data in ../shared/data (skipped where absent), a small generated corpus,
+its features with a decoder trained on them, and builders of tiny corpora in the adapters' formats."""
+import json
 import os
 import sys
 from pathlib import Path
@@ -26,3 +28,38 @@ def small_corpus(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("synthetic")
     return make_synthetic(folder, sizes={"train": 40, "val": 10, "test": 10}), folder
+
+
+@pytest.fixture(scope="session")
+def trained_run(small_corpus, tmp_path_factory):
+    """Features of the small corpus (random SqueezeNet) and a small decoder trained on them for one
+    epoch: (folder holding features/ and run/best.pt, image root)."""
+    from pipeline.datasets import load_karpathy
+    from pipeline.features import FeatureConfig, extract_features
+    from pipeline.train import TrainConfig, train
+
+    json_path, root = small_corpus
+    out = tmp_path_factory.mktemp("run")
+    extract_features(load_karpathy(json_path, root), out / "features",
+                     FeatureConfig(encoder="squeezenet1_1", weights="random", num_workers=0), "synthetic", progress=False)
+    train(TrainConfig(features=str(out / "features"), out=str(out / "run"), epochs=1,
+                      model=dict(embed_dim=16, hidden_dim=32, attention_dim=16)), progress=False)
+    return out, root
+
+
+def tiny_flickr8k(folder: Path, token_lines: list[str], splits: dict | None = None) -> Path:
+    """A Flickr8k release layout under ``folder`` with these caption lines (no images)."""
+    text = folder / "Flickr8k_text"
+    text.mkdir()
+    (text / "Flickr8k.token.txt").write_text("\n".join(token_lines) + "\n")
+    splits = splits or {"train": ["a.jpg"], "dev": ["b.jpg"], "test": []}
+    for split, names in splits.items():
+        (text / f"Flickr_8k.{split}Images.txt").write_text("".join(n + "\n" for n in names))
+    return folder
+
+
+def karpathy_json(folder: Path, images: list[dict], name: str = "dataset_coco.json") -> Path:
+    """A Karpathy-split json holding ``images``."""
+    path = folder / name
+    path.write_text(json.dumps({"dataset": name.removeprefix("dataset_").removesuffix(".json"), "images": images}))
+    return path

@@ -7,12 +7,9 @@ import pytest
 from conftest import ROOT
 from PIL import Image
 
-from pipeline.datasets import load_karpathy
 from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate
-from pipeline.features import FeatureConfig, extract_features
 from pipeline.metrics import score_captions
-from pipeline.train import TrainConfig, train
 
 REFS = {"a": ["a dog runs on the grass .", "A dog is running."], "b": ["Two men talk on a bench", "two men talking"]}
 
@@ -33,20 +30,8 @@ def test_scores_with_java_include_meteor():
     assert all("Java not found" not in n for n in notes)
 
 
-@pytest.fixture(scope="module")
-def run(small_corpus, tmp_path_factory):
-    """Features of the small synthetic corpus and a decoder trained on them for one epoch."""
-    json_path, root = small_corpus
-    out = tmp_path_factory.mktemp("eval")
-    extract_features(load_karpathy(json_path, root), out / "features",
-                     FeatureConfig(encoder="squeezenet1_1", weights="random", num_workers=0), "synthetic", progress=False)
-    train(TrainConfig(features=str(out / "features"), out=str(out / "run"), epochs=1,
-                      model=dict(embed_dim=16, hidden_dim=32, attention_dim=16)), progress=False)
-    return out, root
-
-
-def test_evaluate_writes_coco_results_and_scores(run):
-    out, _ = run
+def test_evaluate_writes_coco_results_and_scores(trained_run):
+    out, _ = trained_run
     result = evaluate(out / "run" / "best.pt", "test", beam_size=2, progress=False)
     captions = json.loads(result["captions"].read_text())
     assert result["captions"].name == "best-test-beam2.captions.json" and len(captions) == 10
@@ -57,8 +42,8 @@ def test_evaluate_writes_coco_results_and_scores(run):
         evaluate(out / "run" / "best.pt", "dev", progress=False)
 
 
-def test_caption_cli_with_attention_plots_and_a_bad_file(run, tmp_path):
-    out, root = run
+def test_caption_cli_with_attention_plots_and_a_bad_file(trained_run, tmp_path):
+    out, root = trained_run
     bad = tmp_path / "notes.jpg"
     bad.write_text("not an image")
     big = tmp_path / "big.png"
@@ -75,10 +60,10 @@ def test_caption_cli_with_attention_plots_and_a_bad_file(run, tmp_path):
         assert figure.size[0] > 300 and figure.size[1] > 150
 
 
-def test_caption_refuses_other_encoder_weights(run, tmp_path):
+def test_caption_refuses_other_encoder_weights(trained_run, tmp_path):
     import torch
     from pipeline.caption import load_captioner
-    out, _ = run
+    out, _ = trained_run
     state = torch.load(out / "run" / "best.pt", weights_only=True)
     state["features"]["encoder"]["weights_sha256"] = "0" * 64
     torch.save(state, tmp_path / "other.pt")

@@ -38,7 +38,7 @@ def test_bucket_batches_hold_one_length_and_cover_everything_once():
 def held_out_scores(run, features, scenes, context="expected"):
     """Greedy captions of the test scenes: BLEU-4 (fraction), and per named object the attention
     mass on its cell at the step that emits its word."""
-    decoder, vocab = build_decoder(load_checkpoint(run / "best.pt"))
+    decoder, vocab = build_decoder(load_checkpoint(run / "best.pt"), "best.pt")
     test = AnnotationShards(features, "test")
     annotations = torch.stack([test[i] for i in range(len(test))])
     tokens, alpha = greedy_decode(decoder.eval(), annotations, vocab.start, vocab.end, 20, context)
@@ -70,7 +70,7 @@ def test_doubly_stochastic_term_spreads_attention(objects, tmp_path):
         out = tmp_path / f"ac{alpha_c}"
         train(TrainConfig(features=str(features), out=str(out), lr=3e-3, epochs=4, batch_size=32, patience=0,
                           model=TINY, objective={"alpha_c": alpha_c}), progress=False)
-        decoder, vocab = build_decoder(load_checkpoint(out / "last.pt"))
+        decoder, vocab = build_decoder(load_checkpoint(out / "last.pt"), "last.pt")
         test = AnnotationShards(features, "test")
         captions = torch.tensor([c[0] for c in test.captions])
         out_ = decoder.eval()(torch.stack([test[i] for i in range(len(test))]), captions)
@@ -100,7 +100,7 @@ def test_validation_is_free_running_beam_search(objects, tmp_path):
     features, _ = objects  # fp32: under bf16, ties among the logits break differently in the two decoders
     config = TrainConfig(features=str(features), out=str(tmp_path / "r"), epochs=1, model=TINY, precision="fp32")
     train(config, progress=False)
-    decoder, vocab = build_decoder(load_checkpoint(tmp_path / "r" / "last.pt"))
+    decoder, vocab = build_decoder(load_checkpoint(tmp_path / "r" / "last.pt"), "last.pt")
     val = AnnotationShards(features, "val")
     annotations = torch.stack([val[i] for i in range(len(val))])
     with autocast(config, torch.device("cpu")):
@@ -134,7 +134,7 @@ def test_weight_average_is_what_is_validated_and_loaded(objects, tmp_path):
                          val_beam_size=1, model=TINY, precision="fp32")
     state = train(config, progress=False)
     assert state["ema"]["n_averaged"].item() == state["position"]["step"]
-    decoder, _ = build_decoder(state)
+    decoder, _ = build_decoder(state, "last.pt")
     raw, averaged = state["model"], decoder.state_dict()
     assert all(torch.equal(averaged[k], state["ema"][f"module.{k}"]) for k in averaged)
     assert not all(torch.equal(averaged[k], raw[k]) for k in raw)
