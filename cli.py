@@ -1,10 +1,12 @@
 """Show, Attend and Tell: command line. Each command parses its options and calls ``pipeline``."""
+import errno
 import shlex
 import sys
 import warnings
 
 import click
 
+from pipeline.atomic import disk_full_message
 from pipeline.errors import PipelineError
 
 
@@ -13,13 +15,17 @@ class Failure(click.ClickException):
 
 
 class Group(click.Group):
-    """Turns PipelineError into a one-line message and exit status 2 (no traceback)."""
+    """Turns PipelineError, and a full disk, into a one-line message and exit status 2 (no traceback)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except PipelineError as e:
             raise Failure(str(e)) from None
+        except OSError as e:  # a full disk outside the atomic writes (a log line, say)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise Failure(disk_full_message(e.filename or "a file")) from None
+            raise
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

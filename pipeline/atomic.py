@@ -1,12 +1,17 @@
 """Atomic file writes: write to a temporary name beside the target, then rename.
 
 A reader therefore sees either the old file or the complete new one, never a partial file, even
-if the process is killed mid-write (rename is atomic on POSIX within one file system).
+if the process is killed mid-write (rename is atomic on POSIX within one file system) or the disk
+fills up (then a PipelineError says so, naming the file).
 """
 import contextlib
+import errno
 import json
 import os
+import shutil
 from pathlib import Path
+
+from .errors import PipelineError
 
 TMP_MARK = ".tmp-"
 
@@ -20,8 +25,8 @@ def temp_name(path: Path) -> Path:
 def atomic_path(path):
     """Yield a temporary path to write; rename it to ``path`` only if the block succeeds.
 
-    On an exception (including a full disk) the temporary file is removed and ``path`` is left as
-    it was.
+    On an exception the temporary file is removed and ``path`` is left as it was; a full disk
+    raises PipelineError (:func:`disk_full_message`) in place of the writer's own error.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -31,8 +36,29 @@ def atomic_path(path):
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as e:
+        if disk_full(e, path.parent):
+            raise PipelineError(disk_full_message(path)) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def disk_full(error: Exception, folder: Path) -> bool:
+    """Whether ``error`` came from a full disk or quota: ENOSPC/EDQUOT, or (for writers such as
+    torch.save that report it without an errno) less than 1 MiB left where ``folder`` lies."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < 2 ** 20
+    except OSError:
+        return False
+
+
+def disk_full_message(path) -> str:
+    """The one line for a write of ``path`` that failed on a full disk."""
+    return (f"{path}: no space left on the device while writing it; nothing partial was kept and finished "
+            "files are intact: free some space and run the same command again (training: with --resume)")
 
 
 def write_json(path, obj) -> None:

@@ -1,9 +1,6 @@
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import h5py
 import numpy as np
@@ -156,33 +153,6 @@ def test_cli_bad_option_is_one_line(tmp_path):
     _, err = proc.communicate()
     assert proc.returncode == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith(f"Error: {tmp_path}/Flickr8k_text/Flickr8k.token.txt: missing")
-
-
-def test_sigkill_then_rerun_gives_the_uninterrupted_result(small_corpus, tmp_path):
-    json_path, root = small_corpus
-    small = ["--shard-size", "4", "--batch-size", "3", "--workers", "1"]
-    reference = _cli(*_features_args(json_path, root, tmp_path / "ref", *small))
-    reference.communicate()
-    assert reference.returncode == 0
-    killed = _cli(*_features_args(json_path, root, tmp_path / "out", *small), start_new_session=True)
-    deadline = time.time() + 120
-    while not list((tmp_path / "out" / "train").glob("shard-00002.h5")) and time.time() < deadline:
-        time.sleep(0.01)
-    assert killed.poll() is None, "the run ended before it could be killed"
-    os.killpg(killed.pid, signal.SIGKILL)
-    killed.communicate()
-    done_before = len(list((tmp_path / "out").glob("*/shard-*.h5")))
-    assert 3 <= done_before < 15
-    rerun = _cli(*_features_args(json_path, root, tmp_path / "out", *small))
-    out, _ = rerun.communicate()
-    assert rerun.returncode == 0 and f"{60 - 4 * done_before} images extracted" in out
-    assert not list((tmp_path / "out").rglob("*.tmp-*"))
-    ref, got = shards.load_manifest(tmp_path / "ref"), shards.load_manifest(tmp_path / "out")
-    assert got["splits"] == ref["splits"]  # same files, counts and checksums
-    for split in ("train", "val", "test"):
-        a, b = shards.AnnotationShards(tmp_path / "ref", split), shards.AnnotationShards(tmp_path / "out", split)
-        assert a.image_ids == b.image_ids
-        assert all(torch.equal(a[i], b[i]) for i in range(len(a)))
 
 
 def test_vgg19_on_full_size_originals(tmp_path):

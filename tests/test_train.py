@@ -1,14 +1,8 @@
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
-from conftest import ROOT
-from object_features import OBJECTS, write_object_features
+from object_features import write_object_features
 
 from pipeline.decode import greedy_decode
 from pipeline.errors import PipelineError
@@ -140,42 +134,3 @@ def test_weight_average_is_what_is_validated_and_loaded(objects, tmp_path):
     assert not all(torch.equal(averaged[k], raw[k]) for k in raw)
     logged = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])["val_bleu4"]
     assert round(validate(decoder, AnnotationShards(features, "val"), config, torch.device("cpu"))["bleu"][3], 2) == logged
-
-
-def _train_cli(features, out, *extra):
-    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "train", "--features", str(features), "--out",
-                             str(out), "--epochs", "2", "--batch-size", "16", "--checkpoint-every", "7", "--no-progress",
-                             "--embed-dim", "16", "--hidden-dim", "32", "--attention-dim", "16", *extra],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-@pytest.mark.parametrize("options", [("--attention", "soft"), ("--attention", "hard"), ("--ema-decay", "0.9")])
-def test_sigkill_then_resume_gives_the_uninterrupted_weights(objects, tmp_path, options):
-    features, _ = objects
-    reference = _train_cli(features, tmp_path / "ref", *options)
-    out, err = reference.communicate()
-    assert reference.returncode == 0, err
-    killed = _train_cli(features, tmp_path / "run", *options)
-    deadline = time.time() + 120
-    while time.time() < deadline and killed.poll() is None:
-        last = tmp_path / "run" / "last.pt"
-        if last.exists() and 14 <= torch.load(last, weights_only=True)["position"]["step"] < 80:
-            break
-        time.sleep(0.05)
-    assert killed.poll() is None, "training ended before it could be killed"
-    os.killpg(killed.pid, signal.SIGKILL)
-    killed.communicate()
-    resumed = subprocess.run([sys.executable, str(ROOT / "cli.py"), "train", "--features", str(features), "--out",
-                              str(tmp_path / "run"), "--resume", "--no-progress"], cwd=ROOT, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming" in resumed.stdout
-    a = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)
-    b = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
-    assert a["position"] == b["position"]
-    assert a.keys() == b.keys()
-    for part in ("model", "ema") if "ema" in a else ("model",):
-        for key in a[part]:
-            assert torch.equal(a[part][key], b[part][key]), (part, key)
-    logs = [[{k: v for k, v in json.loads(line).items() if k not in ("seconds", "captions_per_s")}
-             for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("ref", "run")]
-    assert logs[0] == logs[1] and len(logs[0]) == 2
