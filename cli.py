@@ -39,10 +39,11 @@ def main():
 
 
 @main.command()
-@click.option("--dataset", type=click.Choice(["flickr8k", "karpathy", "synthetic"]), default="flickr8k",
-              help="Corpus adapter: the official Flickr8k layout, a Karpathy-split json, or generated shapes.")
+@click.option("--dataset", type=click.Choice(["flickr8k", "flickr30k", "coco", "karpathy", "synthetic"]),
+              default="flickr8k", help="Corpus adapter: the official Flickr8k layout; Flickr30k or COCO with their "
+                                       "Karpathy json (README, Datasets); any Karpathy-split json; or generated shapes.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
-              help="Dataset folder. [default: data/flickr8k, or data/synthetic (generated there if absent)]")
+              help="Dataset folder. [default: data/DATASET; synthetic is generated there if absent]")
 @click.option("--karpathy-json", type=click.Path(dir_okay=False), default=None,
               help="With --dataset karpathy: the split json (dataset_coco.json, ...).")
 @click.option("--image-dir", type=click.Path(file_okay=False), default=None,
@@ -196,7 +197,8 @@ def train(features_dir, out, attention, resume, optimizer, lr, batch_size, epoch
 def evaluate(checkpoint, split, beam_size, max_len, length_penalty, features_dir, batch_size, device, no_progress):
     """Caption a split with beam search and score it: BLEU-1..4, METEOR, ROUGE-L, CIDEr (coco-caption).
 
-    Writes the captions (COCO results json) and the scores (json) next to the checkpoint.
+    Writes the captions (COCO results json), the scores (json) and the references (COCO caption
+    annotation json) next to the checkpoint.
     """
     from pipeline.evaluate import evaluate as run_evaluation
 
@@ -208,7 +210,8 @@ def evaluate(checkpoint, split, beam_size, max_len, length_penalty, features_dir
         click.echo(f"{image_id}: {caption}")
     click.echo(f"{split} ({result['images']} images, beam {beam_size}): " +
                ", ".join(f"{k} {v:.1f}" for k, v in result["scores"].items()))
-    click.echo(f"captions: {result['captions']}\nscores: {result['scores_file']}")
+    click.echo(f"captions: {result['captions']}\nscores: {result['scores_file']}\n"
+               f"references (COCO format): {result['references']}")
 
 
 @main.command()

@@ -1,6 +1,8 @@
 """Dataset adapters: each turns a corpus on disk into :class:`Record` s.
 
 - ``flickr8k``: the official release layout (Hodosh et al. 2013) under a data folder.
+- ``flickr30k``, ``coco``: the Karpathy split json and the images in their usual layout under a
+  data folder (see ``KARPATHY_LAYOUTS`` and the README's "Datasets" section).
 - ``karpathy``: a Karpathy-split json (``dataset_flickr8k.json``, ``dataset_flickr30k.json``,
   ``dataset_coco.json``, or your own in that format) plus an image root.
 - ``synthetic``: coloured shapes at known grid positions with captions from a small grammar,
@@ -16,7 +18,10 @@ from pathlib import Path
 from .atomic import atomic_path, write_json
 from .errors import PipelineError
 
-DATASETS = ("flickr8k", "karpathy", "synthetic")
+DATASETS = ("flickr8k", "flickr30k", "coco", "karpathy", "synthetic")
+KARPATHY_URL = "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip"
+# dataset -> (its Karpathy json, the folder its entries' filepath/filename are relative to), in DATA_DIR
+KARPATHY_LAYOUTS = {"flickr30k": ("dataset_flickr30k.json", "flickr30k-images"), "coco": ("dataset_coco.json", ".")}
 
 
 @dataclass(frozen=True)
@@ -30,14 +35,21 @@ class Record:
 
 
 def load_records(dataset: str, data_dir=None, karpathy_json=None, image_dir=None) -> list[Record]:
-    """Records of ``dataset`` ('flickr8k' | 'karpathy' | 'synthetic'), in a fixed order.
+    """Records of ``dataset`` (one of ``DATASETS``), in a fixed order.
 
-    data_dir: the dataset's folder (defaults: ``data/flickr8k``, ``data/synthetic``).
+    data_dir: the dataset's folder (default: ``data/DATASET``).
     karpathy_json, image_dir: for 'karpathy' only.
     Raises PipelineError for an unknown dataset or unusable files.
     """
     if dataset == "flickr8k":
         return load_flickr8k(data_dir or "data/flickr8k")
+    if dataset in KARPATHY_LAYOUTS:
+        folder = Path(data_dir or f"data/{dataset}")
+        json_name, images = KARPATHY_LAYOUTS[dataset]
+        if not (folder / json_name).exists():
+            raise PipelineError(f"{folder / json_name}: missing; get it from {KARPATHY_URL} (it holds the Karpathy "
+                                f"splits of Flickr8k, Flickr30k and COCO) and put it there")
+        return load_karpathy(folder / json_name, folder / images)
     if dataset == "synthetic":
         folder = Path(data_dir or "data/synthetic")
         return load_karpathy(make_synthetic(folder), folder)

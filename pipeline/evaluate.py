@@ -1,7 +1,9 @@
 """Scoring a checkpoint: beam-search captions of a split of the features, coco-caption scores.
 
 Writes, next to the checkpoint, ``NAME-SPLIT-beamK.captions.json`` (COCO results format:
-``[{"image_id": ..., "caption": ...}]``) and ``NAME-SPLIT-beamK.scores.json``.
+``[{"image_id": ..., "caption": ...}]``), ``NAME-SPLIT-beamK.scores.json`` and
+``NAME-SPLIT.references.json`` (the split's reference captions in the COCO caption annotation
+format, whatever the dataset), so the official coco-caption code can score the same files.
 """
 from pathlib import Path
 
@@ -10,7 +12,7 @@ from tqdm import tqdm
 
 from .atomic import write_json
 from .decode import beam_search
-from .metrics import score_captions
+from .metrics import coco_id, coco_references, score_captions
 from .shards import AnnotationShards
 from .train import build_decoder, check_features, load_checkpoint
 
@@ -20,7 +22,8 @@ def evaluate(checkpoint_path, split: str = "test", beam_size: int = 3, max_len: 
     """Decode ``split`` with beam search and score it against its reference captions.
 
     features: the features folder (default: the one recorded in the checkpoint).
-    Returns {'scores': {metric: %}, 'notes': [str], 'captions': path, 'scores_file': path, 'images': n}.
+    Returns {'scores': {metric: %}, 'notes': [str], 'captions': path, 'scores_file': path,
+    'references': path, 'images': n, 'examples': [(image id, caption)] (the first three)}.
     Raises PipelineError for an unreadable checkpoint, missing split or mismatched features.
     """
     checkpoint_path = Path(checkpoint_path)
@@ -42,9 +45,11 @@ def evaluate(checkpoint_path, split: str = "test", beam_size: int = 3, max_len: 
     name = f"{stem.name}-{split}-beam{beam_size}"
     captions_file = stem.parent / f"{name}.captions.json"
     scores_file = stem.parent / f"{name}.scores.json"
-    write_json(captions_file, [{"image_id": i, "caption": c} for i, c in hypotheses.items()])
+    references_file = stem.parent / f"{stem.name}-{split}.references.json"
+    write_json(captions_file, [{"image_id": coco_id(i), "caption": c} for i, c in hypotheses.items()])
+    write_json(references_file, coco_references(references, f"{shards.manifest['dataset']} {split} references"))
     write_json(scores_file, {"checkpoint": str(checkpoint_path), "split": split, "images": len(captions),
                              "beam_size": beam_size, "max_len": max_len, "length_penalty": length_penalty,
                              "scores": scores, "notes": notes})
     return {"scores": scores, "notes": notes, "captions": captions_file, "scores_file": scores_file,
-            "images": len(captions), "examples": list(hypotheses.items())[:3]}
+            "references": references_file, "images": len(captions), "examples": list(hypotheses.items())[:3]}

@@ -71,3 +71,20 @@ def score_captions(hypotheses: dict, references: dict, java: bool | None = None)
     elif java:
         notes.append(SPICE_NOTE)
     return {k: 100 * float(v) for k, v in scores.items()}, notes
+
+
+def coco_id(image_id: str) -> int | str:
+    """An image id as coco-caption's files hold it: an int where it is all digits (COCO's cocoid,
+    Flickr30k's imgid), else the string (a Flickr8k file name)."""
+    return int(image_id) if image_id.isdigit() else image_id
+
+
+def coco_references(references: dict, description: str) -> dict:
+    """The reference captions in the COCO caption annotation format (``captions_val2014.json``'s):
+    ``{"info", "licenses", "type": "captions", "images": [{"id"}], "annotations": [{"image_id",
+    "id", "caption"}]}``, so that a results file with the same ids can be scored by the official
+    coco-caption code for any dataset. references: image id -> list of caption str."""
+    annotations = [{"image_id": coco_id(i), "id": n, "caption": c}
+                   for n, (i, c) in enumerate((i, c) for i, refs in references.items() for c in refs)]
+    return {"info": {"description": description}, "licenses": [], "type": "captions",
+            "images": [{"id": coco_id(i)} for i in references], "annotations": annotations}

@@ -4,7 +4,8 @@ import warnings
 import pytest
 from conftest import FLICKR8K, karpathy_json, need_shared, tiny_flickr8k
 
-from pipeline.datasets import load_flickr8k, load_karpathy, make_synthetic, synthetic_captions
+from pipeline.datasets import load_flickr8k, load_karpathy, load_records, make_synthetic, synthetic_captions
+from pipeline.errors import PipelineError
 
 
 def test_flickr8k_real_release_files():
@@ -42,6 +43,23 @@ def test_karpathy_json(tmp_path):
     assert [(r.image_id, r.split, r.captions, r.image_path) for r in records] == [
         ("7", "train", ("A man.", "two men"), tmp_path / "images" / "val2014" / "x.jpg"),
         ("3", "test", ("Snow.",), tmp_path / "images" / "y.jpg")]
+
+
+@pytest.mark.parametrize("dataset, json_name, image_folder, entry, image_id", [
+    ("flickr30k", "dataset_flickr30k.json", "flickr30k-images", {"filename": "1000092795.jpg", "imgid": 7}, "7"),
+    ("coco", "dataset_coco.json", "val2014",
+     {"filepath": "val2014", "filename": "COCO_val2014_000000391895.jpg", "imgid": 7, "cocoid": 391895}, "391895"),
+])
+def test_flickr30k_and_coco_in_their_usual_layout(tmp_path, dataset, json_name, image_folder, entry, image_id):
+    sentences = [{"tokens": ["a", "man", "rides"], "raw": "A man rides.", "imgid": 0, "sentid": 0}]
+    karpathy_json(tmp_path, [dict(entry, split="restval", sentences=sentences, sentids=[0])], json_name)
+    (record,) = load_records(dataset, tmp_path)
+    assert record.image_id == image_id
+    assert record.image_path == tmp_path / image_folder / entry["filename"]
+    assert (record.split, record.captions) == ("train", ("A man rides.",))
+    with pytest.raises(PipelineError, match=f"{json_name}: missing; get it from https://cs.stanford.edu/.*"
+                                            "caption_datasets.zip"):
+        load_records(dataset, tmp_path / "elsewhere")
 
 
 def test_synthetic_captions_name_the_drawn_objects(small_corpus):

@@ -30,14 +30,23 @@ def test_scores_with_java_include_meteor():
     assert all("Java not found" not in n for n in notes)
 
 
-def test_evaluate_writes_coco_results_and_scores(trained_run):
-    out, _ = trained_run
+def test_evaluate_writes_coco_results_scores_and_references(trained_run):
+    out, root = trained_run
     result = evaluate(out / "run" / "best.pt", "test", beam_size=2, progress=False)
     captions = json.loads(result["captions"].read_text())
     assert result["captions"].name == "best-test-beam2.captions.json" and len(captions) == 10
     assert set(captions[0]) == {"image_id", "caption"}
     saved = json.loads(result["scores_file"].read_text())
     assert saved["scores"] == result["scores"] and saved["split"] == "test" and "BLEU-4" in saved["scores"]
+    coco = json.loads(result["references"].read_text())  # COCO caption annotation format
+    assert result["references"].name == "best-test.references.json" and coco["type"] == "captions"
+    assert sorted(i["id"] for i in coco["images"]) == sorted(c["image_id"] for c in captions)
+    assert all(isinstance(c["image_id"], int) for c in captions)  # the synthetic corpus's imgid
+    assert len({a["id"] for a in coco["annotations"]}) == len(coco["annotations"])
+    truth = {str(e["imgid"]): [s["raw"] for s in e["sentences"]]
+             for e in json.loads((root / "dataset_synthetic.json").read_text())["images"]}
+    for image in coco["images"]:
+        assert [a["caption"] for a in coco["annotations"] if a["image_id"] == image["id"]] == truth[str(image["id"])]
     with pytest.raises(PipelineError, match="no features for split 'dev'"):
         evaluate(out / "run" / "best.pt", "dev", progress=False)
 
