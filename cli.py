@@ -121,9 +121,6 @@ def features(dataset, data_dir, karpathy_json, image_dir, splits, encoder, weigh
 @click.option("--lr-patience", type=int, default=0,
               help="Epochs without a better validation BLEU-4 tolerated before each learning-rate decay.")
 @click.option("--clip", type=float, default=5.0, help="Gradient L2-norm clipping threshold (0: off).")
-@click.option("--normalize/--raw-annotations", default=True,
-              help="Scale the annotation vectors to RMS 1 (the factor, measured on 500 training images, is stored "
-                   "with the model) or feed them as stored. [default: --normalize]")
 @click.option("--ema-decay", type=float, default=0.0,
               help="Keep an exponential moving average of the weights (decay per step, e.g. 0.999), validate and "
                    "score it instead of the last weights (0: off).")
@@ -156,7 +153,7 @@ def features(dataset, data_dir, karpathy_json, image_dir, splits, encoder, weigh
                    "AVX512-BF16; auto: bf16 where the CPU or GPU computes it natively, else fp32.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train(features_dir, out, attention, resume, optimizer, lr, batch_size, epochs, patience, lr_decay, lr_patience,
-          clip, normalize, ema_decay, seed, device, embed_dim, hidden_dim, attention_dim, attention_layers, dropout, output_tanh,
+          clip, ema_decay, seed, device, embed_dim, hidden_dim, attention_dim, attention_layers, dropout, output_tanh,
           no_gating, alpha_c, entropy_c, reinforce_scale, baseline_decay, semi_sampling_p, decode_context, val_split,
           val_images, val_beam_size, max_len, checkpoint_every, workers, precision, no_progress):
     """Stage two: train the attention decoder on feature shards.
@@ -169,7 +166,7 @@ def train(features_dir, out, attention, resume, optimizer, lr, batch_size, epoch
     config = TrainConfig(
         features=features_dir, out=out or f"data/runs/{attention}", attention=attention, optimizer=optimizer, lr=lr,
         batch_size=batch_size, epochs=epochs, patience=patience, lr_decay=lr_decay, lr_patience=lr_patience, clip=clip,
-        normalize=normalize, ema_decay=ema_decay, seed=seed, device=device, val_split=val_split, val_images=val_images,
+        ema_decay=ema_decay, seed=seed, device=device, val_split=val_split, val_images=val_images,
         val_beam_size=val_beam_size, max_len=max_len, decode_context=decode_context,
         semi_sampling_p=semi_sampling_p, checkpoint_every=checkpoint_every, workers=workers, precision=precision,
         model=dict(embed_dim=embed_dim, hidden_dim=hidden_dim, attention_dim=attention_dim,

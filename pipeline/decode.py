@@ -19,7 +19,7 @@ def greedy_decode(decoder: Decoder, annotations: torch.Tensor, start: int, end: 
     caption's ``<end>`` hold whatever was decoded there and are to be cut at the first ``end``)
     and alpha: (B, T, L) the attention weights of each step. context as in :meth:`Decoder.step`.
     """
-    annotations, h, c, proj = decoder.init_state(annotations)
+    h, c, proj = decoder.init_state(annotations)
     token = torch.full((annotations.shape[0],), start, dtype=torch.long, device=annotations.device)
     done = torch.zeros_like(token, dtype=torch.bool)
     tokens, alphas = [], []
@@ -81,8 +81,8 @@ def _beam(decoder, annotations, start, end, beam_size, max_len, length_penalty, 
     B, L, _ = annotations.shape
     k, device, inf = beam_size, annotations.device, float("-inf")
     rows = torch.arange(B, device=device).unsqueeze(1)  # (B, 1)
-    a, h, c, proj = decoder.init_state(annotations)
-    a, h, c, proj = (x.repeat_interleave(k, 0) for x in (a, h, c, proj))
+    h, c, proj = decoder.init_state(annotations)
+    a, h, c, proj = (x.repeat_interleave(k, 0) for x in (annotations, h, c, proj))
     score = torch.full((B, k), inf, device=device)
     score[:, 0] = 0.0  # one live hypothesis to start with
     token = torch.full((B * k,), start, dtype=torch.long, device=device)

@@ -15,9 +15,6 @@ One decoding step (:meth:`Decoder.step`), shared by training and every decoding 
     p(y_t)  ∝ exp(L_o(E y_{t-1} + L_h h_t + L_z z_t))        eq. 7, the deep output layer
 
 Initial state (section 3.1.2): h_0 = tanh(f_init,h(mean_i a_i)), c_0 = tanh(f_init,c(mean_i a_i)).
-Before all of this the annotation vectors are multiplied by ``annotation_scale`` (not in the paper):
-post-ReLU CNN features can have an RMS far from 1 (SqueezeNet's: 11.7), which saturates the tanh
-of f_att and the LSTM gates at initialisation; training sets it to 1 / RMS of its features.
 Speed: W_a a_i is computed once per caption, not at every step, and the output layer runs once
 over all steps after the recurrence.
 """
@@ -47,7 +44,6 @@ class DecoderConfig:
     prev2out: bool = True  # E y_{t-1} in the deep output (eq. 7)
     ctx2out: bool = True  # L_z z_t in the deep output (eq. 7)
     output_tanh: bool = False  # the authors' code puts tanh before L_o; the paper does not
-    annotation_scale: float = 1.0  # a_i is multiplied by this first (training sets 1 / RMS of its features)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -95,19 +91,17 @@ class Decoder(nn.Module):
     # -- the pieces -------------------------------------------------------------------------------
 
     def init_state(self, annotations: torch.Tensor):
-        """The scaled annotation vectors, the initial (h_0, c_0) and the attention projection W_a a_i + b.
+        """Initial (h_0, c_0) and the attention projection W_a a_i + b.
 
-        annotations: (B, L, D) float, as stored. Returns a: (B, L, D) the annotation vectors times
-        ``annotation_scale``, which :meth:`step` takes; h0, c0: (B, n); proj: (B, L, A).
+        annotations: (B, L, D) float. Returns h0, c0: (B, n); proj: (B, L, A).
         """
-        a = annotations * self.config.annotation_scale
-        mean = a.mean(1)
-        return a, torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean)), self.att_annotation(a)
+        mean = annotations.mean(1)
+        return torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean)), self.att_annotation(annotations)
 
     def step(self, embedded, h, c, annotations, proj, context: str = "expected"):
         """One step of attention and LSTM (the module docstring's equations).
 
-        embedded: (B, m) E y_{t-1}; h, c: (B, n) state t-1; annotations: (B, L, D) and
+        embedded: (B, m) E y_{t-1}; h, c: (B, n) state t-1; annotations: (B, L, D);
         proj: (B, L, A) from :meth:`init_state`; context: 'expected' (soft attention, also the
         hard model's mean-field decoding), 'sample' (s_t ~ Multinoulli(alpha_t)), 'argmax', or a
         (B,) long tensor of given locations s_t.
@@ -161,7 +155,7 @@ class Decoder(nn.Module):
         the paper's length-bucketed minibatches, section 4.3). Predicts tokens 1..T from 0..T-1.
         context: as in :meth:`step`, or a (B, T) long tensor of given locations per step.
         """
-        annotations, h, c, proj = self.init_state(annotations)
+        h, c, proj = self.init_state(annotations)
         embedded = self.embedding(captions[:, :-1])  # (B, T, m)
         hs, zs, alphas, betas, log_p_s, entropy = [], [], [], [], 0.0, 0.0
         for t in range(embedded.shape[1]):

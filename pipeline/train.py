@@ -47,7 +47,6 @@ class TrainConfig:
     lr_decay: float = 0.5  # multiply the learning rate by this after lr_patience + 1 epochs without a better BLEU-4
     lr_patience: int = 0  # epochs without a better validation BLEU-4 tolerated before each decay
     clip: float = 5.0  # gradient-norm clipping threshold (0: off)
-    normalize: bool = True  # scale the annotation vectors to RMS 1 (DecoderConfig.annotation_scale)
     ema_decay: float = 0.0  # validate, keep and score an exponential moving average of the weights (0: off)
     seed: int = 0
     device: str = "cpu"
@@ -179,16 +178,6 @@ def load_checkpoint(path) -> dict:
     return state
 
 
-def annotation_rms(shards: AnnotationShards, images: int = 500) -> float:
-    """Root mean square of the annotation vectors' values over ``images`` images spread evenly
-    over the split (all of them if fewer). Raises PipelineError if they are all zero."""
-    picks = sorted({round(i * (len(shards) - 1) / max(images - 1, 1)) for i in range(min(images, len(shards)))})
-    rms = torch.stack([shards[i].pow(2).mean() for i in picks]).mean().sqrt().item()
-    if not rms > 0:
-        raise PipelineError(f"{shards.dir}: the {shards.split} annotation vectors are all zero; extract them again")
-    return rms
-
-
 def build_decoder(checkpoint: dict, path) -> tuple[Decoder, Vocabulary]:
     """The decoder and vocabulary stored in ``checkpoint`` (read from ``path``): the moving average
     of the weights where the run kept one (``ema_decay``), else the trained weights.
@@ -274,9 +263,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     if resume:
         model_config = DecoderConfig(**state["model_config"])
     else:
-        scale = {"annotation_scale": 1.0 / annotation_rms(train_shards)} if config.normalize else {}
-        model_config = DecoderConfig(vocab_size=len(train_shards.vocab), annotation_dim=train_shards.D,
-                                     **{**scale, **config.model})
+        model_config = DecoderConfig(vocab_size=len(train_shards.vocab), annotation_dim=train_shards.D, **config.model)
     decoder = Decoder(model_config).to(device)
     objective_config = ObjectiveConfig(**config.objective)
     optimizer = make_optimizer(decoder.parameters(), config)
