@@ -78,6 +78,7 @@ def features(dataset, data_dir, karpathy_json, image_dir, splits, encoder, weigh
     on, and the exit status is 1 if any failed (unless --skip-bad-images).
     """
     from pipeline.datasets import load_records
+    from pipeline.distributed import main_process
     from pipeline.features import FeatureConfig, extract_features, failure_counts
 
     config = FeatureConfig(encoder=encoder, weights=weights, preprocess=preprocess, image_size=image_size,
@@ -88,14 +89,17 @@ def features(dataset, data_dir, karpathy_json, image_dir, splits, encoder, weigh
     split_list = [s.strip() for s in splits.split(",") if s.strip()] if splits else None
     summary = extract_features(records, out, config, dataset, split_list, progress=not no_progress,
                                command=shlex.join(["python", *sys.argv]))
-    click.echo(summary.line())
-    if summary.failures:
+    report = main_process()  # under torchrun rank 0 reports for all
+    if report:
+        click.echo(summary.line())
+    if summary.failures and report:
         kinds = ", ".join(f"{n} {why}" for why, n in failure_counts(summary.failures).most_common())
         click.echo(f"{len(summary.failures)} images could not be used ({kinds}); "
                    f"listed in {summary.out / 'bad_images.tsv'}", err=True)
         if not skip_bad_images:
             click.echo("exiting with status 1; pass --skip-bad-images (make: SKIP_BAD=1) to accept this", err=True)
-            sys.exit(1)
+    if summary.failures and not skip_bad_images:
+        sys.exit(1)
 
 
 @main.command()
@@ -161,6 +165,7 @@ def train(features_dir, out, attention, resume, optimizer, lr, batch_size, epoch
     Validates each epoch by free-running beam-search decoding scored with BLEU-4, keeps last.pt
     and best.pt, decays the learning rate and stops early when BLEU-4 stops improving.
     """
+    from pipeline.distributed import main_process
     from pipeline.train import TrainConfig, train as run_training
 
     config = TrainConfig(
@@ -175,8 +180,9 @@ def train(features_dir, out, attention, resume, optimizer, lr, batch_size, epoch
                        baseline_decay=baseline_decay))
     state = run_training(config, resume=resume, progress=not no_progress)
     run = state["run"]
-    click.echo(f"train: best BLEU-4 {run['best_bleu4']:.2f} at epoch {run['best_epoch']}; "
-               f"checkpoints in {config.out}")
+    if main_process():  # under torchrun rank 0 reports for all
+        click.echo(f"train: best BLEU-4 {run['best_bleu4']:.2f} at epoch {run['best_epoch']}; "
+                   f"checkpoints in {config.out}")
 
 
 @main.command()

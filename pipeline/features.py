@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from . import shards
+from . import distributed, shards
 from .atomic import remove_stale_temps, write_json
 from .datasets import Record
 from .encoders import ImageError, Preprocess, build_encoder, open_rgb
@@ -150,6 +150,9 @@ def extract_features(records: list[Record], out, config: FeatureConfig, dataset:
     (the command line of this run) is recorded in the manifest, to be shown as the way to
     rebuild damaged shards. Bad images are skipped and listed in ``out/bad_images.tsv`` and in the
     returned summary (the caller decides whether that is an error).
+    Under torchrun (:mod:`pipeline.distributed`) rank 0 plans the shards, every rank encodes and
+    writes every WORLD_SIZE-th of them, and rank 0 writes the one manifest; the shards are the
+    same files as one process writes. The summary is the whole run's on every rank.
     Raises PipelineError for unknown split names, or if ``out`` holds features made with another
     encoder, weights, preprocessing, dtype, shard size or image list.
     """
@@ -159,17 +162,55 @@ def extract_features(records: list[Record], out, config: FeatureConfig, dataset:
     unknown = [s for s in splits if s not in known]
     if unknown:
         raise PipelineError(f"unknown split(s) {', '.join(unknown)} for {dataset}; it has {', '.join(known)}")
-    encoder = build_encoder(config.encoder, config.weights, torch.device(config.device))
+    with distributed.session(config.device) as world:
+        encoder = build_encoder(config.encoder, config.weights, world.device)
+        preprocess = Preprocess(config.preprocess, config.image_size)
+        h, w, D = encoder.grid(config.image_size)
+        setup = {"format": shards.FORMAT, "dataset": dataset, "encoder": encoder.describe(),
+                 "preprocess": preprocess.to_dict(), "grid": [h, w], "L": h * w, "D": D, "dtype": config.dtype,
+                 "shard_size": config.shard_size}
+        plan = None
+        if world.main:
+            try:
+                plan = _plan(records, out, config, setup, splits, command)
+            except PipelineError as e:
+                plan = e
+        plan = world.broadcast(plan)  # the other ranks raise rank 0's error too
+        if isinstance(plan, PipelineError):
+            raise plan
+        manifest, todo = plan
+        start = time.perf_counter()
+        mine = world.share(todo)
+        flat = [r for _, _, recs in mine for r in recs]
+        written = _run_encoder(encoder, flat, mine, out, config, preprocess, manifest, setup,
+                               progress and world.main, world.main) if flat else 0
+        world.barrier()
+        if world.main and world.size > 1:  # the shards the other ranks wrote
+            names = [shards.shard_name(split, k) for split, k, _ in todo]
+            for (split, _, _), name in zip(todo, names):
+                if name not in {e["file"] for e in manifest["splits"][split]["shards"]}:
+                    manifest["splits"][split]["shards"].append(shards.shard_entry(out, name))
+            shards.save_manifest(out, manifest)
+        summary = FeatureSummary(out, images=sum(world.gather(written)), seconds=time.perf_counter() - start)
+    manifest = shards.load_manifest(out) if world.size > 1 else manifest
+    everything = []
+    for split, entry in manifest["splits"].items():
+        summary.per_split[split] = entry["images"]
+        everything += [dict(f, split=split) for e in entry["shards"] for f in e["failures"]]
+    if world.main:
+        shards.write_bad_image_report(out / shards.BAD_IMAGES, everything)
+    summary.failures = [f for f in everything if f["split"] in splits]
+    return summary
+
+
+def _plan(records: list[Record], out: Path, config: FeatureConfig, setup: dict, splits: list[str],
+          command: str | None) -> tuple[dict, list]:
+    """Prepare ``out`` for a run: the manifest to continue (damaged shards dropped from it and
+    deleted), the text files, and the shards still to write: (manifest, [(split, k, records)])."""
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)  # a manifest or text file being written when a run was killed
-    preprocess = Preprocess(config.preprocess, config.image_size)
-    h, w, D = encoder.grid(config.image_size)
-    setup = {"format": shards.FORMAT, "dataset": dataset, "encoder": encoder.describe(),
-             "preprocess": preprocess.to_dict(), "grid": [h, w], "L": h * w, "D": D, "dtype": config.dtype,
-             "shard_size": config.shard_size}
     manifest = _resume_manifest(out, setup)
     manifest["command"] = command or manifest.get("command")
-
     by_split = {s: [r for r in records if r.split == s] for s in splits}
     todo = []  # (split, shard index, records)
     for split, recs in by_split.items():
@@ -198,20 +239,7 @@ def extract_features(records: list[Record], out, config: FeatureConfig, dataset:
                                      "shards": list(entries.values())}
     manifest["vocab_size"] = len(write_text(records, out, config.min_count))  # only once the folder fits
     shards.save_manifest(out, manifest)
-
-    summary = FeatureSummary(out)
-    start = time.perf_counter()
-    flat = [r for _, _, recs in todo for r in recs]
-    if flat:
-        summary.images = _run_encoder(encoder, flat, todo, out, config, preprocess, manifest, setup, progress)
-    summary.seconds = time.perf_counter() - start
-    everything = []
-    for split, entry in manifest["splits"].items():
-        summary.per_split[split] = entry["images"]
-        everything += [dict(f, split=split) for e in entry["shards"] for f in e["failures"]]
-    shards.write_bad_image_report(out / shards.BAD_IMAGES, everything)
-    summary.failures = [f for f in everything if f["split"] in splits]
-    return summary
+    return manifest, todo
 
 
 def _resume_manifest(out: Path, setup: dict) -> dict:
@@ -226,9 +254,10 @@ def _resume_manifest(out: Path, setup: dict) -> dict:
     return dict(old, **setup)
 
 
-def _run_encoder(encoder, flat, todo, out, config, preprocess, manifest, setup, progress) -> int:
+def _run_encoder(encoder, flat, todo, out, config, preprocess, manifest, setup, progress, save_manifest) -> int:
     """Encode the images of the shards in ``todo`` (``flat`` is their records in order); returns
-    the number of images written."""
+    the number of images written. Each finished shard is added to ``manifest``, and the manifest
+    written if ``save_manifest`` (rank 0's job)."""
     batches, offset = [], 0
     for _, _, recs in todo:  # batches never cross a shard, so shard k is the same whatever was done before
         batches += [list(range(offset + i, offset + min(i + config.batch_size, len(recs))))
@@ -264,7 +293,8 @@ def _run_encoder(encoder, flat, todo, out, config, preprocess, manifest, setup, 
                     written += len(indices)
                     bar.update(len(indices) + len(bad))
             manifest["splits"][split]["shards"].append(shards.shard_entry(out, name))
-            shards.save_manifest(out, manifest)
+            if save_manifest:
+                shards.save_manifest(out, manifest)
     bar.close()
     if shown_failures > 20:
         print(f"... and {shown_failures - 20} more skipped images (all listed in {out / shards.BAD_IMAGES})")

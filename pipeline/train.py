@@ -15,10 +15,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from . import distributed
 from .atomic import atomic_path
 from .decode import beam_search
 from .errors import PipelineError, describe
@@ -240,17 +242,34 @@ def train_step(decoder: Decoder, optimizer, annotations: torch.Tensor, captions:
 def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Train a decoder per ``config``; returns the final training state (as in ``last.pt``).
 
+    Under torchrun (:mod:`pipeline.distributed`) every rank trains a DistributedDataParallel copy
+    on every WORLD_SIZE-th minibatch of the epoch's length-bucketed order (so each holds captions
+    of one length; the last WORLD_SIZE-1 minibatches of an epoch are left out so every rank takes
+    as many steps), and rank 0 validates, logs and writes the checkpoints, which hold every rank's
+    random state: resume with the same number of processes.
+
     Raises PipelineError if ``config.out`` already holds a run and ``resume`` is false, if there
-    is nothing to resume, or if the features differ from those the run started on.
+    is nothing to resume, or if the features (or the number of processes) differ from those the
+    run started with.
     """
+    with distributed.session(config.device) as world:
+        return _train(config, resume, progress and world.main, world)
+
+
+def _train(config: TrainConfig, resume: bool, progress: bool, world: distributed.World) -> dict:
     out = Path(config.out)
     if resume:
         state = load_checkpoint(out / LAST)  # its options, but the folders given now (they may have moved)
         config = TrainConfig(**dict(state["train_config"], features=config.features, out=config.out))
-        print(f"resuming {out / LAST}: epoch {state['position']['epoch'] + 1}, step {state['position']['step']}")
+        if len(state["rng"]["cpu"]) != world.size:
+            n = len(state["rng"]["cpu"])
+            raise PipelineError(f"{out / LAST}: written by a run of {n} process(es); resume it with as many "
+                                f"(torchrun --nproc-per-node {n}; no torchrun for 1)")
+        if world.main:
+            print(f"resuming {out / LAST}: epoch {state['position']['epoch'] + 1}, step {state['position']['step']}")
     elif (out / LAST).exists():
         raise PipelineError(f"{out} already holds a run ({LAST}); pass --resume to continue it, or another --out")
-    device = torch.device(config.device)
+    device = world.device
     train_shards = AnnotationShards(config.features, "train")
     val_split = config.val_split or next((s for s in ("dev", "val") if s in train_shards.manifest["splits"]), None)
     if val_split is None:
@@ -265,6 +284,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     else:
         model_config = DecoderConfig(vocab_size=len(train_shards.vocab), annotation_dim=train_shards.D, **config.model)
     decoder = Decoder(model_config).to(device)
+    model = DistributedDataParallel(decoder) if world.size > 1 else decoder  # what the training steps call
     objective_config = ObjectiveConfig(**config.objective)
     optimizer = make_optimizer(decoder.parameters(), config)
     ema = AveragedModel(decoder, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay)) if config.ema_decay else None
@@ -280,24 +300,28 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
         optimizer.load_state_dict(state["optimizer"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
-        torch.set_rng_state(state["rng"]["cpu"])
+        torch.set_rng_state(state["rng"]["cpu"][world.rank])
         if device.type == "cuda":
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+            torch.cuda.set_rng_state(state["rng"]["cuda"][world.rank], device)
         position, run = state["position"], state["run"]
-        _truncate_log(out, position["epoch"])
-    out.mkdir(parents=True, exist_ok=True)
+        if world.main:
+            _truncate_log(out, position["epoch"])
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
 
     def checkpoint(path: Path) -> dict:
-        rng = {"cpu": torch.get_rng_state()}
+        """The training state, with every rank's random state; rank 0 writes it to ``path``."""
+        rng = {"cpu": world.gather(torch.get_rng_state())}
         if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+            rng["cuda"] = world.gather(torch.cuda.get_rng_state(device))
         state = {"model": decoder.state_dict(), "optimizer": optimizer.state_dict(),
                  "model_config": model_config.to_dict(), "train_config": asdict(config),
                  "objective_config": asdict(objective_config), "vocab": train_shards.vocab.words,
                  "features": features, "rng": rng, "position": dict(position), "run": dict(run)}
         if ema is not None:
             state["ema"] = ema.state_dict()
-        save_checkpoint(path, state)
+        if world.main:
+            save_checkpoint(path, state)
         return state
 
     state = None
@@ -305,15 +329,16 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
         if config.patience and run["stale_epochs"] >= config.patience:
             break
         batches = epoch_batches(pairs, config, epoch)
+        batches = world.share(batches[:len(batches) - len(batches) % world.size])
         loader = DataLoader(pairs, batch_sampler=batches[position["batch"]:], num_workers=config.workers,
                             generator=torch.Generator(), pin_memory=device.type == "cuda")
         bar = tqdm(loader, total=len(batches), initial=position["batch"], desc=f"epoch {epoch + 1}/{config.epochs}",
                    unit="batch", disable=not progress, dynamic_ncols=True)
-        decoder.train()
+        model.train()
         start, captions_seen = time.perf_counter(), 0
         for annotations, captions, _ in bar:
             annotations, captions = annotations.to(device, non_blocking=True), captions.to(device, non_blocking=True)
-            loss, stats = train_step(decoder, optimizer, annotations, captions, config, objective_config, run)
+            loss, stats = train_step(model, optimizer, annotations, captions, config, objective_config, run)
             if ema is not None:
                 ema.update_parameters(decoder)
             position["batch"] += 1
@@ -327,7 +352,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
                 checkpoint(out / LAST)
         bar.close()
         seconds = time.perf_counter() - start
-        val = validate(decoder if ema is None else ema.module, val_shards, config, device)
+        val = world.broadcast(validate(decoder if ema is None else ema.module, val_shards, config, device)
+                              if world.main else None)
         bleu4 = val["bleu"][3]
         improved = bleu4 > run["best_bleu4"]
         run.update(best_bleu4=max(bleu4, run["best_bleu4"]), best_epoch=epoch + 1 if improved else run["best_epoch"],
@@ -336,17 +362,20 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
         if not improved and run["stale_epochs"] % (config.lr_patience + 1) == 0:
             for group in optimizer.param_groups:  # the optimizer's state_dict carries it into last.pt
                 group["lr"] *= config.lr_decay
-        n = max(position["captions"], 1)
-        record = {"epoch": epoch + 1, "step": position["step"], "loss": position["loss_sum"] / n,
-                  "nll": position["nll_sum"] / n, f"{val_split}_bleu": [round(b, 2) for b in val["bleu"]],
-                  f"{val_split}_bleu4": round(bleu4, 2), "lr": lr, "seconds": round(seconds, 1),
-                  "captions_per_s": round(captions_seen / seconds, 1) if seconds else None}
-        _log(out, record)
+        totals = [sum(x) for x in zip(*world.gather((position["captions"], position["loss_sum"],
+                                                       position["nll_sum"], captions_seen)))]
+        n = max(totals[0], 1)
+        record = {"epoch": epoch + 1, "step": position["step"], "loss": totals[1] / n, "nll": totals[2] / n,
+                  f"{val_split}_bleu": [round(b, 2) for b in val["bleu"]], f"{val_split}_bleu4": round(bleu4, 2), "lr": lr, "seconds": round(seconds, 1),
+                  "captions_per_s": round(totals[3] / seconds, 1) if seconds else None}
         position.update(epoch=epoch + 1, batch=0, captions=0, loss_sum=0.0, nll_sum=0.0)
+        state = checkpoint(out / LAST)
+        if not world.main:
+            continue
+        _log(out, record)
+        if improved:
+            save_checkpoint(out / BEST, state)
         print(f"epoch {epoch + 1}: loss {record['loss']:.3f}, {val_split} BLEU-4 {bleu4:.2f} "
               f"(best {run['best_bleu4']:.2f} at epoch {run['best_epoch']}), lr {lr:.2g}, {seconds:.0f} s, "
               f"{record['captions_per_s']} captions/s; e.g. \"{' '.join(val['captions'][0])}\"")
-        state = checkpoint(out / LAST)
-        if improved:
-            save_checkpoint(out / BEST, state)
     return state or checkpoint(out / LAST)
