@@ -185,11 +185,11 @@ def extract_features(records: list[Record], out, config: FeatureConfig, dataset:
         written = _run_encoder(encoder, flat, mine, out, config, preprocess, manifest, setup,
                                progress and world.main, world.main) if flat else 0
         world.barrier()
-        if world.main and world.size > 1:  # the shards the other ranks wrote
-            names = [shards.shard_name(split, k) for split, k, _ in todo]
-            for (split, _, _), name in zip(todo, names):
-                if name not in {e["file"] for e in manifest["splits"][split]["shards"]}:
-                    manifest["splits"][split]["shards"].append(shards.shard_entry(out, name))
+        if world.main and world.size > 1:  # add the shards the other ranks wrote
+            for split, k, _ in todo:
+                name, entries = shards.shard_name(split, k), manifest["splits"][split]["shards"]
+                if not any(e["file"] == name for e in entries):
+                    entries.append(shards.shard_entry(out, name))
             shards.save_manifest(out, manifest)
         summary = FeatureSummary(out, images=sum(world.gather(written)), seconds=time.perf_counter() - start)
     manifest = shards.load_manifest(out) if world.size > 1 else manifest

@@ -41,6 +41,17 @@ def _karpathy(tmp, images, root=None):
                          "--image-dir", str(root or tmp))
 
 
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+def _pickle(path, obj):
+    """``obj`` saved with torch.save (full pickling)."""
+    torch.save(obj, path)
+    return path
+
+
 def _copy_features(run, tmp, edit=None):
     """A copy of the trained run's features folder, its manifest changed by ``edit``."""
     folder = shutil.copytree(run / "features", tmp / "features")
@@ -111,9 +122,8 @@ CASES = [
         _flickr8k(t, ["a.jpg#0\tA dog .", "a.jpg#1\t   ", "b.jpg#0\tx"]),
         r"Flickr8k.token.txt:2: empty caption for a.jpg; remove the line or add text"), 2),
     ("flickr8k-non-utf8-captions", lambda t, r, i: (
-        (tiny_flickr8k(t, ["a.jpg#0\tA dog .", "b.jpg#0\tx"]) / "Flickr8k_text" / "Flickr8k.token.txt").write_bytes(
-            b"a.jpg#0\tcaf\xe9 au lait\nb.jpg#0\tx\n") and
-        _features_cmd(t, "--dataset", "flickr8k", "--data-dir", str(t)),
+        _features_cmd(t, "--dataset", "flickr8k", "--data-dir", str(_write(
+            tiny_flickr8k(t, []) / "Flickr8k_text" / "Flickr8k.token.txt", b"a.jpg#0\tcaf\xe9 au lait\n").parents[1])),
         r"Flickr8k.token.txt: not UTF-8 text .*re-save it as UTF-8"), 2),
     ("flickr8k-wrong-folder", lambda t, r, i: (
         _features_cmd(t, "--dataset", "flickr8k", "--data-dir", str(t)),
@@ -136,8 +146,8 @@ CASES = [
         _karpathy(t, [{"filename": "x.jpg", "split": "train", "sentences": [{"raw": "a"}]}] * 2),
         r"dataset_coco.json: images\[1\]: duplicate image id x.jpg; each image must appear once"), 2),
     ("karpathy-not-json", lambda t, r, i: (
-        (t / "dataset_coco.json").write_text("{") and _features_cmd(
-            t, "--dataset", "karpathy", "--karpathy-json", str(t / "dataset_coco.json"), "--image-dir", str(t)),
+        _features_cmd(t, "--dataset", "karpathy", "--karpathy-json", str(_write(t / "dataset_coco.json", b"{")),
+                      "--image-dir", str(t)),
         r"dataset_coco.json: not a Karpathy split json"), 2),
     ("karpathy-without-its-json", lambda t, r, i: (
         _features_cmd(t, "--dataset", "karpathy"), r"--dataset karpathy needs --karpathy-json FILE and --image-dir DIR"),
@@ -147,29 +157,25 @@ CASES = [
         _features_cmd(t, *_small_corpus(i), "--splits", "train,holdout"),
         r"unknown split\(s\) holdout for karpathy; it has train, val, test"), 2),
     ("features-weights-needing-unpickling", lambda t, r, i: (
-        torch.save({"features.0.weight": Pickled()}, t / "w.pth") or _features_cmd(
-            t, *_small_corpus(i), "--weights", str(t / "w.pth")),
+        _features_cmd(t, *_small_corpus(i), "--weights", str(_pickle(t / "w.pth", {"features.0.weight": Pickled()}))),
         r"w.pth: not a loadable state dict with weights_only=True"), 2),
     ("features-zero-byte-weights", lambda t, r, i: (
-        (t / "w.pth").write_bytes(b"") or _features_cmd(
-            t, *_small_corpus(i), "--weights", str(t / "w.pth")),
+        _features_cmd(t, *_small_corpus(i), "--weights", str(_write(t / "w.pth", b""))),
         r"w.pth: not a loadable state dict"), 2),
     ("features-zero-shard-size", lambda t, r, i: (
         _features_cmd(t, *_small_corpus(i), "--shard-size", "0"),
         r"--shard-size must be at least 1"), 2),
     ("features-into-a-folder-of-other-settings", lambda t, r, i: (
-        shutil.copytree(r / "features", t / "out") and _features_cmd(
-            t, *_small_corpus(i), "--dtype", "float32"),
+        shutil.copytree(r / "features", t / "out") and _features_cmd(t, *_small_corpus(i), "--dtype", "float32"),
         r"out holds features made with a different dataset, dtype .*use another --out or delete it"), 2),
     # -- images ------------------------------------------------------------------------------------
     ("image-zero-bytes", lambda t, r, i: (
-        (t / "zero.jpg").write_bytes(b"") or _caption(r, t / "zero.jpg"), r"zero.jpg: error: empty file \(0 bytes\)"),
-     1),
+        _caption(r, _write(t / "zero.jpg", b"")), r"zero.jpg: error: empty file \(0 bytes\)"), 1),
     ("image-truncated", lambda t, r, i: (
-        (t / "cut.jpg").write_bytes(_first_image(i).read_bytes()[:1500]) and _caption(r, t / "cut.jpg"),
+        _caption(r, _write(t / "cut.jpg", _first_image(i).read_bytes()[:1500])),
         r"cut.jpg: error: truncated or corrupt"), 1),
     ("image-not-an-image", lambda t, r, i: (
-        (t / "notes.jpg").write_text("a caption, not a picture\n") and _caption(r, t / "notes.jpg"),
+        _caption(r, _write(t / "notes.jpg", b"a caption, not a picture\n")),
         r"notes.jpg: error: not an image"), 1),
     ("image-decompression-bomb", lambda t, r, i: (
         _caption(r, _png_header(t / "bomb.png", 40000, 40000)), r"bomb.png: error: too large"), 1),
@@ -193,10 +199,10 @@ CASES = [
         _train(r / "features", t / "run", "--lr-decay", "2"), r"--lr-decay must be in \(0, 1\]"), 2),
     # -- evaluate ----------------------------------------------------------------------------------
     ("checkpoint-not-a-checkpoint", lambda t, r, i: (
-        (t / "notes.pt").write_text("hello") and _evaluate(t / "notes.pt"),
+        _evaluate(_write(t / "notes.pt", b"hello")),
         r"notes.pt: not a checkpoint loadable with weights_only=True"), 2),
     ("checkpoint-needing-unpickling", lambda t, r, i: (
-        torch.save({"model": Pickled()}, t / "pickled.pt") or _evaluate(t / "pickled.pt"),
+        _evaluate(_pickle(t / "pickled.pt", {"model": Pickled()})),
         r"pickled.pt: not a checkpoint loadable with weights_only=True \(UnpicklingError"), 2),
     ("checkpoint-of-another-vocabulary-size", lambda t, r, i: (
         _evaluate(_checkpoint(r, t, lambda s: s["model_config"].update(vocab_size=s["model_config"]["vocab_size"] + 1))),
@@ -209,7 +215,7 @@ CASES = [
         _evaluate(r / "run" / "best.pt", "--split", "holdout"),
         r"no features for split 'holdout' \(have: train, val, test\); extract it with"), 2),
     ("evaluate-without-java", lambda t, r, i: (
-        shutil.copy(r / "run" / "best.pt", t / "best.pt") and _evaluate(t / "best.pt", "--split", "val"),
+        _evaluate(shutil.copy(r / "run" / "best.pt", t / "best.pt"), "--split", "val"),
         r"note: Java not found: METEOR and SPICE left out, .*install a Java runtime"), 0),
 ]
 
