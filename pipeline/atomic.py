@@ -5,6 +5,7 @@ if the process is killed mid-write (rename is atomic on POSIX within one file sy
 fills up (then a PipelineError says so, naming the file).
 """
 import contextlib
+import ctypes
 import errno
 import json
 import os
@@ -14,6 +15,9 @@ from pathlib import Path
 from .errors import PipelineError
 
 TMP_MARK = ".tmp-"
+FALLOC_FL_KEEP_SIZE = 1  # linux/falloc.h
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_LIBC.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 
 
 def temp_name(path: Path) -> Path:
@@ -53,6 +57,27 @@ def disk_full(error: Exception, folder: Path) -> bool:
         return shutil.disk_usage(folder).free < 2 ** 20
     except OSError:
         return False
+
+
+def reserve_disk(path: Path, size: int) -> None:
+    """Allocate ``size`` bytes of disk to the file ``path`` ahead of its writes, without changing
+    its length (fallocate with FALLOC_FL_KEEP_SIZE; :func:`release_reserve` frees what is left),
+    so that a full disk shows here as an OSError (ENOSPC). Where the file system or platform
+    cannot allocate ahead, nothing is done."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        if _LIBC.fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, size) != 0:
+            code = ctypes.get_errno()
+            if code not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise OSError(code, os.strerror(code), str(path))
+    finally:
+        os.close(fd)
+
+
+def release_reserve(path: Path) -> None:
+    """Free the blocks :func:`reserve_disk` allocated beyond the end of ``path`` (truncating a
+    file to its own length does that)."""
+    os.truncate(path, path.stat().st_size)
 
 
 def disk_full_message(path) -> str:

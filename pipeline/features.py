@@ -274,7 +274,7 @@ def _run_encoder(encoder, flat, todo, out, config, preprocess, manifest, setup, 
     with torch.inference_mode():
         for split, k, recs in todo:
             name = shards.shard_name(split, k)
-            with shards.write_shard(out / name, setup["L"], setup["D"], config.dtype) as shard:
+            with shards.write_shard(out / name, setup["L"], setup["D"], config.dtype, len(recs)) as shard:
                 done = 0
                 while done < len(recs):
                     indices, images, bad = next(batch_iter)

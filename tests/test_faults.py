@@ -115,7 +115,30 @@ def test_features_on_a_full_disk(small_corpus, features_reference, tmp_path, mon
     assert_same_features(reference, tmp_path / "out")
 
 
-# -- training ---------------------------------------------------------------------------------------
+def test_features_on_a_real_full_file_system(small_corpus, tmp_path):
+    """The same on a 2 MiB tmpfs (where this user may mount one): HDF5 itself meets ENOSPC unless
+    the shard's space is reserved first, and then crashes the interpreter as it cleans up."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        args = _features_args(small_corpus, disk / "out")
+        args[args.index("--workers") + 1] = "0"
+        proc = _cli(*args)
+        _, err = proc.communicate()
+        assert proc.returncode == 2, err
+        message = err.strip().splitlines()[-1]
+        assert message.startswith("Error: ") and "no space left on the device while writing it" in message
+        written = sorted(p.name for p in (disk / "out" / "train").iterdir())
+        listed = [e["file"] for e in shards.load_manifest(disk / "out")["splits"]["train"]["shards"]]
+        assert written and listed == [f"train/{name}" for name in written]
+        assert shards.check_shards(disk / "out", shards.load_manifest(disk / "out"), ["train"]) == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+# -- training ---# -- training ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def objects(tmp_path_factory):
