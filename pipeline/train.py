@@ -49,7 +49,7 @@ class TrainConfig:
     lr_decay: float = 0.5  # multiply the learning rate by this after lr_patience + 1 epochs without a better BLEU-4
     lr_patience: int = 0  # epochs without a better validation BLEU-4 tolerated before each decay
     clip: float = 5.0  # gradient-norm clipping threshold (0: off)
-    ema_decay: float = 0.0  # validate, keep and score an exponential moving average of the weights (0: off)
+    ema_decay: float = 0.999  # validate, keep and score an exponential moving average of the weights (0: off)
     seed: int = 0
     device: str = "cpu"
     val_split: str = ""  # '' picks 'dev' or 'val', whichever the features have

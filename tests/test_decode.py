@@ -14,7 +14,7 @@ def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("decode")
     write_object_features(out / "features", sizes={"train": 300, "val": 20, "test": 64})
     train(TrainConfig(features=str(out / "features"), out=str(out / "run"), epochs=2, lr=3e-3, batch_size=32,
-                      model=dict(embed_dim=16, hidden_dim=32, attention_dim=16)), progress=False)
+                      ema_decay=0.0, model=dict(embed_dim=16, hidden_dim=32, attention_dim=16)), progress=False)
     decoder, vocab = build_decoder(load_checkpoint(out / "run" / "last.pt"), "last.pt")
     test = AnnotationShards(out / "features", "test")
     return decoder.eval(), vocab, torch.stack([test[i] for i in range(len(test))])

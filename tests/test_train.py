@@ -49,7 +49,8 @@ def test_learns_to_caption_and_attend_held_out_scenes(objects, tmp_path, attenti
     with T = 6 steps over L = 16 cells it pushes every cell toward the same total attention."""
     features, scenes = objects
     config = TrainConfig(features=str(features), out=str(tmp_path / attention), attention=attention, lr=3e-3,
-                         epochs=epochs, batch_size=32, patience=0, model=TINY, objective={"alpha_c": 0.0})
+                         epochs=epochs, batch_size=32, patience=0, ema_decay=0.0, model=TINY,
+                         objective={"alpha_c": 0.0})
     state = train(config, progress=False)
     assert state["run"]["best_bleu4"] >= 95
     bleu4, mass = held_out_scores(tmp_path / attention, features, scenes["test"])
@@ -63,7 +64,7 @@ def test_doubly_stochastic_term_spreads_attention(objects, tmp_path):
     for alpha_c in (0.0, 1.0):
         out = tmp_path / f"ac{alpha_c}"
         train(TrainConfig(features=str(features), out=str(out), lr=3e-3, epochs=4, batch_size=32, patience=0,
-                          model=TINY, objective={"alpha_c": alpha_c}), progress=False)
+                          ema_decay=0.0, model=TINY, objective={"alpha_c": alpha_c}), progress=False)
         decoder, vocab = build_decoder(load_checkpoint(out / "last.pt"), "last.pt")
         test = AnnotationShards(features, "test")
         captions = torch.tensor([c[0] for c in test.captions])
