@@ -366,13 +366,15 @@ def _train(config: TrainConfig, resume: bool, progress: bool, world: distributed
                                                        position["nll_sum"], captions_seen)))]
         n = max(totals[0], 1)
         record = {"epoch": epoch + 1, "step": position["step"], "loss": totals[1] / n, "nll": totals[2] / n,
-                  f"{val_split}_bleu": [round(b, 2) for b in val["bleu"]], f"{val_split}_bleu4": round(bleu4, 2), "lr": lr, "seconds": round(seconds, 1),
+                  f"{val_split}_bleu": [round(b, 2) for b in val["bleu"]], f"{val_split}_bleu4": round(bleu4, 2),
+                  "lr": lr, "seconds": round(seconds, 1),
                   "captions_per_s": round(totals[3] / seconds, 1) if seconds else None}
         position.update(epoch=epoch + 1, batch=0, captions=0, loss_sum=0.0, nll_sum=0.0)
+        if world.main:  # logged before last.pt: a resume drops log lines past its checkpoint, never misses one
+            _log(out, record)
         state = checkpoint(out / LAST)
         if not world.main:
             continue
-        _log(out, record)
         if improved:
             save_checkpoint(out / BEST, state)
         print(f"epoch {epoch + 1}: loss {record['loss']:.3f}, {val_split} BLEU-4 {bleu4:.2f} "
