@@ -16,8 +16,10 @@ from .errors import PipelineError
 
 TMP_MARK = ".tmp-"
 FALLOC_FL_KEEP_SIZE = 1  # linux/falloc.h
-_LIBC = ctypes.CDLL(None, use_errno=True)
-_LIBC.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+LIBC = ctypes.CDLL(None, use_errno=True)  # the C library, for what the os module lacks
+_FALLOCATE = getattr(LIBC, "fallocate", None)  # Linux only
+if _FALLOCATE is not None:
+    _FALLOCATE.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 
 
 def temp_name(path: Path) -> Path:
@@ -49,10 +51,13 @@ def atomic_path(path):
 
 
 def disk_full(error: Exception, folder: Path) -> bool:
-    """Whether ``error`` came from a full disk or quota: ENOSPC/EDQUOT, or (for writers such as
-    torch.save that report it without an errno) less than 1 MiB left where ``folder`` lies."""
+    """Whether ``error``, raised while writing into ``folder``, came from a full disk or quota:
+    ENOSPC/EDQUOT, or an I/O error without an errno (torch.save reports a full disk as a bare
+    RuntimeError) with less than 1 MiB left there. Errors of other kinds never count."""
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
+    if not isinstance(error, (OSError, RuntimeError)):
+        return False
     try:
         return shutil.disk_usage(folder).free < 2 ** 20
     except OSError:
@@ -64,9 +69,11 @@ def reserve_disk(path: Path, size: int) -> None:
     its length (fallocate with FALLOC_FL_KEEP_SIZE; :func:`release_reserve` frees what is left),
     so that a full disk shows here as an OSError (ENOSPC). Where the file system or platform
     cannot allocate ahead, nothing is done."""
+    if _FALLOCATE is None:
+        return
     fd = os.open(path, os.O_WRONLY)
     try:
-        if _LIBC.fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, size) != 0:
+        if _FALLOCATE(fd, FALLOC_FL_KEEP_SIZE, 0, size) != 0:
             code = ctypes.get_errno()
             if code not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
                 raise OSError(code, os.strerror(code), str(path))

@@ -6,7 +6,6 @@ forward pass. The work is planned in shards of ``shard_size`` images; a rerun sk
 already on disk, so a killed run resumes where it stopped and gives the same values as an
 uninterrupted one.
 """
-import ctypes
 import hashlib
 import os
 import time
@@ -20,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from . import distributed, shards
-from .atomic import remove_stale_temps, write_json
+from .atomic import LIBC, remove_stale_temps, write_json
 from .datasets import Record
 from .encoders import ImageError, Preprocess, build_encoder, open_rgb
 from .errors import PipelineError
@@ -87,11 +86,7 @@ class ImageFiles(Dataset):
             return i, None, e.reason
 
 
-try:  # loaded once: release_free_memory runs after every batch
-    _LIBC = ctypes.CDLL("libc.so.6")
-    _LIBC.malloc_trim  # noqa: B018 - absent outside glibc
-except (OSError, AttributeError):
-    _LIBC = None
+_MALLOC_TRIM = getattr(LIBC, "malloc_trim", None)  # glibc only
 
 
 def release_free_memory() -> None:
@@ -101,8 +96,8 @@ def release_free_memory() -> None:
     fragments, and without this the peak RSS grows with the length of the run (bench/memory.py:
     1.2 GB over 1000 images, 2.6 GB over 7000), though no data is kept.
     """
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _lower_priority(_worker_id: int) -> None:
@@ -192,7 +187,8 @@ def extract_features(records: list[Record], out, config: FeatureConfig, dataset:
                     entries.append(shards.shard_entry(out, name))
             shards.save_manifest(out, manifest)
         summary = FeatureSummary(out, images=sum(world.gather(written)), seconds=time.perf_counter() - start)
-    manifest = shards.load_manifest(out) if world.size > 1 else manifest
+    if not world.main:  # rank 0 wrote the whole run's manifest
+        manifest = shards.load_manifest(out)
     everything = []
     for split, entry in manifest["splits"].items():
         summary.per_split[split] = entry["images"]
