@@ -89,16 +89,16 @@ def features(dataset, data_dir, karpathy_json, image_dir, splits, encoder, weigh
     split_list = [s.strip() for s in splits.split(",") if s.strip()] if splits else None
     summary = extract_features(records, out, config, dataset, split_list, progress=not no_progress,
                                command=shlex.join(["python", *sys.argv]))
-    report = main_process()  # under torchrun rank 0 reports for all
-    if report:
+    failed = bool(summary.failures) and not skip_bad_images
+    if main_process():  # under torchrun rank 0 reports for all
         click.echo(summary.line())
-    if summary.failures and report:
-        kinds = ", ".join(f"{n} {why}" for why, n in failure_counts(summary.failures).most_common())
-        click.echo(f"{len(summary.failures)} images could not be used ({kinds}); "
-                   f"listed in {summary.out / 'bad_images.tsv'}", err=True)
-        if not skip_bad_images:
+        if summary.failures:
+            kinds = ", ".join(f"{n} {why}" for why, n in failure_counts(summary.failures).most_common())
+            click.echo(f"{len(summary.failures)} images could not be used ({kinds}); "
+                       f"listed in {summary.out / 'bad_images.tsv'}", err=True)
+        if failed:
             click.echo("exiting with status 1; pass --skip-bad-images (make: SKIP_BAD=1) to accept this", err=True)
-    if summary.failures and not skip_bad_images:
+    if failed:
         sys.exit(1)
 
 
