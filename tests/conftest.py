@@ -2,6 +2,7 @@
 its features with a decoder trained on them, and builders of tiny corpora in the adapters' formats."""
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +13,12 @@ sys.path.insert(0, str(ROOT))
 SHARED = Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data"))
 FLICKR8K = SHARED / "flickr8k"
 SQUEEZENET_WEIGHTS = SHARED / "weights" / "squeezenet1_1-imagenet-features.pth"
+
+
+def run_cli(*args, **kwargs) -> subprocess.Popen:
+    """``python cli.py ARGS`` started from the repository root, its output as text pipes."""
+    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
 
 
 def need_shared(path: Path) -> Path:

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import ROOT
+from conftest import ROOT, run_cli
 from object_features import write_object_features
 
 import cli
@@ -23,16 +23,11 @@ from pipeline.errors import PipelineError
 from pipeline.train import TrainConfig, train
 
 
-def _cli(*args, **kwargs):
-    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
-
-
 def _kill_at_random_moment(args, seconds, seed):
     """Start ``cli.py ARGS`` and SIGKILL its process group after a delay drawn by ``seed`` from 5% to
     95% of ``seconds`` (an uninterrupted run's duration); returns the delay, or None if it ended first."""
     delay = random.Random(seed).uniform(0.05, 0.95) * seconds
-    proc = _cli(*args, start_new_session=True)
+    proc = run_cli(*args, start_new_session=True)
     try:
         proc.wait(timeout=delay)
         return None
@@ -44,7 +39,7 @@ def _kill_at_random_moment(args, seconds, seed):
 
 def _timed(args):
     start = time.perf_counter()
-    proc = _cli(*args)
+    proc = run_cli(*args)
     out, err = proc.communicate()
     assert proc.returncode == 0, err
     return time.perf_counter() - start, out
@@ -82,7 +77,7 @@ def test_features_killed_at_a_random_moment_then_rerun(small_corpus, features_re
     reference, seconds = features_reference
     args = _features_args(small_corpus, tmp_path / "out")
     delay = _kill_at_random_moment(args, seconds, seed)
-    rerun = _cli(*args)
+    rerun = run_cli(*args)
     out, err = rerun.communicate()
     assert rerun.returncode == 0, f"killed after {delay} s: {err}"
     assert_same_features(reference, tmp_path / "out")
@@ -125,7 +120,7 @@ def test_features_on_a_real_full_file_system(small_corpus, tmp_path):
     try:
         args = _features_args(small_corpus, disk / "out")
         args[args.index("--workers") + 1] = "0"
-        proc = _cli(*args)
+        proc = run_cli(*args)
         _, err = proc.communicate()
         assert proc.returncode == 2, err
         message = err.strip().splitlines()[-1]

@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import FLICKR8K, ROOT, need_shared
+from conftest import FLICKR8K, ROOT, need_shared, run_cli
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -122,11 +122,6 @@ def test_rerun_skips_finished_shards_and_refuses_other_settings(extracted, corpu
         extract_features(records, out, FeatureConfig(**FAST), "synthetic", ["train", "dev"])
 
 
-def _cli(*args, **kwargs):
-    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
-
-
 def _features_args(json_path, root, out, *extra):
     return ["features", "--dataset", "karpathy", "--karpathy-json", str(json_path), "--image-dir", str(root),
             "--encoder", "squeezenet1_1", "--weights", "random", "--out", str(out), "--no-progress", *extra]
@@ -134,14 +129,14 @@ def _features_args(json_path, root, out, *extra):
 
 def test_cli_exit_status_with_bad_images(corpus_with_bad_images, tmp_path):
     args = _features_args(*corpus_with_bad_images, tmp_path / "f", "--splits", "train", "--shard-size", "50")
-    out, err = _cli(*args).communicate()
+    out, err = run_cli(*args).communicate()
     assert "features: 40 images extracted" in out and "0 failed" not in out
     assert "4 images could not be used" in err and "skipped" in out + err and "--skip-bad-images" in err
-    proc = _cli(*args, "--skip-bad-images")
+    proc = run_cli(*args, "--skip-bad-images")
     out, err = proc.communicate()
     assert proc.returncode == 0 and "0 images extracted" in out and "4 images could not be used" in err
     assert shards.load_manifest(tmp_path / "f")["splits"].keys() == {"train"}
-    proc = _cli(*_features_args(*corpus_with_bad_images, tmp_path / "f", "--splits", "val", "--shard-size", "50"))
+    proc = run_cli(*_features_args(*corpus_with_bad_images, tmp_path / "f", "--splits", "val", "--shard-size", "50"))
     proc.communicate()
     assert proc.returncode == 0  # val has no bad image; the train failures stay in the report
     assert shards.load_manifest(tmp_path / "f")["splits"].keys() == {"train", "val"}
@@ -149,7 +144,7 @@ def test_cli_exit_status_with_bad_images(corpus_with_bad_images, tmp_path):
 
 
 def test_cli_bad_option_is_one_line(tmp_path):
-    proc = _cli("features", "--dataset", "flickr8k", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o"))
+    proc = run_cli("features", "--dataset", "flickr8k", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o"))
     _, err = proc.communicate()
     assert proc.returncode == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith(f"Error: {tmp_path}/Flickr8k_text/Flickr8k.token.txt: missing")
@@ -174,7 +169,7 @@ def test_damaged_shard_is_named_refused_and_rebuilt(small_corpus, tmp_path, dama
     """`verify` and the reader name a truncated or altered shard and the command that rebuilds
     it; that command (the recorded features run) re-extracts only that shard, to the same values."""
     args = _features_args(*small_corpus, tmp_path / "f", "--splits", "train", "--shard-size", "16")
-    proc = _cli(*args)
+    proc = run_cli(*args)
     assert proc.communicate() and proc.returncode == 0
     before = shards.AnnotationShards(tmp_path / "f", "train")
     values = [before[i] for i in range(len(before))]
@@ -187,7 +182,7 @@ def test_damaged_shard_is_named_refused_and_rebuilt(small_corpus, tmp_path, dama
         data[len(data) // 2] ^= 0xFF  # one byte in the middle of the annotations
     shard.write_bytes(bytes(data))
 
-    proc = _cli("verify", str(tmp_path / "f"))
+    proc = run_cli("verify", str(tmp_path / "f"))
     _, err = proc.communicate()
     assert proc.returncode == 1
     assert err.startswith(f"{shard}: truncated or altered") and manifest["command"] in err
@@ -200,7 +195,7 @@ def test_damaged_shard_is_named_refused_and_rebuilt(small_corpus, tmp_path, dama
                              capture_output=True, text=True)
     assert rebuild.returncode == 0, rebuild.stderr
     assert "features: 16 images extracted" in rebuild.stdout and "extracting it again" in rebuild.stderr
-    proc = _cli("verify", str(tmp_path / "f"))
+    proc = run_cli("verify", str(tmp_path / "f"))
     out, _ = proc.communicate()
     assert proc.returncode == 0 and "is whole (train 40 images in 3 shards" in out
     after = shards.AnnotationShards(tmp_path / "f", "train")
