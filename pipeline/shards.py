@@ -61,11 +61,12 @@ class _ShardRows:
         self.image_ids = f.create_dataset("image_ids", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype())
 
     def add(self, image_ids: list[str], annotations: torch.Tensor) -> None:
-        """Append ``annotations``: (B, L, D) float, with their ``image_ids``."""
+        """Append ``annotations``: (B, L, D) float (any float dtype, any device; converted to the
+        storage dtype before leaving the device), with their ``image_ids``."""
         n, b = len(self.image_ids), len(image_ids)
         self.annotations.resize(n + b, axis=0)
         self.image_ids.resize(n + b, axis=0)
-        self.annotations[n:] = annotations.detach().cpu().numpy().astype(self.annotations.dtype)
+        self.annotations[n:] = annotations.detach().to("cpu", getattr(torch, self.annotations.dtype.name)).numpy()
         self.image_ids[n:] = image_ids
 
 

@@ -221,7 +221,8 @@ def train_step(decoder: Decoder, optimizer, annotations: torch.Tensor, captions:
     ``semi_sampling_p``, expected context), the objective, backward, clipping, optimizer step.
 
     annotations: (B, L, D) float; captions: (B, T+1) long, one length. ``run['baseline']`` (the
-    REINFORCE moving average, None before the first sampled batch) is updated in place.
+    REINFORCE moving average, None before the first sampled batch; kept for either
+    ``objective_config.baseline``) is updated in place.
     Returns (loss: 0-dim tensor, stats: dict of floats) as :func:`pipeline.model.objective`.
     """
     sampled = config.attention == "hard" and torch.rand(()).item() >= config.semi_sampling_p

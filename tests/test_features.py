@@ -49,7 +49,7 @@ def test_shards_manifest_and_text(extracted):
     manifest = shards.load_manifest(out)
     assert (manifest["grid"], manifest["L"], manifest["D"], manifest["dtype"]) == ([13, 13], 169, 512, "float16")
     assert manifest["encoder"]["name"] == "squeezenet1_1" and len(manifest["encoder"]["weights_sha256"]) == 64
-    assert manifest["preprocess"] == {"mode": "center-crop", "image_size": 224}
+    assert manifest["preprocess"] == {"mode": "center-crop", "image_size": 224} and manifest["precision"] == "fp32"
     assert {s: e["images"] for s, e in manifest["splits"].items()} == {"train": 40, "val": 10, "test": 10}
     train = manifest["splits"]["train"]["shards"]
     assert [e["file"] for e in train] == [f"train/shard-0000{k}.h5" for k in range(3)]  # 44 planned / 16
@@ -118,8 +118,27 @@ def test_rerun_skips_finished_shards_and_refuses_other_settings(extracted, corpu
         extract_features(records, out, FeatureConfig(**dict(FAST, encoder="vgg16")), "synthetic", progress=False)
     with pytest.raises(PipelineError, match="different dtype, shard_size"):
         extract_features(records, out, FeatureConfig(**dict(FAST, shard_size=8, dtype="float32")), "synthetic")
+    with pytest.raises(PipelineError, match=r"different precision \(precision=fp32\)"):
+        extract_features(records, out, FeatureConfig(**dict(FAST, precision="bf16")), "synthetic")
     with pytest.raises(PipelineError, match="unknown split.*dev.*has train, val, test"):
         extract_features(records, out, FeatureConfig(**FAST), "synthetic", ["train", "dev"])
+
+
+@pytest.mark.parametrize("device, precision, recorded", [
+    ("cpu", "bf16", "bf16"),
+    pytest.param("cuda", "auto", "fp16", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))])
+def test_autocast_features_are_recorded_and_close_to_fp32(extracted, small_corpus, tmp_path, device, precision,
+                                                          recorded):
+    """--precision autocasts the encoder (CUDA's default with float16 storage is fp16): values
+    within 2% of fp32 (and not equal to them), the precision in the manifest."""
+    records = load_karpathy(*small_corpus)
+    config = FeatureConfig(**dict(FAST, device=device, precision=precision))
+    extract_features(records, tmp_path, config, "synthetic", ["val"], progress=False)
+    assert shards.load_manifest(tmp_path)["precision"] == recorded
+    fp32, cast = shards.AnnotationShards(extracted[0], "val"), shards.AnnotationShards(tmp_path, "val")
+    assert cast.image_ids == fp32.image_ids
+    a, b = (torch.stack([s[i] for i in range(len(s))]) for s in (fp32, cast))
+    assert 1e-4 < ((b - a).norm() / a.norm()).item() < 2e-2
 
 
 def _features_args(json_path, root, out, *extra):
