@@ -138,6 +138,10 @@ def features(dataset, data_dir, karpathy_json, image_dir, splits, encoder, weigh
 @click.option("--attention-dim", type=int, default=512, help="Hidden size of the attention MLP f_att.")
 @click.option("--attention-layers", type=int, default=1,
               help="Layers of f_att: 1 as in eq. 4; 2 as in the authors' COCO config.")
+@click.option("--attention-input-scale", type=float, default=1.0,
+              help="f_att sees the annotation vectors divided by this; 0: their RMS over the first 256 training "
+                   "images, so that its tanh does not saturate at initialisation (SqueezeNet's RMS is 11: 66% of "
+                   "its inputs past |2| unscaled).")
 @click.option("--dropout", type=float, default=0.5, help="Dropout probability on h_t and the deep output layer.")
 @click.option("--output-tanh", is_flag=True, help="tanh before L_o in the deep output (authors' code; not the paper).")
 @click.option("--no-gating", is_flag=True, help="Drop the gating scalar beta_t (section 4.2.1).")
@@ -164,7 +168,8 @@ def features(dataset, data_dir, karpathy_json, image_dir, splits, encoder, weigh
                    "AVX512-BF16; auto: bf16 where the CPU or GPU computes it natively, else fp32.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train(features_dir, out, attention, resume, optimizer, lr, batch_size, epochs, patience, lr_decay, lr_patience,
-          clip, ema_decay, seed, device, embed_dim, hidden_dim, attention_dim, attention_layers, dropout, output_tanh,
+          clip, ema_decay, seed, device, embed_dim, hidden_dim, attention_dim, attention_layers, attention_input_scale,
+          dropout, output_tanh,
           no_gating, alpha_c, entropy_c, reinforce_scale, baseline, baseline_decay, semi_sampling_p, decode_context, val_split,
           val_images, val_beam_size, max_len, checkpoint_every, workers, precision, no_progress):
     """Stage two: train the attention decoder on feature shards.
@@ -182,7 +187,8 @@ def train(features_dir, out, attention, resume, optimizer, lr, batch_size, epoch
         val_beam_size=val_beam_size, max_len=max_len, decode_context=decode_context,
         semi_sampling_p=semi_sampling_p, checkpoint_every=checkpoint_every, workers=workers, precision=precision,
         model=dict(embed_dim=embed_dim, hidden_dim=hidden_dim, attention_dim=attention_dim,
-                   attention_layers=attention_layers, dropout=dropout, output_tanh=output_tanh, gating=not no_gating),
+                   attention_layers=attention_layers, attention_input_scale=attention_input_scale, dropout=dropout,
+                   output_tanh=output_tanh, gating=not no_gating),
         objective=dict(alpha_c=alpha_c, entropy_c=entropy_c, reinforce_scale=reinforce_scale,
                        baseline=baseline, baseline_decay=baseline_decay))
     state = run_training(config, resume=resume, progress=not no_progress)

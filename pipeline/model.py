@@ -45,6 +45,10 @@ class DecoderConfig:
     prev2out: bool = True  # E y_{t-1} in the deep output (eq. 7)
     ctx2out: bool = True  # L_z z_t in the deep output (eq. 7)
     output_tanh: bool = False  # the authors' code puts tanh before L_o; the paper does not
+    # f_att sees a_i / attention_input_scale (training given 0 sets it to the RMS of the training
+    # annotation vectors): unscaled, SqueezeNet's (RMS 11, 93% zeros) put 66% of tanh's inputs past
+    # |2| at initialisation, where the attention MLP learns slowly
+    attention_input_scale: float = 1.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,12 +96,14 @@ class Decoder(nn.Module):
     # -- the pieces -------------------------------------------------------------------------------
 
     def init_state(self, annotations: torch.Tensor):
-        """Initial (h_0, c_0) and the attention projection W_a a_i + b.
+        """Initial (h_0, c_0) and the attention projection W_a a_i + b (of a_i divided by
+        ``config.attention_input_scale``).
 
         annotations: (B, L, D) float. Returns h0, c0: (B, n); proj: (B, L, A).
         """
         mean = annotations.mean(1)
-        return torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean)), self.att_annotation(annotations)
+        proj = self.att_annotation(annotations / self.config.attention_input_scale)
+        return torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean)), proj
 
     def step(self, embedded, h, c, annotations, proj, context: str = "expected"):
         """One step of attention and LSTM (the module docstring's equations).
@@ -112,7 +118,9 @@ class Decoder(nn.Module):
         n, A = self.config.hidden_dim, self.config.attention_dim
         hp = self.hidden_proj(h)
         gates_h, att_h, beta_logit = hp[:, :4 * n], hp[:, 4 * n:4 * n + A], hp[:, -1]
-        e = self.att_score(self.att_extra(torch.tanh(proj + att_h.unsqueeze(1)))).squeeze(2)  # eq. 4
+        # eq. 4; tanh in place: the (B, L, A) sum is the step's largest tensor, and a second
+        # allocation of it costs more than the arithmetic (bench/RESULTS.md)
+        e = self.att_score(self.att_extra((proj + att_h.unsqueeze(1)).tanh_())).squeeze(2)
         alpha = torch.softmax(e, dim=1)  # eq. 5
         if isinstance(context, str) and context == "expected":
             s, z = None, torch.bmm(alpha.unsqueeze(1), annotations).squeeze(1)

@@ -9,6 +9,7 @@ when BLEU-4 improves, atomically; ``resume`` continues a killed run from ``last.
 same weights as an uninterrupted run (on CPU, for a given seed).
 """
 import json
+import math
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -121,11 +122,13 @@ def epoch_batches(pairs: CaptionPairs, config: TrainConfig, epoch: int) -> list[
 
 def validate(decoder: Decoder, shards: AnnotationShards, config: TrainConfig, device) -> dict:
     """Free-running captions of the validation images (beam search of ``config.val_beam_size``)
-    and their BLEU-1..4 (coco-caption, on the pipeline's tokens, in %).
-    Returns {'bleu': [b1..b4], 'captions': [token lists]}."""
+    and their BLEU-1..4 (coco-caption, on the pipeline's tokens, in %), and how sharp their
+    attention is: the entropy of alpha_t in nats, averaged over the words (log L when uniform: a
+    model that does not attend, as hard attention does when its gating scalar collapses).
+    Returns {'bleu': [b1..b4], 'captions': [token lists], 'attention_entropy': float}."""
     decoder.eval()
     n = config.val_images or len(shards)
-    hyps = []
+    hyps, entropies = [], []
     loader = DataLoader(torch.utils.data.Subset(shards, range(min(n, len(shards)))), batch_size=100,
                         num_workers=config.workers)
     vocab = shards.vocab
@@ -134,8 +137,16 @@ def validate(decoder: Decoder, shards: AnnotationShards, config: TrainConfig, de
             captions = beam_search(decoder, annotations.to(device), vocab.start, vocab.end, config.val_beam_size,
                                    config.max_len, context=config.decode_context)
         hyps += [vocab.decode(c.tokens) for c in captions]
+        entropies += [-(c.alpha * c.alpha.clamp_min(1e-12).log()).sum(1).mean().item() for c in captions]
     refs = [[vocab.decode(c) for c in caps] for caps in shards.captions[:len(hyps)]]
-    return {"bleu": [100 * b for b in bleu(hyps, refs)], "captions": hyps}
+    return {"bleu": [100 * b for b in bleu(hyps, refs)], "captions": hyps,
+            "attention_entropy": sum(entropies) / max(len(entropies), 1)}
+
+
+def annotation_rms(shards: AnnotationShards, images: int = 256) -> float:
+    """Root mean square of the annotation vectors of the first ``images`` images (1.0 if 0)."""
+    rows = torch.stack([shards[i] for i in range(min(images, len(shards)))])
+    return rows.pow(2).mean().sqrt().item() or 1.0
 
 
 def make_optimizer(params, config: TrainConfig):
@@ -283,7 +294,10 @@ def _train(config: TrainConfig, resume: bool, progress: bool, world: distributed
     if resume:
         model_config = DecoderConfig(**state["model_config"])
     else:
-        model_config = DecoderConfig(vocab_size=len(train_shards.vocab), annotation_dim=train_shards.D, **config.model)
+        model = dict(config.model)
+        if model.get("attention_input_scale") == 0:  # 0: the RMS of the training annotation vectors
+            model["attention_input_scale"] = annotation_rms(train_shards)
+        model_config = DecoderConfig(vocab_size=len(train_shards.vocab), annotation_dim=train_shards.D, **model)
     decoder = Decoder(model_config).to(device)
     model = DistributedDataParallel(decoder) if world.size > 1 else decoder  # what the training steps call
     objective_config = ObjectiveConfig(**config.objective)
@@ -368,7 +382,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool, world: distributed
         n = max(totals[0], 1)
         record = {"epoch": epoch + 1, "step": position["step"], "loss": totals[1] / n, "nll": totals[2] / n,
                   f"{val_split}_bleu": [round(b, 2) for b in val["bleu"]], f"{val_split}_bleu4": round(bleu4, 2),
-                  "lr": lr, "seconds": round(seconds, 1),
+                  "attention_entropy": round(val["attention_entropy"], 3), "lr": lr, "seconds": round(seconds, 1),
                   "captions_per_s": round(totals[3] / seconds, 1) if seconds else None}
         position.update(epoch=epoch + 1, batch=0, captions=0, loss_sum=0.0, nll_sum=0.0)
         if world.main:  # logged before last.pt: a resume drops log lines past its checkpoint, never misses one
@@ -379,6 +393,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool, world: distributed
         if improved:
             save_checkpoint(out / BEST, state)
         print(f"epoch {epoch + 1}: loss {record['loss']:.3f}, {val_split} BLEU-4 {bleu4:.2f} "
-              f"(best {run['best_bleu4']:.2f} at epoch {run['best_epoch']}), lr {lr:.2g}, {seconds:.0f} s, "
+              f"(best {run['best_bleu4']:.2f} at epoch {run['best_epoch']}), attention entropy "
+              f"{val['attention_entropy']:.2f} nats (uniform {math.log(val_shards.L):.2f}), lr {lr:.2g}, {seconds:.0f} s, "
               f"{record['captions_per_s']} captions/s; e.g. \"{' '.join(val['captions'][0])}\"")
     return state or checkpoint(out / LAST)

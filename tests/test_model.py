@@ -85,3 +85,14 @@ def test_reinforce_estimator_matches_the_exact_gradient(baseline, attention_erro
     out = decoder(a.expand(n, -1, -1), captions.expand(n, -1), "sample")
     no_reinforce, _ = objective(out, captions.expand(n, -1), ObjectiveConfig(alpha_c=0.0))
     assert relative_error(torch.autograd.grad(-no_reinforce, params, allow_unused=True), only_attention=True) > 0.3
+
+
+def test_attention_input_scale_divides_what_f_att_sees():
+    """proj = W_a (a_i / scale) + b: a decoder with scale s on a is the unscaled one on a / s for
+    f_att, while the initial state still sees the unscaled mean."""
+    scaled, a = tiny(attention_input_scale=4.0)
+    plain, _ = tiny()
+    h, c, proj = scaled.init_state(a)
+    h1, c1, _ = plain.init_state(a)
+    torch.testing.assert_close(proj, plain.init_state(a / 4.0)[2])
+    torch.testing.assert_close((h, c), (h1, c1))

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -53,6 +54,8 @@ def test_learns_to_caption_and_attend_held_out_scenes(objects, tmp_path, attenti
                          objective={"alpha_c": 0.0})
     state = train(config, progress=False)
     assert state["run"]["best_bleu4"] >= 95
+    last = json.loads((tmp_path / attention / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["attention_entropy"] < 0.5 * math.log(16), "validation attention should be sharp, not uniform"
     bleu4, mass = held_out_scores(tmp_path / attention, features, scenes["test"])
     assert bleu4 >= 0.95
     assert mass.mean() > 0.5, f"attention on the named object: mean {mass.mean():.2f}"
@@ -126,8 +129,11 @@ def test_weight_average_is_what_is_validated_and_loaded(objects, tmp_path):
     from pipeline.train import validate
     features, _ = objects
     config = TrainConfig(features=str(features), out=str(tmp_path / "r"), epochs=2, lr=3e-3, ema_decay=0.9,
-                         val_beam_size=1, model=TINY, precision="fp32")
+                         val_beam_size=1, model=dict(TINY, attention_input_scale=0), precision="fp32")
     state = train(config, progress=False)
+    train_shards = AnnotationShards(features, "train")
+    rms = torch.stack([train_shards[i] for i in range(len(train_shards))][:256]).pow(2).mean().sqrt().item()
+    assert state["model_config"]["attention_input_scale"] == pytest.approx(rms)  # 0: the features' RMS
     assert state["ema"]["n_averaged"].item() == state["position"]["step"]
     decoder, _ = build_decoder(state, "last.pt")
     raw, averaged = state["model"], decoder.state_dict()
