@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import click
+import torch
 
 from pipeline.atomic import atomic_path
 
@@ -30,25 +31,34 @@ def previous_sections(path: Path) -> dict[str, str]:
 @click.argument("sections", nargs=-1, type=click.Choice(SECTIONS))
 @click.option("--results", type=click.Path(dir_okay=False), default=str(Path(__file__).parent / "RESULTS.md"),
               show_default=True, help="Markdown file the tables are written to (sections not run are kept).")
-def main(sections, results):
+@click.option("--device", default="cpu", show_default=True,
+              help="Torch device of the features, training and beam sections (cuda: their GPU figures, kept in "
+                   "sections of their own; memory and reading run on the CPU only).")
+def main(sections, results, device):
     """Measure every stage against its limit (all SECTIONS by default; 'reading' also runs 'memory',
     whose 7000-image features it reads)."""
     sections = set(sections or SECTIONS) | ({"memory"} if "reading" in sections else set())
+    on_gpu = device != "cpu"
+    if on_gpu and not torch.cuda.is_available():
+        raise click.UsageError(f"--device {device}: this machine has no CUDA GPU that torch can use")
+    if on_gpu:
+        sections &= {"features", "training", "beam"}
     results = Path(results)
     kept = previous_sections(results)
     provenance = f"`{' '.join(['python -m bench', *sys.argv[1:]])}` on {machine()}, {datetime.date.today().isoformat()}"
 
     def section(name, lines, started):
-        block = "\n".join([f"## {TITLES[name]}", "", f"{provenance}; {time.perf_counter() - started:.0f} s.", "",
+        title = TITLES[name] + (", CUDA" if on_gpu else "")
+        block = "\n".join([f"## {title}", "", f"{provenance}; {time.perf_counter() - started:.0f} s.", "",
                            *lines, ""])
         click.echo(block)
-        kept[TITLES[name]] = block
+        kept[title] = block
 
     with tempfile.TemporaryDirectory(prefix="bench-") as workspace:
         for name, module in (("features", features), ("training", training), ("beam", beam)):
             if name in sections:
                 started = time.perf_counter()
-                section(name, module.run(), started)
+                section(name, module.run(device), started)
         if "memory" in sections:
             started = time.perf_counter()
             lines, features_7000 = memory.run(Path(workspace))

@@ -12,16 +12,16 @@ from .common import seconds
 IMAGES, VOCAB, MAX_LEN = 64, 2600, 20
 
 
-def run() -> list[str]:
+def run(device: str = "cpu") -> list[str]:
     torch.manual_seed(0)
-    decoder = Decoder(DecoderConfig(vocab_size=VOCAB, annotation_dim=512)).eval()
-    annotations = torch.randn(IMAGES, 196, 512).relu()
-    precisions = ["fp32", "bf16"] if native_bf16(torch.device("cpu")) else ["fp32"]
+    decoder = Decoder(DecoderConfig(vocab_size=VOCAB, annotation_dim=512)).to(device).eval()
+    annotations = torch.randn(IMAGES, 196, 512, device=device).relu()
+    precisions = ["fp32", "bf16"] if native_bf16(torch.device(device)) else ["fp32"]
     lines = ["| beam size | precision | batch of 64: images/s | one image at a time: images/s | ratio (target >= 5) |",
              "|---|---|---|---|---|"]
     for k in (3, 5):
         for precision in precisions:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 batched = seconds(lambda: beam_search(decoder, annotations, 1, 2, k, MAX_LEN))
                 single = seconds(lambda: [beam_search(decoder, annotations[i:i + 1], 1, 2, k, MAX_LEN)
                                           for i in range(IMAGES)])

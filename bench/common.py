@@ -16,14 +16,23 @@ FLICKR8K = SHARED / "flickr8k"
 SQUEEZENET_WEIGHTS = SHARED / "weights" / "squeezenet1_1-imagenet-features.pth"
 
 
+def sync() -> None:
+    """Wait for queued GPU work (a timer stopped without it measures only the launches)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def seconds(fn, repeat: int = 1, warmup: int = 1) -> float:
-    """Wall-clock seconds of one call of ``fn`` (the best of ``repeat``, after ``warmup`` calls)."""
+    """Wall-clock seconds of one call of ``fn`` (the best of ``repeat``, after ``warmup`` calls),
+    GPU work included."""
     for _ in range(warmup):
         fn()
     best = float("inf")
     for _ in range(repeat):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         best = min(best, time.perf_counter() - start)
     return best
 

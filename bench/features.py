@@ -1,59 +1,70 @@
 """Feature extraction: end-to-end images/s of ``extract_features`` (JPEG decode, resize, forward
-pass, HDF5 write) over the bare encoder forward pass on already-decoded tensors, same images,
-same batch size, same process. Also the effect of inference_mode and channels_last."""
+pass, HDF5 write) over the bare encoder forward pass on already-decoded tensors (already on the
+device), same images, same batch size, same arithmetic, same process. Also the effect of
+inference_mode, channels_last and the other precision (CPU: bf16 autocast; CUDA: fp32 instead of
+the pipeline's fp16 autocast)."""
 import tempfile
 from pathlib import Path
 
 import torch
 
 from pipeline.encoders import Preprocess, build_encoder, open_rgb
-from pipeline.features import FeatureConfig, extract_features
+from pipeline.features import PRECISIONS, FeatureConfig, compute_precision, extract_features
 
 from .common import SQUEEZENET_WEIGHTS, corpus_records, seconds
 
-BATCH = 32
 
-
-def bare_forward(encoder, batches, mode: str) -> float:
+def bare_forward(encoder, batches, mode: str, half) -> float:
     """Seconds of the encoder over already-decoded ``batches``: as the pipeline runs it
-    ('inference_mode', channels_last), under 'no_grad' instead, or 'contiguous' (inference_mode,
-    weights and inputs in the default NCHW layout)."""
+    ('inference_mode', channels_last, autocast to ``half`` unless None), under 'no_grad'
+    instead, 'contiguous' (weights and inputs in the default NCHW layout) or 'other' precision
+    (bf16 autocast where the pipeline uses fp32, fp32 where it autocasts)."""
     forward = encoder
     if mode == "contiguous":
         forward = encoder.trunk.to(memory_format=torch.contiguous_format)
+    if mode == "other":
+        half = None if half is not None else torch.bfloat16
     context = torch.no_grad if mode == "no_grad" else torch.inference_mode
 
     def run():
-        with context():
+        with context(), torch.autocast(encoder.device.type, dtype=half, enabled=half is not None):
             for b in batches:
                 forward(b)
-    took = seconds(run, warmup=0)
+    took = seconds(run, warmup=1)
     encoder.to(memory_format=torch.channels_last)
     return took
 
 
-def bench_encoder(name: str, weights: str, n: int) -> dict:
+def bench_encoder(name: str, weights: str, n: int, device: str, batch: int) -> dict:
     records, _ = corpus_records(Path(tempfile.mkdtemp(prefix="bench-images-")), n)
-    encoder = build_encoder(name, weights)
+    encoder = build_encoder(name, weights, device)
+    config = FeatureConfig(encoder=name, weights=weights, batch_size=batch, shard_size=n, device=device,
+                           num_workers=2 if device == "cpu" else 8)
+    half = PRECISIONS[compute_precision(config, encoder.device)]
     transform = Preprocess().transform()
-    batches = torch.stack([transform(open_rgb(r.image_path)) for r in records]).split(BATCH)
-    with torch.inference_mode():
-        encoder(batches[0])  # warm-up
-    modes = {mode: n / bare_forward(encoder, batches, mode) for mode in ("no_grad", "inference_mode", "contiguous")}
+    batches = torch.stack([transform(open_rgb(r.image_path)) for r in records]).to(device).split(batch)
+    modes = {mode: n / bare_forward(encoder, batches, mode, half) for mode in ("no_grad", "inference_mode",
+                                                                              "contiguous", "other")}
     with tempfile.TemporaryDirectory() as out:
-        config = FeatureConfig(encoder=name, weights=weights, batch_size=BATCH, shard_size=n)
-        summary = extract_features(records, out, config, "bench", progress=False)
+        extract_features(records[:batch], out + "/warm", config, "bench", progress=False)  # CUDA/cuDNN start-up
+        summary = extract_features(records, out + "/run", config, "bench", progress=False)
     end_to_end = summary.images / summary.seconds
     return {"encoder": name, "weights": "imagenet file" if weights not in ("random", "imagenet") else weights,
-            "images": n, "end_to_end": end_to_end, **modes, "ratio": end_to_end / modes["inference_mode"]}
+            "images": n, "batch": batch, "workers": config.num_workers, "end_to_end": end_to_end, **modes,
+            "ratio": end_to_end / modes["inference_mode"],
+            "precision": compute_precision(config, encoder.device), "other_name": "fp32" if half is not None else "bf16"}
 
 
-def run() -> list[str]:
+def run(device: str = "cpu") -> list[str]:
     squeezenet_weights = str(SQUEEZENET_WEIGHTS) if SQUEEZENET_WEIGHTS.exists() else "random"
-    rows = [bench_encoder("vgg19", "random", 64), bench_encoder("squeezenet1_1", squeezenet_weights, 512)]
-    lines = ["| encoder | images | end-to-end img/s | bare forward img/s (inference_mode, channels_last) | ratio (target >= 0.9) "
-             "| no_grad img/s | NCHW (not channels_last) img/s |", "|---|---|---|---|---|---|---|"]
+    cpu = device == "cpu"
+    rows = [bench_encoder("vgg19", "random", 64 if cpu else 2048, device, 32 if cpu else 128),
+            bench_encoder("squeezenet1_1", squeezenet_weights, 512 if cpu else 2048, device, 32 if cpu else 128)]
+    lines = ["| encoder | images, batch, decoding workers | end-to-end img/s | bare forward img/s (inference_mode, "
+             "channels_last, pipeline's precision) | ratio (target >= 0.9) | no_grad img/s | NCHW img/s "
+             "| other precision img/s |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['encoder']} ({r['weights']} weights) | {r['images']} | {r['end_to_end']:.1f} | "
-                     f"{r['inference_mode']:.1f} | **{r['ratio']:.2f}** | {r['no_grad']:.1f} | {r['contiguous']:.1f} |")
+        lines.append(f"| {r['encoder']} ({r['weights']} weights) | {r['images']}, {r['batch']}, {r['workers']} "
+                     f"| {r['end_to_end']:.1f} | {r['inference_mode']:.1f} ({r['precision']}) | **{r['ratio']:.2f}** "
+                     f"| {r['no_grad']:.1f} | {r['contiguous']:.1f} | {r['other']:.1f} ({r['other_name']}) |")
     return lines

@@ -28,7 +28,7 @@ def run(features: Path) -> list[str]:
     pairs = CaptionPairs(shards)
     batches = epoch_batches(pairs, TrainConfig(features="", out=""), 0)
     precision = "bf16" if native_bf16(torch.device("cpu")) else "fp32"
-    consumed = training.measure((512, 1000, 512), shards.L, 64, "soft", precision)["captions_s"]
+    consumed = training.measure((512, 1000, 512), shards.L, 64, "soft", precision, "cpu")["captions_s"]
     lines = [f"Training consumes {consumed:.0f} captions/s (soft, 512/1000/512, L={shards.L}, batch 64, {precision}).", "",
              "| workers | captions/s read | annotation MiB/s read | ratio to training's rate (must be > 1) |", "|---|---|---|---|"]
     for k, workers in enumerate((0, 2)):  # each reads its own batches

@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from pipeline.model import Decoder, DecoderConfig, ObjectiveConfig
 from pipeline.train import TrainConfig, native_bf16, train_step
 
-from .common import seconds
+from .common import seconds, sync
 from .port import PortDecoder, port_step
 
 VOCAB = 2600  # about Flickr8k's vocabulary at min count 5
@@ -16,21 +16,24 @@ WORDS = 12  # words per caption (Flickr8k's mean is about 11): 13 predicted toke
 PORT_CAPTIONS_PER_S = 39  # the most used PyTorch port at 512/512/512, L=169, batch 32, on this CPU (issue 5)
 
 
-def matmul_flops(dtype: torch.dtype, n: int = 2048) -> float:
-    """Measured FLOP/s of an (n x n) @ (n x n) matrix product in ``dtype``."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def matmul_flops(dtype: torch.dtype, device: str, n: int = 2048) -> float:
+    """Measured FLOP/s of an (n x n) @ (n x n) matrix product in ``dtype`` on ``device``
+    (CUDA: 8192^3, as 2048^3 leaves the GPU half idle)."""
+    n = n if device == "cpu" else 8192
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     return 2 * n ** 3 / seconds(lambda: a @ b, repeat=5)
 
 
-def setup(sizes: tuple[int, int, int], L: int, batch: int, attention: str, precision: str):
+def setup(sizes: tuple[int, int, int], L: int, batch: int, attention: str, precision: str, device: str):
     embed, hidden, att = sizes
     torch.manual_seed(0)
     decoder = Decoder(DecoderConfig(vocab_size=VOCAB, annotation_dim=512, embed_dim=embed, hidden_dim=hidden,
-                                    attention_dim=att))
-    config = TrainConfig(features="", out="", attention=attention, batch_size=batch, precision=precision)
+                                    attention_dim=att)).to(device)
+    config = TrainConfig(features="", out="", attention=attention, batch_size=batch, precision=precision,
+                         device=device)
     optimizer = torch.optim.Adam(decoder.parameters(), lr=config.lr)
-    annotations = torch.randn(batch, L, 512).relu()
-    captions = torch.randint(4, VOCAB, (batch, WORDS + 2))
+    annotations = torch.randn(batch, L, 512, device=device).relu()
+    captions = torch.randint(4, VOCAB, (batch, WORDS + 2), device=device)
     run = {"baseline": None}
 
     def step():
@@ -38,13 +41,13 @@ def setup(sizes: tuple[int, int, int], L: int, batch: int, attention: str, preci
     return step
 
 
-def port_rate(L: int = 169, batch: int = 32, steps: int = 4) -> float:
+def port_rate(device: str, L: int = 169, batch: int = 32, steps: int = 4) -> float:
     """Captions/s of the port's training step (bench/port.py) at its sizes, fp32, same captions."""
     torch.manual_seed(0)
-    decoder = PortDecoder(VOCAB)
+    decoder = PortDecoder(VOCAB).to(device)
     optimizer = torch.optim.Adam(decoder.parameters(), lr=4e-4)
-    encoder_out = torch.randn(batch, L, 512).relu()
-    captions = torch.randint(4, VOCAB, (batch, WORDS + 2))
+    encoder_out = torch.randn(batch, L, 512, device=device).relu()
+    captions = torch.randint(4, VOCAB, (batch, WORDS + 2), device=device)
     lengths = [WORDS + 2] * batch
     took = seconds(lambda: [port_step(decoder, optimizer, encoder_out, captions, lengths) for _ in range(steps)])
     return batch * steps / took
@@ -58,33 +61,40 @@ def step_flops(step) -> int:
     return counter.get_total_flops()
 
 
-def measure(sizes, L, batch, attention, precision, steps: int = 8) -> dict:
-    step = setup(sizes, L, batch, attention, precision)
+def measure(sizes, L, batch, attention, precision, device, steps: int = 8) -> dict:
+    step = setup(sizes, L, batch, attention, precision, device)
     took = seconds(lambda: [step() for _ in range(steps)], warmup=1) / steps
     return {"captions_s": batch / took, "tokens_s": batch * (WORDS + 1) / took, "flops": step_flops(step) / took}
 
 
-def top_ops(sizes, L, batch, attention, precision, rows: int = 8) -> list[str]:
-    """The ``rows`` operators with the most self CPU time over 3 training steps."""
-    step = setup(sizes, L, batch, attention, precision)
+def top_ops(sizes, L, batch, attention, precision, device, rows: int = 8) -> list[str]:
+    """The ``rows`` operators with the most self time (CPU time, or on CUDA GPU time) over 3
+    training steps."""
+    step = setup(sizes, L, batch, attention, precision, device)
     step()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    cuda = device != "cpu"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         for _ in range(3):
             step()
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    total = sum(e.self_cpu_time_total for e in events)
-    return [f"{e.key} {100 * e.self_cpu_time_total / total:.0f}%" for e in events[:rows]]
+        sync()
+
+    def self_time(e):
+        return e.self_device_time_total if cuda else e.self_cpu_time_total
+    events = sorted(prof.key_averages(), key=self_time, reverse=True)
+    total = sum(self_time(e) for e in events)
+    return [f"{e.key[:60]} {100 * self_time(e) / total:.0f}%" for e in events[:rows]]
 
 
-def run() -> list[str]:
-    bf16 = native_bf16(torch.device("cpu"))
-    peak32 = matmul_flops(torch.float32)
-    peak16 = matmul_flops(torch.bfloat16) if bf16 else None
+def run(device: str = "cpu") -> list[str]:
+    bf16 = native_bf16(torch.device(device))
+    peak32 = matmul_flops(torch.float32, device)
+    peak16 = matmul_flops(torch.bfloat16, device) if bf16 else None
     precisions = ["fp32", "bf16"] if bf16 else ["fp32"]
     configs = [(f"VGG-sized {a}, 512/1000/512, L=196, batch 64", ((512, 1000, 512), 196, 64, a)) for a in ("soft", "hard")]
     configs.append(("port's sizes soft, 512/512/512, L=169, batch 32", ((512, 512, 512), 169, 32, "soft")))
-    port = port_rate()
-    lines = [f"Measured matmul peak (2048^3): fp32 {peak32 / 1e9:.0f} GFLOP/s"
+    port = port_rate(device)
+    side = 2048 if device == "cpu" else 8192
+    lines = [f"Measured matmul peak ({side}^3): fp32 {peak32 / 1e9:.0f} GFLOP/s"
              + (f", bf16 {peak16 / 1e9:.0f} GFLOP/s" if bf16 else "") + ". "
              f"The port's training step (bench/port.py, fp32), measured in this run at 512/512/512, L=169, batch 32: "
              f"{port:.0f} captions/s (the issue quotes {PORT_CAPTIONS_PER_S}).", "",
@@ -92,12 +102,13 @@ def run() -> list[str]:
              "| vs the port measured here (target >= 5) | vs the quoted 39 captions/s |", "|---|---|---|---|---|---|---|---|"]
     for label, args in configs:
         for precision in precisions:
-            r = measure(*args, precision)
+            r = measure(*args, precision, device)
             versus = (f"**{r['captions_s'] / port:.1f}x** | {r['captions_s'] / PORT_CAPTIONS_PER_S:.1f}x"
                       if label.startswith("port") else " | ")
             lines.append(f"| {label} | {precision} | {r['captions_s']:.0f} | {r['tokens_s']:.0f} | "
                          f"{r['flops'] / 1e9:.0f} | {r['flops'] / peak32:.2f} | {versus} |")
     best = precisions[-1]
     for label, args in configs[:2]:
-        lines += ["", f"Profile, {label}, {best} (self CPU time): " + ", ".join(top_ops(*args, best))]
+        lines += ["", f"Profile, {label}, {best} (self {'CPU' if device == 'cpu' else 'GPU'} time): "
+                  + ", ".join(top_ops(*args, best, device))]
     return lines
