@@ -40,7 +40,8 @@ def bench_encoder(name: str, weights: str, n: int, device: str, batch: int) -> d
     encoder = build_encoder(name, weights, device)
     config = FeatureConfig(encoder=name, weights=weights, batch_size=batch, shard_size=n, device=device,
                            num_workers=2 if device == "cpu" else 8)
-    half = PRECISIONS[compute_precision(config, encoder.device)]
+    precision = compute_precision(config, encoder.device)
+    half = PRECISIONS[precision]
     transform = Preprocess().transform()
     batches = torch.stack([transform(open_rgb(r.image_path)) for r in records]).to(device).split(batch)
     modes = {mode: n / bare_forward(encoder, batches, mode, half) for mode in ("no_grad", "inference_mode",
@@ -52,7 +53,7 @@ def bench_encoder(name: str, weights: str, n: int, device: str, batch: int) -> d
     return {"encoder": name, "weights": "imagenet file" if weights not in ("random", "imagenet") else weights,
             "images": n, "batch": batch, "workers": config.num_workers, "end_to_end": end_to_end, **modes,
             "ratio": end_to_end / modes["inference_mode"],
-            "precision": compute_precision(config, encoder.device), "other_name": "fp32" if half is not None else "bf16"}
+            "precision": precision, "other_name": "fp32" if half is not None else "bf16"}
 
 
 def run(device: str = "cpu") -> list[str]:

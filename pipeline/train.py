@@ -232,15 +232,15 @@ def train_step(decoder: Decoder, optimizer, annotations: torch.Tensor, captions:
     ``semi_sampling_p``, expected context), the objective, backward, clipping, optimizer step.
 
     annotations: (B, L, D) float; captions: (B, T+1) long, one length. ``run['baseline']`` (the
-    REINFORCE moving average, None before the first sampled batch; kept for either
-    ``objective_config.baseline``) is updated in place.
+    REINFORCE moving average of ``objective_config.baseline`` 'moving', None before the first
+    sampled batch) is updated in place.
     Returns (loss: 0-dim tensor, stats: dict of floats) as :func:`pipeline.model.objective`.
     """
     sampled = config.attention == "hard" and torch.rand(()).item() >= config.semi_sampling_p
     with autocast(config, annotations.device):
         result = decoder(annotations, captions, "sample" if sampled else "expected")
         loss, stats = objective(result, captions, objective_config, sampled, run["baseline"])
-    if sampled:  # b_k = 0.9 b_{k-1} + 0.1 log p(y|s_k, a); the first batch starts it
+    if sampled and objective_config.baseline == "moving":  # b_k = 0.9 b_{k-1} + 0.1 log p(y|s_k, a)
         b, d = run["baseline"], objective_config.baseline_decay
         run["baseline"] = stats["log_p_y"] if b is None else d * b + (1 - d) * stats["log_p_y"]
     optimizer.zero_grad(set_to_none=True)
