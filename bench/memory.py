@@ -2,10 +2,16 @@
 each in its own process. Shards stream, so the peak must not grow with the number of images.
 The vocabulary does grow with the corpus (words seen 5 times), and with it the decoder's output
 layer and every (batch, T, V) tensor, so training is also measured over the 1000 images with the
-7000-image vocabulary: the same model, only the number of images differs."""
+7000-image vocabulary: the same model, only the number of images differs. Training's peak is
+reached at the step of the largest minibatch (captions x tokens, section 4.3's one-length
+batches), and a larger corpus fills whole minibatches of longer captions, so the table is
+followed by each corpus's largest minibatch."""
 import json
 import shutil
 from pathlib import Path
+
+from pipeline.shards import AnnotationShards, CaptionPairs
+from pipeline.train import TrainConfig, epoch_batches
 
 from .common import FLICKR8K, SQUEEZENET_WEIGHTS, corpus_records, run_measuring_memory
 
@@ -25,6 +31,14 @@ def corpus(workspace: Path, images: int) -> tuple[Path, Path]:
     path = workspace / f"corpus-{images}.json"
     path.write_text(json.dumps({"images": entries}))
     return path, train[0].image_path.parent
+
+
+def largest_minibatch(features: Path) -> tuple[int, int]:
+    """(captions, tokens per caption) of the largest minibatch of training's first epoch."""
+    pairs = CaptionPairs(AnnotationShards(features, "train"))
+    lengths = pairs.lengths()
+    batches = epoch_batches(pairs, TrainConfig(features=str(features), out=""), 0)
+    return max(((len(b), lengths[b[0]]) for b in batches), key=lambda shape: shape[0] * shape[1])
 
 
 def run(workspace: Path) -> tuple[list[str], Path]:
@@ -57,4 +71,7 @@ def run(workspace: Path) -> tuple[list[str], Path]:
     (t1, m1), (t7, m7) = trained, large[1]
     lines.append(f"| `cli.py train`, the same model: the 1000 images with the 7000-image vocabulary | {m1:.0f} "
                  f"({t1:.0f} s) | {m7:.0f} ({t7:.0f} s) | **{m7 / m1:.2f}** |")
+    (b1, t1), (b7, t7) = (largest_minibatch(workspace / f"features-{n}") for n in SIZES)
+    lines += ["", f"Training's largest minibatch (captions x tokens): {b1} x {t1} over 1000 images, {b7} x {t7} "
+              f"over 7000 ({b7 * t7 / (b1 * t1):.2f}x the tokens): its step sets the peak."]
     return lines, workspace / "features-7000"

@@ -37,7 +37,8 @@ def setup(sizes: tuple[int, int, int], L: int, batch: int, attention: str, preci
     run = {"baseline": None}
 
     def step():
-        train_step(decoder, optimizer, annotations, captions, config, ObjectiveConfig(), run)
+        train_step(decoder, optimizer, annotations, captions, config, ObjectiveConfig(), run,
+                   epoch=config.soft_warmup_epochs)  # past the warm-up: hard attention samples
     return step
 
 

@@ -58,7 +58,8 @@ class TrainConfig:
     val_beam_size: int = 3  # beam size of validation decoding (1: greedy)
     max_len: int = 20  # longest caption decoded in validation, in words
     decode_context: str = "expected"  # hard attention at validation: 'expected' | 'sample' | 'argmax'
-    semi_sampling_p: float = 0.5  # hard attention: chance a minibatch uses the expected context
+    semi_sampling_p: float = 0.75  # hard attention: chance a minibatch uses the expected context (paper: 0.5)
+    soft_warmup_epochs: int = 2  # hard attention: first epochs trained on the expected context only
     checkpoint_every: int = 0  # also write last.pt every N steps (0: at epoch ends only)
     workers: int = 0  # DataLoader processes reading shards (0: in the training process)
     precision: str = "auto"  # 'fp32', 'bf16' (autocast; fp32 weights), or 'auto': bf16 where the hardware has it
@@ -227,16 +228,18 @@ def _truncate_log(out: Path, epochs_done: int) -> None:
 
 
 def train_step(decoder: Decoder, optimizer, annotations: torch.Tensor, captions: torch.Tensor, config: TrainConfig,
-               objective_config: ObjectiveConfig, run: dict):
+               objective_config: ObjectiveConfig, run: dict, epoch: int):
     """One minibatch update: forward (soft, or for hard attention a sampled or, with chance
-    ``semi_sampling_p``, expected context), the objective, backward, clipping, optimizer step.
+    ``semi_sampling_p``, expected context; expected only in the first ``soft_warmup_epochs``
+    epochs, counted from 0 by ``epoch``), the objective, backward, clipping, optimizer step.
 
     annotations: (B, L, D) float; captions: (B, T+1) long, one length. ``run['baseline']`` (the
     REINFORCE moving average of ``objective_config.baseline`` 'moving', None before the first
     sampled batch) is updated in place.
     Returns (loss: 0-dim tensor, stats: dict of floats) as :func:`pipeline.model.objective`.
     """
-    sampled = config.attention == "hard" and torch.rand(()).item() >= config.semi_sampling_p
+    sampled = (config.attention == "hard" and epoch >= config.soft_warmup_epochs
+               and torch.rand(()).item() >= config.semi_sampling_p)
     with autocast(config, annotations.device):
         result = decoder(annotations, captions, "sample" if sampled else "expected")
         loss, stats = objective(result, captions, objective_config, sampled, run["baseline"])
@@ -353,7 +356,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool, world: distributed
         start, captions_seen = time.perf_counter(), 0
         for annotations, captions, _ in bar:
             annotations, captions = annotations.to(device, non_blocking=True), captions.to(device, non_blocking=True)
-            loss, stats = train_step(model, optimizer, annotations, captions, config, objective_config, run)
+            loss, stats = train_step(model, optimizer, annotations, captions, config, objective_config, run, epoch)
             if ema is not None:
                 ema.update_parameters(decoder)
             position["batch"] += 1

@@ -148,7 +148,8 @@ def _train_args(features, out, *extra):
             "--attention-dim", "16", *extra]
 
 
-@pytest.mark.parametrize("options, seed", [(("--attention", "soft", "--ema-decay", "0"), 0), (("--attention", "hard"), 1),
+@pytest.mark.parametrize("options, seed", [(("--attention", "soft", "--ema-decay", "0"), 0),
+                                           (("--attention", "hard", "--soft-warmup-epochs", "1"), 1),
                                            (("--ema-decay", "0.9"), 2)])
 def test_training_killed_at_a_random_moment_then_resumed(objects, tmp_path, options, seed):
     seconds, _ = _timed(_train_args(objects, tmp_path / "ref", *options))

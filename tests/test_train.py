@@ -51,7 +51,7 @@ def test_learns_to_caption_and_attend_held_out_scenes(objects, tmp_path, attenti
     features, scenes = objects
     config = TrainConfig(features=str(features), out=str(tmp_path / attention), attention=attention, lr=3e-3,
                          epochs=epochs, batch_size=32, patience=0, ema_decay=0.0, model=TINY,
-                         objective={"alpha_c": 0.0})
+                         objective={"alpha_c": 0.0}, soft_warmup_epochs=0)  # hard: sampled from the first step
     state = train(config, progress=False)
     assert state["run"]["best_bleu4"] >= 95
     last = json.loads((tmp_path / attention / "metrics.jsonl").read_text().splitlines()[-1])
@@ -59,6 +59,23 @@ def test_learns_to_caption_and_attend_held_out_scenes(objects, tmp_path, attenti
     bleu4, mass = held_out_scores(tmp_path / attention, features, scenes["test"])
     assert bleu4 >= 0.95
     assert mass.mean() > 0.5, f"attention on the named object: mean {mass.mean():.2f}"
+
+
+def test_hard_attention_samples_only_after_the_soft_warmup(objects, tmp_path, monkeypatch):
+    """The first soft_warmup_epochs epochs train on the expected context only; after them about
+    1 - semi_sampling_p of the minibatches sample their locations."""
+    from pipeline.model import Decoder
+    features, _ = objects
+    contexts, forward = [], Decoder.forward
+    monkeypatch.setattr(Decoder, "forward", lambda self, a, c, context="expected": (
+        contexts.append(context) if self.training else None, forward(self, a, c, context))[1])
+    config = TrainConfig(features=str(features), out=str(tmp_path / "r"), attention="hard", epochs=3, batch_size=16,
+                         soft_warmup_epochs=2, val_images=5, val_beam_size=1, model=TINY)
+    train(config, progress=False)
+    steps = len(contexts) // 3  # 1500 captions of one length: 94 minibatches per epoch
+    assert steps == 94 and set(contexts[:2 * steps]) == {"expected"}
+    sampled = contexts[2 * steps:].count("sample") / steps  # binomial, standard deviation 0.045 at p = 0.75
+    assert abs(sampled - (1 - config.semi_sampling_p)) < 0.15, sampled
 
 
 def test_doubly_stochastic_term_spreads_attention(objects, tmp_path):
