@@ -176,8 +176,8 @@ def features(dataset, data_dir, karpathy_json, image_dir, splits, encoder, weigh
 def train(features_dir, out, attention, resume, optimizer, lr, batch_size, epochs, patience, lr_decay, lr_patience,
           clip, ema_decay, seed, device, embed_dim, hidden_dim, attention_dim, attention_layers, attention_input_scale,
           dropout, output_tanh, no_gating, alpha_c, entropy_c, reinforce_scale, baseline, baseline_decay,
-          semi_sampling_p, soft_warmup_epochs, decode_context, val_split, val_images, val_beam_size, max_len, checkpoint_every, workers,
-          precision, no_progress):
+          semi_sampling_p, soft_warmup_epochs, decode_context, val_split, val_images, val_beam_size, max_len,
+          checkpoint_every, workers, precision, no_progress):
     """Stage two: train the attention decoder on feature shards.
 
     Validates each epoch by free-running beam-search decoding scored with BLEU-4, keeps last.pt

@@ -78,6 +78,9 @@ class TrainConfig:
             raise PipelineError("--lr-decay must be in (0, 1] (1: keep the learning rate)")
         if not 0 <= self.ema_decay < 1:
             raise PipelineError("--ema-decay must be in [0, 1) (0: no weight averaging)")
+        if not 0 <= self.semi_sampling_p <= 1 or self.soft_warmup_epochs < 0:
+            raise PipelineError("--semi-sampling-p must be in [0, 1] (1: never sample) and --soft-warmup-epochs "
+                                "at least 0")
 
 
 def native_bf16(device: torch.device) -> bool:

@@ -197,6 +197,9 @@ CASES = [
         _train(r / "features", t / "run", "--resume"), r"last.pt: no such checkpoint"), 2),
     ("train-learning-rate-decay-above-1", lambda t, r, i: (
         _train(r / "features", t / "run", "--lr-decay", "2"), r"--lr-decay must be in \(0, 1\]"), 2),
+    ("train-semi-sampling-probability-above-1", lambda t, r, i: (
+        _train(r / "features", t / "run", "--attention", "hard", "--semi-sampling-p", "1.5"),
+        r"--semi-sampling-p must be in \[0, 1\]"), 2),
     # -- evaluate ----------------------------------------------------------------------------------
     ("checkpoint-not-a-checkpoint", lambda t, r, i: (
         _evaluate(_write(t / "notes.pt", b"hello")),
