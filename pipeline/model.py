@@ -118,9 +118,12 @@ class Decoder(nn.Module):
         n, A = self.config.hidden_dim, self.config.attention_dim
         hp = self.hidden_proj(h)
         gates_h, att_h, beta_logit = hp[:, :4 * n], hp[:, 4 * n:4 * n + A], hp[:, -1]
-        # eq. 4; tanh in place: the (B, L, A) sum is the step's largest tensor, and a second
-        # allocation of it costs more than the arithmetic (bench/RESULTS.md)
-        e = self.att_score(self.att_extra((proj + att_h.unsqueeze(1)).tanh_())).squeeze(2)
+        if torch.is_grad_enabled() or proj.device.type != "cpu":
+            e = self.energies(proj, att_h)
+        else:  # decoding on a CPU: blocks of rows whose (rows, L, A) sum stays in cache (about 2 MiB);
+            # the whole (B*k, L, A) of a batched beam goes to memory and back (bench/RESULTS.md)
+            rows = max(1, (1 << 21) // (proj.shape[1] * proj.shape[2] * proj.element_size()))
+            e = torch.cat([self.energies(p, a) for p, a in zip(proj.split(rows), att_h.split(rows))])
         alpha = torch.softmax(e, dim=1)  # eq. 5
         if isinstance(context, str) and context == "expected":
             s, z = None, torch.bmm(alpha.unsqueeze(1), annotations).squeeze(1)
@@ -141,6 +144,12 @@ class Decoder(nn.Module):
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)  # eq. 2
         h = torch.sigmoid(o) * torch.tanh(c)  # eq. 3
         return h, c, z, alpha, beta, s
+
+    def energies(self, proj: torch.Tensor, att_h: torch.Tensor) -> torch.Tensor:
+        """The attention MLP f_att (eq. 4): e (N, L) from proj (N, L, A), W_a a_i + b, and att_h
+        (N, A), W_h h_{t-1}. tanh in place: the (N, L, A) sum is the step's largest tensor, and a
+        second allocation of it costs more than the arithmetic (bench/RESULTS.md)."""
+        return self.att_score(self.att_extra((proj + att_h.unsqueeze(1)).tanh_())).squeeze(2)
 
     def output(self, embedded, h, z) -> torch.Tensor:
         """Deep output layer (eq. 7): logits (..., V) from E y_{t-1} (..., m), h_t (..., n) and

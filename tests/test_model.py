@@ -96,3 +96,19 @@ def test_attention_input_scale_divides_what_f_att_sees():
     h1, c1, _ = plain.init_state(a)
     torch.testing.assert_close(proj, plain.init_state(a / 4.0)[2])
     torch.testing.assert_close((h, c), (h1, c1))
+
+
+def test_decoding_in_blocks_of_rows_gives_the_training_step():
+    """Without autograd on a CPU the attention energies go through in blocks of rows (here 40 rows
+    of (64, 512) in blocks of 16, the last one short); the step must not change."""
+    torch.manual_seed(0)
+    decoder = Decoder(DecoderConfig(vocab_size=9, annotation_dim=8, embed_dim=6, hidden_dim=10, attention_dim=512,
+                                    dropout=0.0)).eval()
+    a = torch.randn(40, 64, 8).relu()
+    h, c, proj = decoder.init_state(a)
+    embedded = decoder.embedding(torch.randint(0, 9, (40,)))
+    with torch.no_grad():
+        blocked = decoder.step(embedded, h, c, a, proj)
+    whole = decoder.step(embedded, h, c, a, proj)  # autograd on: one (40, 64, 512) sum
+    for x, y in zip(blocked[:5], whole[:5]):
+        torch.testing.assert_close(x, y.detach())
