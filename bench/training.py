@@ -1,6 +1,7 @@
 """Training step: captions/s and tokens/s of :func:`pipeline.train.train_step` on random
 annotation vectors and captions of one length, its achieved FLOP/s as a fraction of this
-machine's measured matmul FLOP/s (same run), and a profile of where the time goes."""
+machine's measured matmul FLOP/s (same run), and a profile of where the time goes. Hard attention
+runs its default schedule past the warm-up: a sampled context on 1 - semi_sampling_p of the steps."""
 import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
@@ -38,7 +39,7 @@ def setup(sizes: tuple[int, int, int], L: int, batch: int, attention: str, preci
 
     def step():
         train_step(decoder, optimizer, annotations, captions, config, ObjectiveConfig(), run,
-                   epoch=config.soft_warmup_epochs)  # past the warm-up: hard attention samples
+                   epoch=config.soft_warmup_epochs)  # past the warm-up
     return step
 
 
