@@ -59,8 +59,9 @@ def bench_encoder(name: str, weights: str, n: int, device: str, batch: int) -> d
 def run(device: str = "cpu") -> list[str]:
     squeezenet_weights = str(SQUEEZENET_WEIGHTS) if SQUEEZENET_WEIGHTS.exists() else "random"
     cpu = device == "cpu"
-    rows = [bench_encoder("vgg19", "random", 64 if cpu else 2048, device, 32 if cpu else 128),
-            bench_encoder("squeezenet1_1", squeezenet_weights, 512 if cpu else 2048, device, 32 if cpu else 128)]
+    batch = 32 if cpu else 128
+    rows = [bench_encoder("vgg19", "random", 64 if cpu else 2048, device, batch),
+            bench_encoder("squeezenet1_1", squeezenet_weights, 512 if cpu else 2048, device, batch)]
     lines = ["| encoder | images, batch, decoding workers | end-to-end img/s | bare forward img/s (inference_mode, "
              "channels_last, pipeline's precision) | ratio (target >= 0.9) | no_grad img/s | NCHW img/s "
              "| other precision img/s |", "|---|---|---|---|---|---|---|---|"]

@@ -17,10 +17,15 @@ WORDS = 12  # words per caption (Flickr8k's mean is about 11): 13 predicted toke
 PORT_CAPTIONS_PER_S = 39  # the most used PyTorch port at 512/512/512, L=169, batch 32, on this CPU (issue 5)
 
 
-def matmul_flops(dtype: torch.dtype, device: str, n: int = 2048) -> float:
-    """Measured FLOP/s of an (n x n) @ (n x n) matrix product in ``dtype`` on ``device``
-    (CUDA: 8192^3, as 2048^3 leaves the GPU half idle)."""
-    n = n if device == "cpu" else 8192
+def matmul_side(device: str) -> int:
+    """Side n of the (n x n) @ (n x n) product that measures the peak: 2048, or on CUDA 8192 (2048
+    leaves the GPU half idle)."""
+    return 2048 if device == "cpu" else 8192
+
+
+def matmul_flops(dtype: torch.dtype, device: str) -> float:
+    """Measured FLOP/s of the :func:`matmul_side` square matrix product in ``dtype`` on ``device``."""
+    n = matmul_side(device)
     a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     return 2 * n ** 3 / seconds(lambda: a @ b, repeat=5)
 
@@ -95,8 +100,7 @@ def run(device: str = "cpu") -> list[str]:
     configs = [(f"VGG-sized {a}, 512/1000/512, L=196, batch 64", ((512, 1000, 512), 196, 64, a)) for a in ("soft", "hard")]
     configs.append(("port's sizes soft, 512/512/512, L=169, batch 32", ((512, 512, 512), 169, 32, "soft")))
     port = port_rate(device)
-    side = 2048 if device == "cpu" else 8192
-    lines = [f"Measured matmul peak ({side}^3): fp32 {peak32 / 1e9:.0f} GFLOP/s"
+    lines = [f"Measured matmul peak ({matmul_side(device)}^3): fp32 {peak32 / 1e9:.0f} GFLOP/s"
              + (f", bf16 {peak16 / 1e9:.0f} GFLOP/s" if bf16 else "") + ". "
              f"The port's training step (bench/port.py, fp32), measured in this run at 512/512/512, L=169, batch 32: "
              f"{port:.0f} captions/s (the issue quotes {PORT_CAPTIONS_PER_S}).", "",

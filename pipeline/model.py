@@ -30,6 +30,11 @@ CONTEXTS = ("expected", "sample", "argmax")
 BASELINES = ("batch", "moving")
 
 
+def attention_entropy(alpha: torch.Tensor) -> torch.Tensor:
+    """H(alpha_t) in nats: alpha (..., L) attention weights -> (...); log L when uniform."""
+    return -(alpha * alpha.clamp_min(1e-12).log()).sum(-1)
+
+
 @dataclass
 class DecoderConfig:
     """Sizes and switches of the decoder. Defaults are the paper's / the authors' values."""
@@ -180,10 +185,9 @@ class Decoder(nn.Module):
             step_context = context[:, t] if torch.is_tensor(context) else context
             h, c, z, alpha, beta, s = self.step(embedded[:, t], h, c, annotations, proj, step_context)
             hs.append(h), zs.append(z), alphas.append(alpha), betas.append(beta)
-            log_alpha = torch.log(alpha.clamp_min(1e-12))
-            entropy = entropy - (alpha * log_alpha).sum(1)
+            entropy = entropy + attention_entropy(alpha)
             if s is not None:
-                log_p_s = log_p_s + log_alpha.gather(1, s.unsqueeze(1)).squeeze(1)
+                log_p_s = log_p_s + alpha.gather(1, s.unsqueeze(1)).squeeze(1).clamp_min(1e-12).log()
         logits = self.output(embedded, torch.stack(hs, 1), torch.stack(zs, 1))
         log_p_s = log_p_s if torch.is_tensor(log_p_s) else torch.zeros_like(entropy)
         return DecoderOutput(logits, torch.stack(alphas, 1), torch.stack(betas, 1), log_p_s, entropy)

@@ -26,7 +26,7 @@ from .atomic import atomic_path
 from .decode import beam_search
 from .errors import PipelineError, describe
 from .metrics import bleu
-from .model import Decoder, DecoderConfig, ObjectiveConfig, objective
+from .model import Decoder, DecoderConfig, ObjectiveConfig, attention_entropy, objective
 from .shards import AnnotationShards, CaptionPairs
 from .text import Vocabulary
 
@@ -141,7 +141,7 @@ def validate(decoder: Decoder, shards: AnnotationShards, config: TrainConfig, de
             captions = beam_search(decoder, annotations.to(device), vocab.start, vocab.end, config.val_beam_size,
                                    config.max_len, context=config.decode_context)
         hyps += [vocab.decode(c.tokens) for c in captions]
-        entropies += [-(c.alpha * c.alpha.clamp_min(1e-12).log()).sum(1).mean().item() for c in captions]
+        entropies += [attention_entropy(c.alpha).mean().item() for c in captions]
     refs = [[vocab.decode(c) for c in caps] for caps in shards.captions[:len(hyps)]]
     return {"bleu": [100 * b for b in bleu(hyps, refs)], "captions": hyps,
             "attention_entropy": sum(entropies) / max(len(entropies), 1)}
