@@ -1,10 +1,11 @@
 """Beam search: images/s at beam 3 and 5, the whole batch of 64 images at once against one image
 at a time, same model (default sizes, L=196). With untrained weights no hypothesis ends early, so
-every caption runs to the 20-word limit in both modes."""
+every caption runs to the 20-word limit in both modes. Also f_att's tanh (the largest cost of a
+batched step) as PyTorch's tanh kernel and as the decoder computes it, side by side."""
 import torch
 
 from pipeline.decode import beam_search
-from pipeline.model import Decoder, DecoderConfig
+from pipeline.model import AttentionTanh, Decoder, DecoderConfig
 from pipeline.train import native_bf16
 
 from .common import seconds
@@ -27,4 +28,17 @@ def run(device: str = "cpu") -> list[str]:
                                           for i in range(IMAGES)])
             lines.append(f"| {k} | {precision} | {IMAGES / batched:.1f} | {IMAGES / single:.1f} | "
                          f"**{single / batched:.1f}** |")
+    lines += ["", tanh_rates(device)]
     return lines
+
+
+@torch.no_grad()
+def tanh_rates(device: str, k: int = 5) -> str:
+    """One line: f_att's tanh(proj + W_h h) over one image's beam of k rows, (k, 196, 512) float32,
+    in G values/s, with torch's tanh kernel and with :class:`AttentionTanh`."""
+    proj, att_h = torch.randn(k, 196, 512, device=device), torch.randn(k, 512, device=device)
+    kernel = seconds(lambda: (proj + att_h.unsqueeze(1)).tanh_(), repeat=50)
+    ours = seconds(lambda: AttentionTanh.apply(proj, att_h), repeat=50)
+    return (f"f_att's tanh(proj + W_h h) over ({k}, 196, 512) float32, add included: torch's tanh_ "
+            f"{proj.numel() / kernel / 1e9:.2f} G values/s, AttentionTanh {proj.numel() / ours / 1e9:.2f} "
+            f"(**{kernel / ours:.1f}x**).")

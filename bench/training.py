@@ -7,7 +7,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.model import Decoder, DecoderConfig, ObjectiveConfig
-from pipeline.train import TrainConfig, native_bf16, train_step
+from pipeline.train import TrainConfig, keep_freed_memory, native_bf16, train_step
 
 from .common import seconds, sync
 from .port import PortDecoder, port_step
@@ -31,6 +31,7 @@ def matmul_flops(dtype: torch.dtype, device: str) -> float:
 
 
 def setup(sizes: tuple[int, int, int], L: int, batch: int, attention: str, precision: str, device: str):
+    keep_freed_memory()  # as `cli.py train` does
     embed, hidden, att = sizes
     torch.manual_seed(0)
     decoder = Decoder(DecoderConfig(vocab_size=VOCAB, annotation_dim=512, embed_dim=embed, hidden_dim=hidden,
@@ -49,14 +50,17 @@ def setup(sizes: tuple[int, int, int], L: int, batch: int, attention: str, preci
 
 
 def port_rate(device: str, L: int = 169, batch: int = 32, steps: int = 4) -> float:
-    """Captions/s of the port's training step (bench/port.py) at its sizes, fp32, same captions."""
+    """Captions/s of the port's training step (bench/port.py) at its sizes, fp32, same captions;
+    the best of 3 timings, as :func:`measure`'s (these machines are shared: the best is the least
+    disturbed)."""
     torch.manual_seed(0)
     decoder = PortDecoder(VOCAB).to(device)
     optimizer = torch.optim.Adam(decoder.parameters(), lr=4e-4)
     encoder_out = torch.randn(batch, L, 512, device=device).relu()
     captions = torch.randint(4, VOCAB, (batch, WORDS + 2), device=device)
     lengths = [WORDS + 2] * batch
-    took = seconds(lambda: [port_step(decoder, optimizer, encoder_out, captions, lengths) for _ in range(steps)])
+    took = seconds(lambda: [port_step(decoder, optimizer, encoder_out, captions, lengths) for _ in range(steps)],
+                   repeat=3)
     return batch * steps / took
 
 
@@ -69,16 +73,18 @@ def step_flops(step) -> int:
 
 
 def measure(sizes, L, batch, attention, precision, device, steps: int = 8) -> dict:
+    """Captions/s, tokens/s and achieved FLOP/s of ``steps`` training steps, the best of 3 timings."""
     step = setup(sizes, L, batch, attention, precision, device)
-    took = seconds(lambda: [step() for _ in range(steps)], warmup=1) / steps
+    took = seconds(lambda: [step() for _ in range(steps)], repeat=3) / steps
     return {"captions_s": batch / took, "tokens_s": batch * (WORDS + 1) / took, "flops": step_flops(step) / took}
 
 
 def top_ops(sizes, L, batch, attention, precision, device, rows: int = 8) -> list[str]:
     """The ``rows`` operators with the most self time (CPU time, or on CUDA GPU time) over 3
-    training steps."""
+    training steps, after 3 (the first steps of a process also page-fault their heap in)."""
     step = setup(sizes, L, batch, attention, precision, device)
-    step()
+    for _ in range(3):
+        step()
     cuda = device != "cpu"
     with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         for _ in range(3):
@@ -99,6 +105,7 @@ def run(device: str = "cpu") -> list[str]:
     precisions = ["fp32", "bf16"] if bf16 else ["fp32"]
     configs = [(f"VGG-sized {a}, 512/1000/512, L=196, batch 64", ((512, 1000, 512), 196, 64, a)) for a in ("soft", "hard")]
     configs.append(("port's sizes soft, 512/512/512, L=169, batch 32", ((512, 512, 512), 169, 32, "soft")))
+    keep_freed_memory()  # before the port's run too: both measured with the allocator setting of `cli.py train`
     port = port_rate(device)
     lines = [f"Measured matmul peak ({matmul_side(device)}^3): fp32 {peak32 / 1e9:.0f} GFLOP/s"
              + (f", bf16 {peak16 / 1e9:.0f} GFLOP/s" if bf16 else "") + ". "

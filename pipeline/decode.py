@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .model import Decoder
+from .model import Decoder, in_autocast_dtype
 
 
 @torch.no_grad()
@@ -19,6 +19,7 @@ def greedy_decode(decoder: Decoder, annotations: torch.Tensor, start: int, end: 
     caption's ``<end>`` hold whatever was decoded there and are to be cut at the first ``end``)
     and alpha: (B, T, L) the attention weights of each step. context as in :meth:`Decoder.step`.
     """
+    annotations = in_autocast_dtype(annotations)
     h, c, proj = decoder.init_state(annotations)
     token = torch.full((annotations.shape[0],), start, dtype=torch.long, device=annotations.device)
     done = torch.zeros_like(token, dtype=torch.bool)
@@ -81,6 +82,7 @@ def _beam(decoder, annotations, start, end, beam_size, max_len, length_penalty, 
     B, L, _ = annotations.shape
     k, device, inf = beam_size, annotations.device, float("-inf")
     rows = torch.arange(B, device=device).unsqueeze(1)  # (B, 1)
+    annotations = in_autocast_dtype(annotations)
     h, c, proj = decoder.init_state(annotations)
     a, h, c, proj = (x.repeat_interleave(k, 0) for x in (annotations, h, c, proj))
     score = torch.full((B, k), inf, device=device)

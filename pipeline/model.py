@@ -35,6 +35,35 @@ def attention_entropy(alpha: torch.Tensor) -> torch.Tensor:
     return -(alpha * alpha.clamp_min(1e-12).log()).sum(-1)
 
 
+def in_autocast_dtype(annotations: torch.Tensor) -> torch.Tensor:
+    """annotations (B, L, D) in autocast's dtype where autocast is on for their device (else as
+    given): cast once per batch. Left in float32, every step's context bmm (eq. 13) would cast the
+    whole (B, L, D) again, T times per caption (bench/RESULTS.md, training profile)."""
+    device = annotations.device.type
+    return annotations.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else annotations
+
+
+class AttentionTanh(torch.autograd.Function):
+    """tanh(proj + att_h) of f_att (eq. 4): proj (N, L, A), att_h (N, A) -> (N, L, A), the
+    decoding step's largest tensor, so computed in place in the sum's one allocation.
+    On a CPU as 2 sigmoid(2x) - 1 (within 2e-7 of tanh in float32, 1 bf16 ulp): PyTorch's CPU tanh
+    kernel runs 5x slower than its sigmoid kernel and was f_att's largest cost (bench/RESULTS.md).
+    The backward pass keeps only the output, as tanh's own does: d tanh = 1 - tanh^2."""
+
+    @staticmethod
+    def forward(ctx, proj, att_h):
+        x = proj + att_h.unsqueeze(1)
+        y = x.mul_(2).sigmoid_().mul_(2).sub_(1) if x.device.type == "cpu" else x.tanh_()
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        grad_x = torch.ops.aten.tanh_backward(grad, y)  # grad * (1 - y^2), one pass
+        return grad_x, grad_x.sum(1)
+
+
 @dataclass
 class DecoderConfig:
     """Sizes and switches of the decoder. Defaults are the paper's / the authors' values."""
@@ -152,9 +181,8 @@ class Decoder(nn.Module):
 
     def energies(self, proj: torch.Tensor, att_h: torch.Tensor) -> torch.Tensor:
         """The attention MLP f_att (eq. 4): e (N, L) from proj (N, L, A), W_a a_i + b, and att_h
-        (N, A), W_h h_{t-1}. tanh in place: the (N, L, A) sum is the step's largest tensor, and a
-        second allocation of it costs more than the arithmetic (bench/RESULTS.md)."""
-        return self.att_score(self.att_extra((proj + att_h.unsqueeze(1)).tanh_())).squeeze(2)
+        (N, A), W_h h_{t-1}; its tanh by :class:`AttentionTanh`."""
+        return self.att_score(self.att_extra(AttentionTanh.apply(proj, att_h))).squeeze(2)
 
     def output(self, embedded, h, z) -> torch.Tensor:
         """Deep output layer (eq. 7): logits (..., V) from E y_{t-1} (..., m), h_t (..., n) and
@@ -178,6 +206,7 @@ class Decoder(nn.Module):
         the paper's length-bucketed minibatches, section 4.3). Predicts tokens 1..T from 0..T-1.
         context: as in :meth:`step`, or a (B, T) long tensor of given locations per step.
         """
+        annotations = in_autocast_dtype(annotations)
         h, c, proj = self.init_state(annotations)
         embedded = self.embedding(captions[:, :-1])  # (B, T, m)
         hs, zs, alphas, betas, log_p_s, entropy = [], [], [], [], 0.0, 0.0

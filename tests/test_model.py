@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.model import Decoder, DecoderConfig, ObjectiveConfig, objective
+from pipeline.model import AttentionTanh, Decoder, DecoderConfig, ObjectiveConfig, objective
 
 
 def tiny(L=3, D=4, V=7, **kw):
@@ -112,3 +112,48 @@ def test_decoding_in_blocks_of_rows_gives_the_training_step():
     whole = decoder.step(embedded, h, c, a, proj)  # autograd on: one (40, 64, 512) sum
     for x, y in zip(blocked[:5], whole[:5]):
         torch.testing.assert_close(x, y.detach())
+
+
+def test_attention_tanh_is_tanh_with_tanh_gradient():
+    """f_att's tanh, computed on a CPU as 2 sigmoid(2x) - 1 in place: its values and both input
+    gradients are those of torch.tanh(proj + att_h), in float64, float32 and bfloat16 (within
+    1 ulp of bfloat16's 8-bit significand)."""
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 3e-7), (torch.bfloat16, 2 ** -8)):
+        proj = (3 * torch.randn(4, 7, 5, dtype=torch.float64)).to(dtype).requires_grad_()
+        att_h = torch.randn(4, 5, dtype=torch.float64).to(dtype).requires_grad_()
+        grad = torch.randn(4, 7, 5, dtype=torch.float64).to(dtype)
+        y = AttentionTanh.apply(proj, att_h)
+        reference = torch.tanh((proj + att_h.unsqueeze(1)).detach().double())  # of the sum in dtype
+        assert y.dtype == dtype and (y.double() - reference).abs().max() <= tol
+        got = torch.autograd.grad(y, (proj, att_h), grad)
+        # the exact gradient at the computed output, as tanh's own backward pass forms it
+        exact = grad.double() * (1 - y.detach().double() ** 2)
+        torch.testing.assert_close(got[0].double(), exact, rtol=0, atol=tol * 8)
+        torch.testing.assert_close(got[1].double(), exact.sum(1), rtol=0, atol=tol * 64)
+    assert torch.autograd.gradcheck(AttentionTanh.apply, (proj.detach().double().requires_grad_(),
+                                                          att_h.detach().double().requires_grad_()))
+
+
+def test_bf16_teacher_forcing_casts_the_annotations_once():
+    """Under bf16 autocast the (B, L, D) annotations are cast once per pass, not by the context
+    bmm of each of the T steps; the logits stay those of the float32 pass to bf16 accuracy."""
+    from torch.profiler import ProfilerActivity, profile
+
+    decoder, a = tiny(L=6, D=8)
+    a = a.expand(3, -1, -1).contiguous()
+    captions = torch.tensor([[1, 4, 5, 6, 3, 2]] * 3)
+    with torch.no_grad():
+        reference = decoder(a, captions).logits
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof, \
+                torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = decoder(a, captions).logits
+    def callers(event):
+        while event.cpu_parent is not None:
+            event = event.cpu_parent
+            yield event.name
+
+    casts = [list(callers(e)) for e in prof.events() if e.name == "aten::_to_copy" and e.input_shapes[:1] == [[3, 6, 8]]]
+    # one cast of the pass's own; mean(1) of the initial state accumulates bf16 in float32 inside
+    assert [c for c in casts if "aten::mean" not in c] == [["aten::to"]]
+    torch.testing.assert_close(logits.float(), reference, atol=0.05, rtol=0.05)
