@@ -61,7 +61,9 @@ def main():
               help="Storage type of the annotation vectors.")
 @click.option("--shard-size", type=int, default=2000, help="Images per HDF5 shard (the unit of resume).")
 @click.option("--batch-size", type=int, default=32, help="Images per encoder forward pass.")
-@click.option("--workers", type=int, default=2, help="Image-decoding worker processes (0: decode in-process).")
+@click.option("--workers", type=int, default=None,
+              help="Image-decoding worker processes (0: decode in the main process). [default: 0 on a CPU, where "
+                   "the encoder's threads use every core already; min(8, CPU cores) on a GPU]")
 @click.option("--device", default="cpu", help="Torch device for the encoder: cpu, cuda, cuda:1, ...")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto",
               help="Encoder arithmetic: fp32, or autocast to fp16/bf16; auto: fp16 on CUDA when --dtype is float16 "

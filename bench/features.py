@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from pipeline.encoders import Preprocess, build_encoder, open_rgb
-from pipeline.features import PRECISIONS, FeatureConfig, compute_precision, extract_features
+from pipeline.features import PRECISIONS, FeatureConfig, compute_precision, decoding_workers, extract_features
+from pipeline.memory import keep_freed_memory
 
 from .common import SQUEEZENET_WEIGHTS, corpus_records, seconds
 
@@ -36,10 +37,10 @@ def bare_forward(encoder, batches, mode: str, half) -> float:
 
 
 def bench_encoder(name: str, weights: str, n: int, device: str, batch: int) -> dict:
+    keep_freed_memory()  # as extract_features does, so the bare forward passes run with it too
     records, _ = corpus_records(Path(tempfile.mkdtemp(prefix="bench-images-")), n)
     encoder = build_encoder(name, weights, device)
-    config = FeatureConfig(encoder=name, weights=weights, batch_size=batch, shard_size=n, device=device,
-                           num_workers=2 if device == "cpu" else 8)
+    config = FeatureConfig(encoder=name, weights=weights, batch_size=batch, shard_size=n, device=device)
     precision = compute_precision(config, encoder.device)
     half = PRECISIONS[precision]
     transform = Preprocess().transform()
@@ -51,7 +52,8 @@ def bench_encoder(name: str, weights: str, n: int, device: str, batch: int) -> d
         summary = extract_features(records, out + "/run", config, "bench", progress=False)
     end_to_end = summary.images / summary.seconds
     return {"encoder": name, "weights": "imagenet file" if weights not in ("random", "imagenet") else weights,
-            "images": n, "batch": batch, "workers": config.num_workers, "end_to_end": end_to_end, **modes,
+            "images": n, "batch": batch, "workers": decoding_workers(config, encoder.device),
+            "end_to_end": end_to_end, **modes,
             "ratio": end_to_end / modes["inference_mode"],
             "precision": precision, "other_name": "fp32" if half is not None else "bf16"}
 

@@ -7,7 +7,8 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.model import Decoder, DecoderConfig, ObjectiveConfig
-from pipeline.train import TrainConfig, keep_freed_memory, native_bf16, train_step
+from pipeline.memory import keep_freed_memory
+from pipeline.train import TrainConfig, native_bf16, train_step
 
 from .common import seconds, sync
 from .port import PortDecoder, port_step

@@ -8,7 +8,6 @@ improve. ``last.pt`` is written every epoch (and every ``checkpoint_every`` step
 when BLEU-4 improves, atomically; ``resume`` continues a killed run from ``last.pt`` and gives the
 same weights as an uninterrupted run (on CPU, for a given seed).
 """
-import ctypes
 import json
 import math
 import time
@@ -26,6 +25,7 @@ from . import distributed
 from .atomic import atomic_path
 from .decode import beam_search
 from .errors import PipelineError, describe
+from .memory import keep_freed_memory
 from .metrics import bleu
 from .model import Decoder, DecoderConfig, ObjectiveConfig, attention_entropy, objective
 from .shards import AnnotationShards, CaptionPairs
@@ -94,24 +94,6 @@ def native_bf16(device: torch.device) -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def keep_freed_memory() -> None:
-    """Have glibc's malloc keep freed memory for reuse rather than hand it back to the OS.
-
-    A training step allocates the same large activations (a (B, L, A) tensor per time step, kept
-    for the backward pass) and frees them all at its end; by default glibc then returns them, and
-    the next step page-faults them in again: up to 90 MiB of page faults per step at VGG sizes,
-    a fifth of the step's time (bench/RESULTS.md). Blocks up to 32 MiB (glibc's largest mmap
-    threshold) now come from the heap, which is trimmed only past 1 GiB free. A no-op without glibc.
-    """
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    mallopt(M_MMAP_THRESHOLD, 32 << 20)
-    mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
 def autocast(config: TrainConfig, device: torch.device):

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ from pipeline import shards
 from pipeline.datasets import load_karpathy
 from pipeline.encoders import Preprocess, build_encoder, open_rgb
 from pipeline.errors import PipelineError
-from pipeline.features import FeatureConfig, extract_features
+from pipeline.features import FeatureConfig, decoding_workers, extract_features
 
 FAST = dict(encoder="squeezenet1_1", weights="random", shard_size=16, batch_size=5, num_workers=2)
 
@@ -105,6 +106,23 @@ def test_reader_with_two_workers(extracted):
     assert data.vocab.decode(caption) == data.vocab.decode(data.captions[i][1])
     with pytest.raises(PipelineError, match="no features for split 'dev'"):
         shards.AnnotationShards(out, "dev")
+
+
+def test_in_process_decoding_threads_write_the_same_shards(extracted, tmp_path):
+    """The CPU default decodes in the main process (a thread per core; no worker processes):
+    the shards hold the same values, image order and failures as with 2 decoding workers."""
+    out, summary, records = extracted
+    assert decoding_workers(FeatureConfig(), torch.device("cpu")) == 0
+    assert decoding_workers(FeatureConfig(num_workers=3), torch.device("cpu")) == 3
+    assert decoding_workers(FeatureConfig(), torch.device("cuda")) == min(8, os.cpu_count())
+    again = extract_features(records, tmp_path, FeatureConfig(**dict(FAST, num_workers=None)), "synthetic",
+                             progress=False)
+    assert again.images == summary.images and again.failures == summary.failures
+    for split in ("train", "val", "test"):
+        a, b = shards.AnnotationShards(out, split), shards.AnnotationShards(tmp_path, split)
+        assert a.image_ids == b.image_ids and all(torch.equal(a[i], b[i]) for i in range(len(a)))
+    with pytest.raises(PipelineError, match="--workers must be 0 or more"):
+        FeatureConfig(num_workers=-1)
 
 
 def test_rerun_skips_finished_shards_and_refuses_other_settings(extracted, corpus_with_bad_images):

@@ -1,8 +1,5 @@
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -162,31 +159,3 @@ def test_weight_average_is_what_is_validated_and_loaded(objects, tmp_path):
     logged = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])["val_bleu4"]
     assert round(validate(decoder, AnnotationShards(features, "val"), config, torch.device("cpu"))["bleu"][3], 2) == logged
 
-
-FREED_MEMORY_PROBE = """
-import resource, sys, torch
-from pipeline.train import keep_freed_memory
-if sys.argv[1] == "keep":
-    keep_freed_memory()
-def step():  # a training step's pattern: large activations, all alive at once, then all freed
-    blocks = [torch.ones(2 << 20) for _ in range(8)]  # 8 x 8 MiB
-    del blocks
-for _ in range(4):
-    step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(3):
-    step()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
-def test_freed_activations_are_reused_without_page_faults():
-    """By default glibc hands 64 MiB freed at a step's end back to the OS and the next step
-    faults it in again (16384 4-KiB pages per step); after keep_freed_memory (as train() runs
-    it) the steps reuse it. Fresh processes, so the default is glibc's own."""
-    def faults(mode):
-        run = subprocess.run([sys.executable, "-c", FREED_MEMORY_PROBE, mode], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent.parent, check=True)
-        return int(run.stdout)
-    assert faults("default") > 3 * 8000 and faults("keep") < 3 * 500
