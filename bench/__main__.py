@@ -10,6 +10,7 @@ import click
 import torch
 
 from pipeline.atomic import atomic_path
+from pipeline.memory import configure_allocator
 
 from . import beam, features, memory, reading, training
 from .common import machine
@@ -37,6 +38,7 @@ def previous_sections(path: Path) -> dict[str, str]:
 def main(sections, results, device):
     """Measure every stage against its limit (all SECTIONS by default; 'reading' also runs 'memory',
     whose 7000-image features it reads)."""
+    configure_allocator()  # as `cli.py features` and `cli.py train` do: everything, the port too, measured with it
     sections = set(sections or SECTIONS) | ({"memory"} if "reading" in sections else set())
     on_gpu = device != "cpu"
     if on_gpu and not torch.cuda.is_available():

@@ -10,7 +10,6 @@ import torch
 
 from pipeline.encoders import Preprocess, build_encoder, open_rgb
 from pipeline.features import PRECISIONS, FeatureConfig, compute_precision, decoding_workers, extract_features
-from pipeline.memory import keep_freed_memory
 
 from .common import SQUEEZENET_WEIGHTS, corpus_records, seconds
 
@@ -37,7 +36,6 @@ def bare_forward(encoder, batches, mode: str, half) -> float:
 
 
 def bench_encoder(name: str, weights: str, n: int, device: str, batch: int) -> dict:
-    keep_freed_memory()  # as extract_features does, so the bare forward passes run with it too
     records, _ = corpus_records(Path(tempfile.mkdtemp(prefix="bench-images-")), n)
     encoder = build_encoder(name, weights, device)
     config = FeatureConfig(encoder=name, weights=weights, batch_size=batch, shard_size=n, device=device)

@@ -7,7 +7,6 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.model import Decoder, DecoderConfig, ObjectiveConfig
-from pipeline.memory import keep_freed_memory
 from pipeline.train import TrainConfig, native_bf16, train_step
 
 from .common import seconds, sync
@@ -32,7 +31,6 @@ def matmul_flops(dtype: torch.dtype, device: str) -> float:
 
 
 def setup(sizes: tuple[int, int, int], L: int, batch: int, attention: str, precision: str, device: str):
-    keep_freed_memory()  # as `cli.py train` does
     embed, hidden, att = sizes
     torch.manual_seed(0)
     decoder = Decoder(DecoderConfig(vocab_size=VOCAB, annotation_dim=512, embed_dim=embed, hidden_dim=hidden,
@@ -106,7 +104,6 @@ def run(device: str = "cpu") -> list[str]:
     precisions = ["fp32", "bf16"] if bf16 else ["fp32"]
     configs = [(f"VGG-sized {a}, 512/1000/512, L=196, batch 64", ((512, 1000, 512), 196, 64, a)) for a in ("soft", "hard")]
     configs.append(("port's sizes soft, 512/512/512, L=169, batch 32", ((512, 512, 512), 169, 32, "soft")))
-    keep_freed_memory()  # before the port's run too: both measured with the allocator setting of `cli.py train`
     port = port_rate(device)
     lines = [f"Measured matmul peak ({matmul_side(device)}^3): fp32 {peak32 / 1e9:.0f} GFLOP/s"
              + (f", bf16 {peak16 / 1e9:.0f} GFLOP/s" if bf16 else "") + ". "

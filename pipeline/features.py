@@ -24,7 +24,7 @@ from .atomic import remove_stale_temps, write_json
 from .datasets import Record
 from .encoders import ImageError, Preprocess, build_encoder, open_rgb
 from .errors import PipelineError
-from .memory import keep_freed_memory
+from .memory import configure_allocator
 from .text import Vocabulary, tokenize
 
 
@@ -187,7 +187,7 @@ def extract_features(records: list[Record], out, config: FeatureConfig, dataset:
     unknown = [s for s in splits if s not in known]
     if unknown:
         raise PipelineError(f"unknown split(s) {', '.join(unknown)} for {dataset}; it has {', '.join(known)}")
-    keep_freed_memory()
+    configure_allocator()
     with distributed.session(config.device) as world:
         encoder = build_encoder(config.encoder, config.weights, world.device)
         preprocess = Preprocess(config.preprocess, config.image_size)

@@ -1,22 +1,34 @@
-"""How the process uses its heap: glibc's malloc told to keep freed memory for reuse."""
+"""How the process gets its memory: glibc's malloc keeps freed memory, PyTorch's large CPU tensors
+sit on transparent huge pages."""
+import os
+
 from .atomic import LIBC
 
 _MALLOPT = getattr(LIBC, "mallopt", None)  # glibc only
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 
 
-def keep_freed_memory() -> None:
-    """Have glibc's malloc keep freed memory for reuse rather than hand it back to the OS.
+def configure_allocator() -> None:
+    """Make the memory of large, short-lived tensors cheap to get again; call it before the
+    process's first tensor (PyTorch reads its setting at its first CPU allocation).
 
-    Training steps and encoder batches allocate the same large tensors again and again (a
-    training step keeps a (B, L, A) tensor per time step for its backward pass and frees them all
-    at its end). By default glibc returns such memory once freed and the next step or batch
-    page-faults it in again: up to 90 MiB of page faults per training step at VGG sizes, and a
-    SqueezeNet feature batch ran at 0.6 of its speed (bench/RESULTS.md). Blocks up to 32 MiB
-    (glibc's largest mmap threshold) now come from the heap, which is trimmed only past 1 GiB free;
-    larger ones are still mapped and unmapped each time. Fixed thresholds also stop the heap from
-    growing with the length of a run, as glibc's adaptive ones let it. A no-op without glibc.
+    Training steps and encoder batches allocate the same large tensors over and over (a training
+    step keeps a (B, L, A) tensor per time step for its backward pass and frees them all at its
+    end). By default glibc returns such memory to the OS once freed, and the next step or batch
+    page-faults it in again, 4 KiB at a time: up to 90 MiB per training step at VGG sizes, and
+    SqueezeNet's forward pass ran at half speed (bench/RESULTS.md). So:
+
+    - glibc (``mallopt``): blocks up to 32 MiB (its largest mmap threshold) come from the heap,
+      which is trimmed only past 1 GiB free; fixed thresholds also stop the heap from growing with
+      the length of a run, as glibc's adaptive ones let it;
+    - PyTorch (``THP_MEM_ALLOC_ENABLE=1``, unless set already): CPU tensors of 2 MiB or more are
+      2 MiB-aligned and advised onto transparent huge pages, one page fault per 2 MiB instead of
+      512 for what is still mapped afresh (pytorch/pytorch#93888).
+
+    A no-op for glibc's part elsewhere; the huge pages need the kernel's THP in 'madvise' or
+    'always' mode.
     """
     if _MALLOPT is not None:
         _MALLOPT(M_MMAP_THRESHOLD, 32 << 20)
         _MALLOPT(M_TRIM_THRESHOLD, 1 << 30)
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")

@@ -25,7 +25,7 @@ from . import distributed
 from .atomic import atomic_path
 from .decode import beam_search
 from .errors import PipelineError, describe
-from .memory import keep_freed_memory
+from .memory import configure_allocator
 from .metrics import bleu
 from .model import Decoder, DecoderConfig, ObjectiveConfig, attention_entropy, objective
 from .shards import AnnotationShards, CaptionPairs
@@ -271,7 +271,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     is nothing to resume, or if the features (or the number of processes) differ from those the
     run started with.
     """
-    keep_freed_memory()
+    configure_allocator()
     with distributed.session(config.device) as world:
         return _train(config, resume, progress and world.main, world)
 
