@@ -1,6 +1,8 @@
 """``python -m bench [SECTION ...]`` (``make bench``): run the benchmarks, print each table as it
 is measured, and write them all to bench/RESULTS.md with the command and the machine."""
 import datetime
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +40,6 @@ def previous_sections(path: Path) -> dict[str, str]:
 def main(sections, results, device):
     """Measure every stage against its limit (all SECTIONS by default; 'reading' also runs 'memory',
     whose 7000-image features it reads)."""
-    configure_allocator()  # as `cli.py features` and `cli.py train` do: everything, the port too, measured with it
     sections = set(sections or SECTIONS) | ({"memory"} if "reading" in sections else set())
     on_gpu = device != "cpu"
     if on_gpu and not torch.cuda.is_available():
@@ -46,6 +47,12 @@ def main(sections, results, device):
     if on_gpu:
         sections &= {"features", "training", "beam"}
     results = Path(results)
+    if "features" in sections and sections != {"features"}:  # in a process of its own: see configure_allocator
+        subprocess.run([sys.executable, "-m", "bench", "features", "--results", os.path.relpath(results),
+                        "--device", device], check=True)
+        sections.discard("features")
+    # as `cli.py features` or `cli.py train` sets itself up (the port's run too)
+    configure_allocator(huge_pages=sections == {"features"})
     kept = previous_sections(results)
     provenance = f"`{' '.join(['python -m bench', *sys.argv[1:]])}` on {machine()}, {datetime.date.today().isoformat()}"
 

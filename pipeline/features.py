@@ -187,7 +187,7 @@ def extract_features(records: list[Record], out, config: FeatureConfig, dataset:
     unknown = [s for s in splits if s not in known]
     if unknown:
         raise PipelineError(f"unknown split(s) {', '.join(unknown)} for {dataset}; it has {', '.join(known)}")
-    configure_allocator()
+    configure_allocator(huge_pages=True)
     with distributed.session(config.device) as world:
         encoder = build_encoder(config.encoder, config.weights, world.device)
         preprocess = Preprocess(config.preprocess, config.image_size)

@@ -271,7 +271,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     is nothing to resume, or if the features (or the number of processes) differ from those the
     run started with.
     """
-    configure_allocator()
+    configure_allocator(huge_pages=False)
     with distributed.session(config.device) as world:
         return _train(config, resume, progress and world.main, world)
 
