@@ -66,6 +66,7 @@ def beam_search(decoder: Decoder, annotations: torch.Tensor, start: int, end: in
     too and returned where it ranks higher: a larger beam never returns a worse-ranked caption.
     Returns one :class:`Caption` per image, the best-ranked.
     """
+    annotations = in_autocast_dtype(annotations)  # once for both searches
     captions = _beam(decoder, annotations, start, end, beam_size, max_len, length_penalty, context)
     if beam_size == 1:
         return captions
@@ -82,7 +83,6 @@ def _beam(decoder, annotations, start, end, beam_size, max_len, length_penalty, 
     B, L, _ = annotations.shape
     k, device, inf = beam_size, annotations.device, float("-inf")
     rows = torch.arange(B, device=device).unsqueeze(1)  # (B, 1)
-    annotations = in_autocast_dtype(annotations)
     h, c, proj = decoder.init_state(annotations)
     a, h, c, proj = (x.repeat_interleave(k, 0) for x in (annotations, h, c, proj))
     score = torch.full((B, k), inf, device=device)

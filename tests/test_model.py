@@ -148,6 +148,7 @@ def test_bf16_teacher_forcing_casts_the_annotations_once():
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof, \
                 torch.autocast("cpu", dtype=torch.bfloat16):
             logits = decoder(a, captions).logits
+
     def callers(event):
         while event.cpu_parent is not None:
             event = event.cpu_parent

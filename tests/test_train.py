@@ -158,4 +158,3 @@ def test_weight_average_is_what_is_validated_and_loaded(objects, tmp_path):
     assert not all(torch.equal(averaged[k], raw[k]) for k in raw)
     logged = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])["val_bleu4"]
     assert round(validate(decoder, AnnotationShards(features, "val"), config, torch.device("cpu"))["bleu"][3], 2) == logged
-
