@@ -1,13 +1,23 @@
-"""Show, Attend and Tell: command line. Each command parses its options and calls ``pipeline``."""
+"""Show, Attend and Tell: command line. Each command parses its options and calls ``pipeline``.
+
+Every option is checked as it is parsed (ranges, finite numbers, an available device), so no bad
+value reaches torch; every error ends as one line and exit status 2, never a traceback.
+"""
 import errno
+import math
+import os
 import shlex
 import sys
 import warnings
 
 import click
+from click.core import ParameterSource
 
 from pipeline.atomic import disk_full_message
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, describe, one_line
+from pipeline.folders import os_error_message
+
+DEBUG = "SHOW_ATTEND_TELL_DEBUG"  # set to 1 to see the traceback of an unexpected error
 
 
 class Failure(click.ClickException):
@@ -15,17 +25,74 @@ class Failure(click.ClickException):
 
 
 class Group(click.Group):
-    """Turns PipelineError, and a full disk, into a one-line message and exit status 2 (no traceback)."""
+    """Turns every error into a one-line message and exit status 2 (no traceback): PipelineError,
+    a full disk, any other OSError (naming its path), and, as a last resort, an unexpected error
+    (its type and message; ``SHOW_ATTEND_TELL_DEBUG=1`` shows its traceback). Ctrl-C exits 130."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
         except PipelineError as e:
-            raise Failure(str(e)) from None
-        except OSError as e:  # a full disk outside the atomic writes (a log line, say)
+            raise Failure(one_line(e)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted: finished work is kept; run the same command again to continue "
+                       "(train: with --resume)", err=True)
+            sys.exit(130)
+        except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise Failure(disk_full_message(e.filename or "a file")) from None
-            raise
+            raise Failure(os_error_message(e)) from None
+        except Exception as e:  # noqa: BLE001 - the last line of defence against a traceback
+            if os.environ.get(DEBUG):
+                raise
+            raise Failure(f"unexpected error ({describe(e)}); please report it with the command line "
+                          f"(set {DEBUG}=1 for the traceback)") from None
+
+
+class Finite(click.FloatRange):
+    """A number that is not nan or infinite, within the range given."""
+
+    name = "number"
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return super().convert(number, param, ctx)
+
+
+class Device(click.ParamType):
+    """A torch device that this machine has: cpu, cuda or cuda:N."""
+
+    name = "device"
+
+    def convert(self, value, param, ctx):
+        if value == "cpu":
+            return value
+        import torch
+
+        try:
+            device = torch.device(value)
+        except (RuntimeError, ValueError):
+            self.fail(f"{value!r} is not a device; use cpu, cuda or cuda:N", param, ctx)
+        if device.type not in ("cpu", "cuda"):
+            self.fail(f"{value!r}: only cpu and cuda devices are supported", param, ctx)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            self.fail(f"{value!r}: no CUDA device is available here; use --device cpu", param, ctx)
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            self.fail(f"{value!r}: this machine has {torch.cuda.device_count()} CUDA device(s)", param, ctx)
+        return value
+
+
+POSITIVE = click.IntRange(min=1)
+COUNT = click.IntRange(min=0)
+PROBABILITY = Finite(0, 1, max_open=True)
+SIZE = click.IntRange(1, 16384)
+BEAM = click.IntRange(1, 100)
+MAX_LEN = click.IntRange(1, 200)
+WORKERS = click.IntRange(0, 64)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -56,19 +123,19 @@ def main():
                    "for tests), or a state-dict file.")
 @click.option("--preprocess", type=click.Choice(["center-crop", "resize"]), default="center-crop",
               help="center-crop: shorter side to 256 then a 224 centre crop; resize: squash to 224x224.")
-@click.option("--image-size", type=int, default=224, help="Encoder input side, in pixels.")
+@click.option("--image-size", type=click.IntRange(32, 1024), default=224, help="Encoder input side, in pixels (32 to 1024).")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16",
               help="Storage type of the annotation vectors.")
-@click.option("--shard-size", type=int, default=2000, help="Images per HDF5 shard (the unit of resume).")
-@click.option("--batch-size", type=int, default=32, help="Images per encoder forward pass.")
-@click.option("--workers", type=int, default=None,
+@click.option("--shard-size", type=POSITIVE, default=2000, help="Images per HDF5 shard (the unit of resume).")
+@click.option("--batch-size", type=POSITIVE, default=32, help="Images per encoder forward pass.")
+@click.option("--workers", type=WORKERS, default=None,
               help="Image-decoding worker processes (0: decode in the main process). [default: 0 on a CPU, where "
                    "the encoder's threads use every core already; min(8, CPU cores) on a GPU]")
-@click.option("--device", default="cpu", help="Torch device for the encoder: cpu, cuda, cuda:1, ...")
+@click.option("--device", type=Device(), default="cpu", help="Torch device for the encoder: cpu, cuda, cuda:1, ...")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto",
               help="Encoder arithmetic: fp32, or autocast to fp16/bf16; auto: fp16 on CUDA when --dtype is float16 "
                    "(tensor cores), else fp32. Recorded in the manifest: a resume must use the same.")
-@click.option("--min-count", type=int, default=5,
+@click.option("--min-count", type=POSITIVE, default=5,
               help="Vocabulary: keep words seen at least this many times in the training captions.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Features folder. [default: data/features/DATASET-ENCODER]")
@@ -116,61 +183,63 @@ def features(dataset, data_dir, karpathy_json, image_dir, splits, encoder, weigh
               help="soft: deterministic expected context (eq. 13); hard: sampled locations trained with REINFORCE "
                    "(eq. 10-12).")
 @click.option("--resume", is_flag=True,
-              help="Continue the run in --out from its last.pt, with its saved options (--features and --out as given).")
+              help="Continue the run in --out from its last.pt, with its saved options (--features and --out as given). "
+                   "It may change --epochs, --patience, --checkpoint-every and --workers; any other option given "
+                   "with another value than the run's is refused.")
 @click.option("--optimizer", type=click.Choice(["adam", "rmsprop"]), default="adam",
               help="Adam (authors' code) or RMSProp (the paper's choice for Flickr8k).")
-@click.option("--lr", type=float, default=4e-4,
+@click.option("--lr", type=Finite(0, min_open=True), default=4e-4,
               help="Initial learning rate (the authors used 2e-4 without decay; 4e-4 with --lr-decay scored higher).")
-@click.option("--batch-size", type=int, default=64, help="Captions per minibatch (all of one length).")
-@click.option("--epochs", type=int, default=20, help="Maximum epochs.")
-@click.option("--patience", type=int, default=5,
+@click.option("--batch-size", type=POSITIVE, default=64, help="Captions per minibatch (all of one length).")
+@click.option("--epochs", type=POSITIVE, default=20, help="Maximum epochs.")
+@click.option("--patience", type=COUNT, default=5,
               help="Early stopping: epochs without a better validation BLEU-4 (0: never stop early).")
-@click.option("--lr-decay", type=float, default=0.5,
+@click.option("--lr-decay", type=Finite(0, 1, min_open=True), default=0.5,
               help="Multiply the learning rate by this when validation BLEU-4 stops improving (1: constant).")
-@click.option("--lr-patience", type=int, default=0,
+@click.option("--lr-patience", type=COUNT, default=0,
               help="Epochs without a better validation BLEU-4 tolerated before each learning-rate decay.")
-@click.option("--clip", type=float, default=5.0, help="Gradient L2-norm clipping threshold (0: off).")
-@click.option("--ema-decay", type=float, default=0.999,
+@click.option("--clip", type=Finite(0), default=5.0, help="Gradient L2-norm clipping threshold (0: off).")
+@click.option("--ema-decay", type=PROBABILITY, default=0.999,
               help="Keep an exponential moving average of the weights (decay per step), and validate, keep and "
                    "score it instead of the last weights (0: off; on Flickr8k it gave dev BLEU-4 19.6 vs 18.8).")
-@click.option("--seed", type=int, default=0, help="Random seed (initialisation, batch order, dropout, sampling).")
-@click.option("--device", default="cpu", help="Torch device: cpu, cuda, cuda:1, ...")
-@click.option("--embed-dim", type=int, default=512, help="Word embedding size m.")
-@click.option("--hidden-dim", type=int, default=1000, help="LSTM size n.")
-@click.option("--attention-dim", type=int, default=512, help="Hidden size of the attention MLP f_att.")
-@click.option("--attention-layers", type=int, default=1,
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, help="Random seed (initialisation, batch order, dropout, sampling).")
+@click.option("--device", type=Device(), default="cpu", help="Torch device: cpu, cuda, cuda:1, ...")
+@click.option("--embed-dim", type=SIZE, default=512, help="Word embedding size m.")
+@click.option("--hidden-dim", type=SIZE, default=1000, help="LSTM size n.")
+@click.option("--attention-dim", type=SIZE, default=512, help="Hidden size of the attention MLP f_att.")
+@click.option("--attention-layers", type=click.IntRange(1, 2), default=1,
               help="Layers of f_att: 1 as in eq. 4; 2 as in the authors' COCO config.")
-@click.option("--attention-input-scale", type=float, default=1.0,
+@click.option("--attention-input-scale", type=Finite(0), default=1.0,
               help="f_att sees the annotation vectors divided by this; 0: their RMS over the first 256 training "
                    "images, so that its tanh does not saturate at initialisation (SqueezeNet's RMS is 11: 66% of "
                    "its inputs past |2| unscaled).")
-@click.option("--dropout", type=float, default=0.5, help="Dropout probability on h_t and the deep output layer.")
+@click.option("--dropout", type=PROBABILITY, default=0.5, help="Dropout probability on h_t and the deep output layer.")
 @click.option("--output-tanh", is_flag=True, help="tanh before L_o in the deep output (authors' code; not the paper).")
 @click.option("--no-gating", is_flag=True, help="Drop the gating scalar beta_t (section 4.2.1).")
-@click.option("--alpha-c", type=float, default=1.0, help="Weight lambda of the doubly stochastic regularisation (eq. 14).")
-@click.option("--entropy-c", type=float, default=0.002, help="Hard attention: entropy bonus weight lambda_e (eq. 12).")
-@click.option("--reinforce-scale", type=float, default=0.1, help="Hard attention: reward scale lambda_r (eq. 12).")
+@click.option("--alpha-c", type=Finite(0), default=1.0, help="Weight lambda of the doubly stochastic regularisation (eq. 14).")
+@click.option("--entropy-c", type=Finite(0), default=0.002, help="Hard attention: entropy bonus weight lambda_e (eq. 12).")
+@click.option("--reinforce-scale", type=Finite(0), default=0.1, help="Hard attention: reward scale lambda_r (eq. 12).")
 @click.option("--baseline", type=click.Choice(["batch", "moving"]), default="batch",
               help="Hard attention: REINFORCE baseline: the mean reward of the other captions of the minibatch "
                    "(same length), or the paper's moving average over minibatches (eq. 12; on Flickr8k its "
                    "rewards had RMS 9.6 nats against 5.7).")
-@click.option("--baseline-decay", type=float, default=0.9, help="Hard attention: decay of the moving-average baseline.")
-@click.option("--semi-sampling-p", type=float, default=0.75,
+@click.option("--baseline-decay", type=PROBABILITY, default=0.9, help="Hard attention: decay of the moving-average baseline.")
+@click.option("--semi-sampling-p", type=Finite(0, 1), default=0.75,
               help="Hard attention: probability that a minibatch uses the expected context instead of a sample "
                    "(the paper: 0.5; on Flickr8k with SqueezeNet features 0.75 kept the gate open: dev BLEU-4 "
                    "19.2 against 17.3 at epoch 7, with --soft-warmup-epochs 2).")
-@click.option("--soft-warmup-epochs", type=int, default=2,
+@click.option("--soft-warmup-epochs", type=COUNT, default=2,
               help="Hard attention: epochs trained on the expected context only (soft attention) before "
                    "sampling starts, so that the context is in use before sampled locations' noise can shut "
                    "the gate (0: sample from the first step, as the paper).")
 @click.option("--decode-context", type=click.Choice(["expected", "sample", "argmax"]), default="expected",
               help="Hard attention at validation: expected alpha (mean-field, the authors'), a sample, or argmax.")
 @click.option("--val-split", default="", help="Validation split. [default: dev or val, whichever exists]")
-@click.option("--val-images", type=int, default=0, help="Validate on the first N images only (0: all).")
-@click.option("--val-beam-size", type=int, default=3, help="Beam size of validation decoding (1: greedy).")
-@click.option("--max-len", type=int, default=20, help="Longest caption decoded at validation, in words.")
-@click.option("--checkpoint-every", type=int, default=0, help="Also write last.pt every N steps (0: epoch ends only).")
-@click.option("--workers", type=int, default=0, help="DataLoader processes reading the shards (0: in-process).")
+@click.option("--val-images", type=COUNT, default=0, help="Validate on the first N images only (0: all).")
+@click.option("--val-beam-size", type=BEAM, default=3, help="Beam size of validation decoding (1: greedy).")
+@click.option("--max-len", type=MAX_LEN, default=20, help="Longest caption decoded at validation, in words.")
+@click.option("--checkpoint-every", type=COUNT, default=0, help="Also write last.pt every N steps (0: epoch ends only).")
+@click.option("--workers", type=WORKERS, default=0, help="DataLoader processes reading the shards (0: in-process).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
               help="bf16: autocast matrix products to bfloat16 (weights stay fp32), about 2x faster on CPUs with "
                    "AVX512-BF16; auto: bf16 where the CPU or GPU computes it natively, else fp32.")
@@ -188,47 +257,61 @@ def train(features_dir, out, attention, resume, optimizer, lr, batch_size, epoch
     from pipeline.distributed import main_process
     from pipeline.train import TrainConfig, train as run_training
 
+    model = dict(embed_dim=embed_dim, hidden_dim=hidden_dim, attention_dim=attention_dim,
+                 attention_layers=attention_layers, attention_input_scale=attention_input_scale, dropout=dropout,
+                 output_tanh=output_tanh, gating=not no_gating)
+    objective = dict(alpha_c=alpha_c, entropy_c=entropy_c, reinforce_scale=reinforce_scale, baseline=baseline,
+                     baseline_decay=baseline_decay)
     config = TrainConfig(
         features=features_dir, out=out or f"data/runs/{attention}", attention=attention, optimizer=optimizer, lr=lr,
         batch_size=batch_size, epochs=epochs, patience=patience, lr_decay=lr_decay, lr_patience=lr_patience, clip=clip,
         ema_decay=ema_decay, seed=seed, device=device, val_split=val_split, val_images=val_images,
         val_beam_size=val_beam_size, max_len=max_len, decode_context=decode_context,
         semi_sampling_p=semi_sampling_p, soft_warmup_epochs=soft_warmup_epochs,
-        checkpoint_every=checkpoint_every, workers=workers, precision=precision,
-        model=dict(embed_dim=embed_dim, hidden_dim=hidden_dim, attention_dim=attention_dim,
-                   attention_layers=attention_layers, attention_input_scale=attention_input_scale, dropout=dropout,
-                   output_tanh=output_tanh, gating=not no_gating),
-        objective=dict(alpha_c=alpha_c, entropy_c=entropy_c, reinforce_scale=reinforce_scale,
-                       baseline=baseline, baseline_decay=baseline_decay))
-    state = run_training(config, resume=resume, progress=not no_progress)
+        checkpoint_every=checkpoint_every, workers=workers, precision=precision, model=model, objective=objective)
+    sections = {"features_dir": "features", "no_gating": "model.gating", "output_tanh": "model.output_tanh",
+                **{k: f"model.{k}" for k in model}, **{k: f"objective.{k}" for k in objective}}
+    given = {sections.get(name, name) for name in _given(click.get_current_context(), "resume", "no_progress")}
+    state = run_training(config, resume=resume, progress=not no_progress, given=given)
     run = state["run"]
     if main_process():  # under torchrun rank 0 reports for all
         click.echo(f"train: best BLEU-4 {run['best_bleu4']:.2f} at epoch {run['best_epoch']}; "
                    f"checkpoints in {config.out}")
 
 
+def _given(ctx: click.Context, *ignored: str) -> list[str]:
+    """Names of the options given on the command line (not left to their defaults)."""
+    return [name for name in ctx.params
+            if name not in ignored and ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE]
+
+
 @main.command()
 @click.option("--checkpoint", type=click.Path(dir_okay=False), required=True, help="A best.pt or last.pt of `cli.py train`.")
 @click.option("--split", default="test", help="Split of the features to caption and score.")
-@click.option("--beam-size", type=int, default=3, help="Beam size k (1: greedy).")
-@click.option("--max-len", type=int, default=20, help="Longest caption, in words.")
-@click.option("--length-penalty", type=float, default=0.0,
+@click.option("--beam-size", type=BEAM, default=3, help="Beam size k (1: greedy; at most 100).")
+@click.option("--max-len", type=MAX_LEN, default=20, help="Longest caption, in words (at most 200).")
+@click.option("--length-penalty", type=Finite(0, 10), default=0.0,
               help="Rank beams by log-probability / length**this (0: plain log-probability).")
 @click.option("--features", "features_dir", type=click.Path(file_okay=False), default=None,
               help="Features folder. [default: the one the checkpoint was trained on]")
-@click.option("--batch-size", type=int, default=50, help="Images decoded at once.")
-@click.option("--device", default="cpu", help="Torch device: cpu, cuda, ...")
+@click.option("--batch-size", type=POSITIVE, default=50, help="Images decoded at once.")
+@click.option("--device", type=Device(), default="cpu", help="Torch device: cpu, cuda, ...")
+@click.option("--out-dir", type=click.Path(file_okay=False), default=None,
+              help="Folder for the captions, references and scores files. [default: the checkpoint's folder]")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def evaluate(checkpoint, split, beam_size, max_len, length_penalty, features_dir, batch_size, device, no_progress):
+def evaluate(checkpoint, split, beam_size, max_len, length_penalty, features_dir, batch_size, device, out_dir,
+             no_progress):
     """Caption a split with beam search and score it: BLEU-1..4, METEOR, ROUGE-L, CIDEr (coco-caption).
 
-    Writes the captions (COCO results json), the scores (json) and the references (COCO caption
-    annotation json) next to the checkpoint.
+    Writes the captions (COCO results json), the references (COCO caption annotation json) and
+    the scores (json) into --out-dir, named by the checkpoint, split and every setting that is not
+    its default (NAME-SPLIT-beamK[-lenN][-lpP][-features-HASH]), so no two settings collide; a
+    rerun replaces only the files an earlier run wrote.
     """
     from pipeline.evaluate import evaluate as run_evaluation
 
     result = run_evaluation(checkpoint, split, beam_size, max_len, length_penalty, features_dir, batch_size, device,
-                            progress=not no_progress)
+                            progress=not no_progress, out_dir=out_dir)
     for note in result["notes"]:
         click.echo(f"note: {note}", err=True)
     for image_id, caption in result["examples"]:
@@ -242,26 +325,42 @@ def evaluate(checkpoint, split, beam_size, max_len, length_penalty, features_dir
 @main.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--checkpoint", type=click.Path(dir_okay=False), required=True, help="A best.pt or last.pt of `cli.py train`.")
-@click.option("--beam-size", type=int, default=3, help="Beam size k (1: greedy).")
-@click.option("--max-len", type=int, default=20, help="Longest caption, in words.")
+@click.option("--beam-size", type=BEAM, default=3, help="Beam size k (1: greedy; at most 100).")
+@click.option("--max-len", type=MAX_LEN, default=20, help="Longest caption, in words (at most 200).")
 @click.option("--attention-plot", type=click.Path(dir_okay=False), default=None,
-              help="Save the attention figure (paper Fig. 2/3) here as PNG; with several images, as PATH-STEM-IMAGE.png.")
-@click.option("--device", default="cpu", help="Torch device: cpu, cuda, ...")
-def caption(images, checkpoint, beam_size, max_len, attention_plot, device):
+              help="Save the attention figure (paper Fig. 2/3) here as PNG; with several images, as PATH-STEM-IMAGE.png. "
+                   "An existing file there is replaced only if it is an attention figure this command drew.")
+@click.option("--jsonl", type=click.Path(dir_okay=False), default=None,
+              help="Also write each result as a JSON line here (image, caption, log_prob, plot, error) as soon as it "
+                   "is done.")
+@click.option("--device", type=Device(), default="cpu", help="Torch device: cpu, cuda, ...")
+def caption(images, checkpoint, beam_size, max_len, attention_plot, jsonl, device):
     """Caption image files (any size; JPEG, PNG, ...) with a trained checkpoint.
 
-    Runs the encoder the checkpoint's features were made with. Unreadable files are reported and
-    the others still captioned; the exit status is 1 if any failed.
+    Runs the encoder the checkpoint's features were made with, and prints each caption as soon as
+    it is done. Unreadable files are reported and the others still captioned; the exit status is 1
+    if any failed.
     """
-    from pipeline.caption import caption_images
+    from pathlib import Path
 
+    from pipeline.caption import caption_images, open_jsonl
+
+    inputs = [*map(Path, images), Path(checkpoint)]
+    lines = open_jsonl(jsonl, inputs, {"checkpoint": checkpoint, "beam_size": beam_size}) if jsonl else None
     failed = 0
-    for result in caption_images(images, checkpoint, beam_size, max_len, attention_plot, device):
-        if result.error:
-            failed += 1
-            click.echo(f"{result.path}: error: {result.error}", err=True)
-        else:
-            click.echo(f"{result.path}: {result.caption}" + (f"  [{result.plot}]" if result.plot else ""))
+    try:
+        for result in caption_images(images, checkpoint, beam_size, max_len, attention_plot, device):
+            if result.error:
+                failed += 1
+                click.echo(f"{result.path}: error: {result.error}", err=True)
+            else:
+                click.echo(f"{result.path}: {result.caption}" + (f"  [{result.plot}]" if result.plot else ""))
+            if lines:
+                lines.write(result.to_json() + "\n")
+                lines.flush()
+    finally:
+        if lines:
+            lines.close()
     if failed:
         sys.exit(1)
 

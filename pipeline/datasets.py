@@ -152,6 +152,8 @@ def load_karpathy(json_path, image_dir) -> list[Record]:
         raise PipelineError(f"{json_path}: no such Karpathy split json; check --karpathy-json") from None
     except (ValueError, KeyError, TypeError) as e:
         raise PipelineError(f"{json_path}: not a Karpathy split json with an 'images' list ({e})") from None
+    if not isinstance(images, list):
+        raise PipelineError(f"{json_path}: 'images' is a {type(images).__name__}, not a list of image entries")
     records, seen = [], set()
     for n, entry in enumerate(images):
         where = f"{json_path}: images[{n}]"
@@ -223,21 +225,33 @@ def make_synthetic(folder, sizes: dict | None = None, seed: int = 0) -> Path:
     """Generate the synthetic corpus into ``folder`` unless it is already there; returns its json.
 
     Writes ``folder/images/NNNNN.jpg`` (224x224 JPEG) and, last and atomically,
-    ``folder/dataset_synthetic.json`` in Karpathy format, so an interrupted generation is redone.
+    ``folder/dataset_synthetic.json`` in Karpathy format. A marker file written first
+    (``.synthetic-in-progress``, removed at the end) lets a rerun redo an interrupted generation.
     sizes: images per split (default ``SYNTHETIC_SIZES``: train 1000, val 100, test 100).
+    Raises PipelineError, before writing anything, if ``folder`` holds anything else: files that
+    are not an earlier generation's, or a corpus generated with other sizes or seed.
     """
     folder = Path(folder)
     sizes = dict(sizes or SYNTHETIC_SIZES)
-    json_path = folder / "dataset_synthetic.json"
+    json_path, marker = folder / "dataset_synthetic.json", folder / ".synthetic-in-progress"
     params = {"sizes": sizes, "seed": seed, "version": 1}
     if json_path.exists():
         try:
-            if json.loads(json_path.read_text())["params"] == params:
-                return json_path
-        except (ValueError, KeyError):
-            pass
+            made = json.loads(json_path.read_text(encoding="utf-8"))["params"]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            made = None
+        if made == params:
+            return json_path
+        what = f"generated with other settings ({made})" if made else "not a generated corpus"
+        raise PipelineError(f"{json_path}: {what}; it is left as it is: pass another --data-dir (the corpus is "
+                            "generated in a new or empty folder)")
+    if folder.exists() and not marker.exists() and any(folder.iterdir()):
+        raise PipelineError(f"{folder}: holds files of its own, so the synthetic corpus is not generated there; "
+                            "pass a new or empty --data-dir")
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(marker, params)
     rng = random.Random(seed)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "images").mkdir(exist_ok=True)
     images = []
     for split, count in sizes.items():
         for _ in range(count):
@@ -250,4 +264,5 @@ def make_synthetic(folder, sizes: dict | None = None, seed: int = 0) -> Path:
                            "sentences": [{"raw": c} for c in synthetic_captions(scene)],
                            "objects": [[colour, shape, list(cell)] for colour, shape, cell in scene]})
     write_json(json_path, {"dataset": "synthetic", "params": params, "images": images})
+    marker.unlink()
     return json_path

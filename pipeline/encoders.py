@@ -11,6 +11,7 @@ feature map, read row by row: cell (r, c) of an H x W grid is a_{r*W + c}.
 | `squeezenet1_1` | the last Fire module (fire9)       | 13x13x512: L=169, D=512   |
 """
 import hashlib
+import math
 import socket
 import urllib.error
 import warnings
@@ -96,6 +97,20 @@ def open_rgb(path) -> Image.Image:
     return img.convert("RGB")
 
 
+def bound_aspect(image: Image.Image, ratio: float = 2.0) -> Image.Image:
+    """The centre of ``image`` with its long side cut to at most ``ratio`` times its short side.
+
+    Resizing the short side of a 1 x 80,000,000-pixel image to 256 would make an image of 20
+    billion pixels, of which the centre crop keeps a square; this keeps everything that square
+    covers (it spans 224/256 of the short side) and bounds the resized image to
+    256 x 256 * ``ratio`` pixels. Images within the ratio are returned as they are."""
+    w, h = image.size
+    longest = math.ceil(min(w, h) * ratio)
+    if max(w, h) <= longest:
+        return image
+    return transforms.functional.center_crop(image, [min(h, longest), min(w, longest)])
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """How an RGB image becomes the encoder's input tensor (3, image_size, image_size).
@@ -113,9 +128,13 @@ class Preprocess:
             raise PipelineError(f"unknown preprocessing {self.mode!r}; choose center-crop or resize")
 
     def crop(self):
-        """The torchvision transform of the geometry: PIL image -> PIL image (image_size square)."""
+        """The torchvision transform of the geometry: PIL image -> PIL image (image_size square).
+        For 'center-crop', an image longer than twice its width (or the reverse) first loses what
+        the centre crop would drop anyway (:func:`bound_aspect`), so memory stays bounded whatever
+        its shape."""
         if self.mode == "center-crop":
-            return transforms.Compose([transforms.Resize(round(self.image_size * 256 / 224)),
+            return transforms.Compose([transforms.Lambda(bound_aspect),
+                                       transforms.Resize(round(self.image_size * 256 / 224)),
                                        transforms.CenterCrop(self.image_size)])
         return transforms.Resize((self.image_size, self.image_size))
 

@@ -13,3 +13,13 @@ def describe(error: Exception) -> str:
     exception into a PipelineError's one line."""
     first = (str(error).splitlines() or [""])[0][:200]
     return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+def one_line(error: Exception) -> str:
+    """The message of ``error`` as one line. A DataLoader worker's error arrives re-raised with
+    the worker's traceback in its message; its last line holds the original message."""
+    text = str(error)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split("Error: ", 1)[-1] if "Error: " in last else last
+    return " ".join(text.split("\n"))

@@ -1,36 +1,70 @@
 """Scoring a checkpoint: beam-search captions of a split of the features, coco-caption scores.
 
-Writes, next to the checkpoint, ``NAME-SPLIT-beamK.captions.json`` (COCO results format:
-``[{"image_id": ..., "caption": ...}]``), ``NAME-SPLIT-beamK.scores.json`` and
-``NAME-SPLIT.references.json`` (the split's reference captions in the COCO caption annotation
-format, whatever the dataset), so the official coco-caption code can score the same files.
+Writes into the output folder (default: the checkpoint's) three files named by every setting
+that changes them, ``NAME-SPLIT-beamK[-lenN][-lpP][-features-HASH]``:
+
+- ``.captions.json``: the captions in the COCO results format ``[{"image_id", "caption"}]``;
+- ``.references.json``: the split's reference captions in the COCO caption annotation format,
+  whatever the dataset, so the official coco-caption code can score the pair;
+- ``.scores.json``: the settings and scores, and the SHA-256 of the two others
+  (:func:`pipeline.folders.write_owned`): a rerun with the same settings replaces only files
+  an earlier run wrote and nobody edited since, never a file of the user's.
 """
+import hashlib
+import json
 from pathlib import Path
 
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .atomic import write_json
 from .decode import beam_search
+from .folders import check_owned, check_writable, write_owned
 from .metrics import coco_id, coco_references, score_captions
 from .shards import AnnotationShards
 from .train import build_decoder, check_features, load_checkpoint
 
+MAX_LEN = 20  # words; the default of evaluate and caption
 
-def evaluate(checkpoint_path, split: str = "test", beam_size: int = 3, max_len: int = 20, length_penalty: float = 0.0,
-             features=None, batch_size: int = 50, device: str = "cpu", progress: bool = True) -> dict:
+
+def output_names(checkpoint_path: Path, split: str, beam_size: int, max_len: int, length_penalty: float,
+                 features, trained_on: str, out_dir) -> dict:
+    """{'captions', 'references', 'scores'} -> the paths this evaluation writes: settings left at
+    their defaults (max_len 20, no length penalty, the features the checkpoint was trained on) add
+    nothing to the name, others a suffix each, so evaluations with other settings never collide."""
+    name = f"{checkpoint_path.stem}-{split}-beam{beam_size}"
+    if max_len != MAX_LEN:
+        name += f"-len{max_len}"
+    if length_penalty:
+        name += f"-lp{length_penalty:g}"
+    if features is not None and Path(features).resolve() != Path(trained_on).resolve():
+        name += "-features-" + hashlib.sha256(str(Path(features).resolve()).encode()).hexdigest()[:8]
+    folder = Path(out_dir) if out_dir is not None else checkpoint_path.parent
+    return {kind: folder / f"{name}.{kind}.json" for kind in ("captions", "references", "scores")}
+
+
+def evaluate(checkpoint_path, split: str = "test", beam_size: int = 3, max_len: int = MAX_LEN,
+             length_penalty: float = 0.0, features=None, batch_size: int = 50, device: str = "cpu",
+             progress: bool = True, out_dir=None) -> dict:
     """Decode ``split`` with beam search and score it against its reference captions.
 
     features: the features folder (default: the one recorded in the checkpoint).
+    out_dir: where the three output files go (default: the checkpoint's folder); it is checked
+    to be writable, and the output names to be free or this pipeline's, before any decoding.
     Returns {'scores': {metric: %}, 'notes': [str], 'captions': path, 'scores_file': path,
     'references': path, 'images': n, 'examples': [(image id, caption)] (the first three)}.
-    Raises PipelineError for an unreadable checkpoint, missing split or mismatched features.
+    Raises PipelineError for an unreadable checkpoint, missing split, mismatched features, an
+    output folder that cannot be written, or an output name taken by a file not written here.
     """
     checkpoint_path = Path(checkpoint_path)
     checkpoint = load_checkpoint(checkpoint_path)
+    trained_on = checkpoint["features"]["dir"]
+    files = output_names(checkpoint_path, split, beam_size, max_len, length_penalty, features, trained_on, out_dir)
+    flag = "--out-dir" if out_dir is not None else "--out-dir (the default is the checkpoint's folder)"
+    check_writable(files["scores"].parent, flag)
+    check_owned(files["scores"], [files["captions"], files["references"]], "`cli.py evaluate`", flag)
     decoder, vocab = build_decoder(checkpoint, checkpoint_path)
     decoder.to(device).eval()
-    shards = AnnotationShards(features or checkpoint["features"]["dir"], split)
+    shards = AnnotationShards(features or trained_on, split)
     check_features(checkpoint, shards, checkpoint_path)
     context = checkpoint["train_config"]["decode_context"]
     captions = []
@@ -41,15 +75,16 @@ def evaluate(checkpoint_path, split: str = "test", beam_size: int = 3, max_len: 
     hypotheses = {i: " ".join(vocab.words[t] for t in c.tokens) for i, c in zip(shards.image_ids, captions)}
     references = dict(zip(shards.image_ids, shards.references))
     scores, notes = score_captions(hypotheses, references)
-    stem = checkpoint_path.with_suffix("")
-    name = f"{stem.name}-{split}-beam{beam_size}"
-    captions_file = stem.parent / f"{name}.captions.json"
-    scores_file = stem.parent / f"{name}.scores.json"
-    references_file = stem.parent / f"{stem.name}-{split}.references.json"
-    write_json(captions_file, [{"image_id": coco_id(i), "caption": c} for i, c in hypotheses.items()])
-    write_json(references_file, coco_references(references, f"{shards.manifest['dataset']} {split} references"))
-    write_json(scores_file, {"checkpoint": str(checkpoint_path), "split": split, "images": len(captions),
-                             "beam_size": beam_size, "max_len": max_len, "length_penalty": length_penalty,
-                             "scores": scores, "notes": notes})
-    return {"scores": scores, "notes": notes, "captions": captions_file, "scores_file": scores_file,
-            "references": references_file, "images": len(captions), "examples": list(hypotheses.items())[:3]}
+    results = [{"image_id": coco_id(i), "caption": c} for i, c in hypotheses.items()]
+    annotation = coco_references(references, f"{shards.manifest['dataset']} {split} references")
+    write_owned(files["scores"],
+                {files["captions"]: _json(results), files["references"]: _json(annotation)},
+                {"checkpoint": str(checkpoint_path), "features": str(shards.dir), "split": split,
+                 "images": len(captions), "beam_size": beam_size, "max_len": max_len,
+                 "length_penalty": length_penalty, "scores": scores, "notes": notes})
+    return {"scores": scores, "notes": notes, "captions": files["captions"], "scores_file": files["scores"],
+            "references": files["references"], "images": len(captions), "examples": list(hypotheses.items())[:3]}
+
+
+def _json(obj) -> str:
+    return json.dumps(obj, indent=1, allow_nan=False) + "\n"

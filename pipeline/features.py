@@ -6,6 +6,7 @@ forward pass. The work is planned in shards of ``shard_size`` images; a rerun sk
 already on disk, so a killed run resumes where it stopped and gives the same values as an
 uninterrupted one.
 """
+import contextlib
 import hashlib
 import os
 import time
@@ -20,10 +21,11 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from tqdm import tqdm
 
 from . import distributed, shards
-from .atomic import remove_stale_temps, write_json
+from .atomic import file_sha256, remove_stale_temps, write_json
 from .datasets import Record
 from .encoders import ImageError, Preprocess, build_encoder, open_rgb
 from .errors import PipelineError
+from .folders import folder_lock
 from .memory import configure_allocator
 from .text import Vocabulary, tokenize
 
@@ -178,8 +180,10 @@ def extract_features(records: list[Record], out, config: FeatureConfig, dataset:
     Under torchrun (:mod:`pipeline.distributed`) rank 0 plans the shards, every rank encodes and
     writes every WORLD_SIZE-th of them, and rank 0 writes the one manifest; the shards are the
     same files as one process writes. The summary is the whole run's on every rank.
-    Raises PipelineError for unknown split names, or if ``out`` holds features made with another
-    encoder, weights, preprocessing, dtype, precision, shard size or image list.
+    Rank 0 holds ``out``'s lock (:func:`pipeline.folders.folder_lock`) for the whole run.
+    Raises PipelineError for unknown split names, if another command holds ``out``, if ``out``
+    holds files but no manifest (it is not a features folder), or if it holds features made with
+    another encoder, weights, preprocessing, dtype, precision, shard size or image list.
     """
     out = Path(out)
     known = list(dict.fromkeys(r.split for r in records))
@@ -188,7 +192,7 @@ def extract_features(records: list[Record], out, config: FeatureConfig, dataset:
     if unknown:
         raise PipelineError(f"unknown split(s) {', '.join(unknown)} for {dataset}; it has {', '.join(known)}")
     configure_allocator(huge_pages=True)
-    with distributed.session(config.device) as world:
+    with distributed.session(config.device) as world, contextlib.ExitStack() as held:
         encoder = build_encoder(config.encoder, config.weights, world.device)
         preprocess = Preprocess(config.preprocess, config.image_size)
         h, w, D = encoder.grid(config.image_size)
@@ -196,8 +200,9 @@ def extract_features(records: list[Record], out, config: FeatureConfig, dataset:
                  "preprocess": preprocess.to_dict(), "grid": [h, w], "L": h * w, "D": D, "dtype": config.dtype,
                  "precision": compute_precision(config, encoder.device), "shard_size": config.shard_size}
         plan = None
-        if world.main:
+        if world.main:  # rank 0 holds the folder's lock for the whole job
             try:
+                held.enter_context(folder_lock(out, "--out"))
                 plan = _plan(records, out, config, setup, splits, command)
             except PipelineError as e:
                 plan = e
@@ -234,8 +239,13 @@ def _plan(records: list[Record], out: Path, config: FeatureConfig, setup: dict, 
           command: str | None) -> tuple[dict, list]:
     """Prepare ``out`` for a run: the manifest to continue (damaged shards dropped from it and
     deleted), the text files, and the shards still to write: (manifest, [(split, k, records)])."""
-    out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)  # a manifest or text file being written when a run was killed
+    if not (out / shards.MANIFEST).exists():
+        foreign = sorted(p.name for p in out.iterdir())
+        if foreign:
+            raise PipelineError(f"{out}: holds files that `cli.py features` did not write ({', '.join(foreign[:3])}"
+                                f"{', ...' if len(foreign) > 3 else ''}) and no manifest; pass a new or empty --out")
+        shards.save_manifest(out, dict(setup, splits={}))  # first, so that the folder is known as ours from its first file
     manifest = _resume_manifest(out, setup)
     manifest["command"] = command or manifest.get("command")
     by_split = {s: [r for r in records if r.split == s] for s in splits}
@@ -265,6 +275,7 @@ def _plan(records: list[Record], out: Path, config: FeatureConfig, setup: dict, 
         manifest["splits"][split] = {"images": None, "planned": len(recs), "fingerprint": fp,
                                      "shards": list(entries.values())}
     manifest["vocab_size"] = len(write_text(records, out, config.min_count))  # only once the folder fits
+    manifest["text"] = {name: file_sha256(out / name) for name in (shards.CAPTIONS, shards.VOCAB)}
     shards.save_manifest(out, manifest)
     return manifest, todo
 

@@ -1,6 +1,7 @@
 """The attention figure of the paper's Figures 2 and 3: the image, then one panel per word with
 its attention weights alpha_t upsampled to the image, the unattended regions darkened."""
 import math
+import textwrap
 
 import matplotlib
 
@@ -10,7 +11,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from PIL import Image  # noqa: E402
+
 from .atomic import atomic_path  # noqa: E402
+from .folders import OWNER  # noqa: E402
+
+MARK = {"Software": f"{OWNER} attention figure"}  # a PNG text chunk: how a rerun knows the file is its own
 
 
 def upsample(alpha: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
@@ -33,7 +39,7 @@ def attention_figure(image, words: list[str], alpha: torch.Tensor, grid: tuple[i
     for ax in axes.flat:
         ax.axis("off")
     axes.flat[0].imshow(pixels)
-    axes.flat[0].set_title(" ".join(words)[:40], fontsize=8)
+    axes.flat[0].set_title(textwrap.fill(" ".join(words), 34), fontsize=8)
     for t, word in enumerate(words):
         ax = axes.flat[t + 1]
         weight = upsample(alpha[t], grid, pixels.shape[:2])[..., None]
@@ -41,5 +47,14 @@ def attention_figure(image, words: list[str], alpha: torch.Tensor, grid: tuple[i
         ax.set_title(word, fontsize=11)
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
+        fig.savefig(tmp, format="png", dpi=80, metadata=MARK)
     plt.close(fig)
+
+
+def is_attention_figure(path) -> bool:
+    """Whether ``path`` is a PNG that :func:`attention_figure` wrote (it carries ``MARK``)."""
+    try:
+        with Image.open(path) as img:
+            return img.format == "PNG" and img.info.get("Software") == MARK["Software"]
+    except (OSError, SyntaxError, ValueError):
+        return False

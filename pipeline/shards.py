@@ -14,9 +14,10 @@ A shard file is written under a temporary name and renamed when complete, so a f
 name is always whole; it also carries its own failures, so the manifest can be rebuilt from it.
 """
 import contextlib
-import hashlib
 import json
 import os
+import re
+import shlex
 from pathlib import Path
 
 import h5py
@@ -24,8 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .atomic import atomic_path, release_reserve, reserve_disk, write_json
-from .errors import PipelineError
+from .atomic import atomic_path, file_sha256, release_reserve, reserve_disk, write_json
+from .errors import PipelineError, describe
 from .text import Vocabulary
 
 FORMAT = "show-attend-tell-shards/1"
@@ -40,15 +41,6 @@ RESERVE_FIXED, RESERVE_PER_IMAGE = 1 << 16, 256
 def shard_name(split: str, k: int) -> str:
     """Path of shard ``k`` of ``split``, relative to the features folder."""
     return f"{split}/shard-{k:05d}.h5"
-
-
-def file_sha256(path) -> str:
-    """SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class _ShardRows:
@@ -119,38 +111,118 @@ def shard_problem(features_dir: Path, entry: dict, manifest: dict) -> str | None
 
 
 def rebuild_hint(features_dir: Path, manifest: dict) -> str:
-    """The command that rebuilds a features folder's missing or damaged shards (and only those)."""
-    return manifest.get("command") or f"python cli.py features --out {features_dir} (with the options that made it)"
+    """The command that rebuilds a features folder's missing or damaged shards (and only those):
+    the features command recorded in the manifest, with ``--out`` naming the folder where it is
+    now (a copied or moved folder is rebuilt in place, not where it was made)."""
+    command = manifest.get("command")
+    try:
+        args = shlex.split(command) if isinstance(command, str) else None
+    except ValueError:
+        args = None
+    if not args:
+        return f"python cli.py features --out {features_dir} (with the options that made it)"
+    args = [a for a in args if not a.startswith("--out=")]
+    if "--out" in args:
+        del args[args.index("--out"):args.index("--out") + 2]
+    return shlex.join([*args, "--out", str(features_dir)])
 
 
-def check_shards(features_dir, manifest: dict, splits=None) -> list[str]:
-    """One line per unusable shard of ``splits`` (default: all) of a features folder with this
-    ``manifest`` (:func:`load_manifest`), naming the file, what is wrong and the command that
-    rebuilds it; empty when every shard is whole."""
-    features_dir = Path(features_dir)
+def text_problems(features_dir: Path, manifest: dict) -> list[str]:
+    """Why the folder's captions.json or vocab.json cannot be used with its shards: missing, or
+    (for manifests that record them) not the files written with the shards."""
     problems = []
+    for name in (CAPTIONS, VOCAB):
+        path = features_dir / name
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif name in manifest.get("text", {}) and file_sha256(path) != manifest["text"][name]:
+            problems.append(f"{path}: not the file written with these shards (its SHA-256 differs from the "
+                            "manifest's; copied from another folder, or edited)")
+    return problems
+
+
+def nonfinite_rows(path: Path, block: int = 256) -> list[tuple[int, str]]:
+    """(row, image id) of each image of the shard at ``path`` whose annotations hold a nan or inf."""
+    bad = []
+    with h5py.File(path, "r") as f:
+        annotations, ids = f["annotations"], f["image_ids"]
+        for start in range(0, len(annotations), block):
+            finite = np.isfinite(annotations[start:start + block]).all(axis=(1, 2))
+            bad += [(start + r, _text(ids[start + r])) for r in np.flatnonzero(~finite)]
+    return bad
+
+
+def check_shards(features_dir, manifest: dict, splits=None, values: bool = False) -> list[str]:
+    """One line per problem of a features folder with this ``manifest`` (:func:`load_manifest`),
+    each naming the file, what is wrong and what to do: every unusable shard of ``splits``
+    (default: all) with the command that rebuilds it; a missing or foreign captions.json or
+    vocab.json; and with ``values``, every image whose annotation values are not finite (this reads
+    every shard whole). Empty when all is well."""
+    features_dir = Path(features_dir)
+    hint = rebuild_hint(features_dir, manifest)
+    problems = [f"{line}; rebuild it with: {hint}" for line in text_problems(features_dir, manifest)]
     for split, entry in manifest["splits"].items():
         for shard in entry["shards"] if splits is None or split in splits else []:
             reason = shard_problem(features_dir, shard, manifest)
             if reason:
-                problems.append(f"{features_dir / shard['file']}: {reason}; rebuild it with: "
-                                f"{rebuild_hint(features_dir, manifest)}")
+                problems.append(f"{features_dir / shard['file']}: {reason}; rebuild it with: {hint}")
+            elif values:
+                problems += [f"{features_dir / shard['file']}: image {image_id} (row {row}) has non-finite annotation "
+                             f"values (nan or inf); delete the shard and rebuild it with: {hint}"
+                             for row, image_id in nonfinite_rows(features_dir / shard["file"])]
     return problems
 
 
 def load_manifest(features_dir) -> dict:
-    """Read ``features_dir/manifest.json``. Raises PipelineError if absent or not a manifest."""
+    """Read ``features_dir/manifest.json``. Raises PipelineError if absent, not a manifest, or
+    malformed (:func:`manifest_problem`)."""
     path = Path(features_dir) / MANIFEST
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise PipelineError(f"{path}: no features manifest here; run `python cli.py features --out "
                             f"{features_dir}` (or `make features`) first") from None
-    except ValueError as e:
+    except (ValueError, UnicodeDecodeError) as e:
         raise PipelineError(f"{path}: corrupt manifest ({e}); rerun `python cli.py features` into this folder") from None
-    if manifest.get("format") != FORMAT:
-        raise PipelineError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}; re-extract the features")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise PipelineError(f"{path}: format {found!r} is not {FORMAT!r}; re-extract the features")
+    problem = manifest_problem(manifest)
+    if problem:
+        raise PipelineError(f"{path}: {problem}; the manifest is damaged: restore the folder, or extract the "
+                            "features again into a new --out")
     return manifest
+
+
+_SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def manifest_problem(manifest: dict) -> str | None:
+    """What is missing or malformed in a manifest (None if nothing): every key that training,
+    scoring and captioning read, of its type, and each shard file named ``SPLIT/shard-NNNNN.h5``,
+    so that no path read from a manifest leads outside its folder."""
+    def fits(key, kind, test=lambda v: True):
+        return isinstance(manifest.get(key), kind) and test(manifest[key])
+
+    checks = {"dataset": fits("dataset", str), "encoder": fits("encoder", dict),
+              "preprocess": fits("preprocess", dict, lambda p: {"mode", "image_size"} <= p.keys()),
+              "grid": fits("grid", list, lambda g: len(g) == 2 and all(isinstance(n, int) and n > 0 for n in g)),
+              "L": fits("L", int, lambda n: fits("grid", list) and len(manifest["grid"]) == 2
+                        and n == manifest["grid"][0] * manifest["grid"][1]),
+              "D": fits("D", int, lambda n: n > 0), "dtype": fits("dtype", str, lambda d: d in ("float16", "float32")),
+              "splits": fits("splits", dict)}
+    bad = [key for key, ok in checks.items() if not ok]
+    if bad:
+        return f"missing or malformed {', '.join(repr(k) for k in bad)}"
+    for split, entry in manifest["splits"].items():
+        if not _SPLIT_NAME.fullmatch(split) or not isinstance(entry, dict) or not isinstance(entry.get("shards"), list):
+            return f"malformed split {split!r}"
+        for shard in entry["shards"]:
+            if not isinstance(shard, dict) or not {"file", "images", "sha256", "failures"} <= shard.keys():
+                return f"malformed shard entry in split {split!r}"
+            if not re.fullmatch(rf"{split}/shard-\d{{5}}\.h5", str(shard["file"])):
+                return f"shard path {shard['file']!r} is not {split}/shard-NNNNN.h5 inside the folder"
+    return None
 
 
 def save_manifest(features_dir: Path, manifest: dict) -> None:
@@ -170,8 +242,10 @@ class AnnotationShards(Dataset):
     Attributes: ``image_ids`` (list of str), ``captions`` (per image, its captions as token-id
     lists ``<start> ... <end>``), ``references`` (per image, its raw captions), ``vocab``,
     ``manifest``, ``L``, ``D``, ``grid`` (h, w).
-    Raises PipelineError if the folder has no such split or a shard is missing, truncated or
-    altered (:func:`check_shards`: every shard's SHA-256 is checked on opening).
+    Raises PipelineError if the folder has no such split, a shard is missing, truncated or
+    altered (:func:`check_shards`: every shard's SHA-256 is checked on opening), captions.json or
+    vocab.json is missing or belongs to another folder, or (as an item is read) an image's
+    annotation values are not finite.
     """
 
     def __init__(self, features_dir, split: str):
@@ -182,17 +256,17 @@ class AnnotationShards(Dataset):
             raise PipelineError(f"{self.dir}: no features for split {split!r} (have: {', '.join(splits) or 'none'}); "
                                 f"extract it with `python cli.py features --splits {split}`")
         self.split, self.L, self.D, self.grid = split, self.manifest["L"], self.manifest["D"], tuple(self.manifest["grid"])
-        self.vocab = Vocabulary.load(self.dir / VOCAB)
         problems = check_shards(self.dir, self.manifest, [split])
         if problems:
             raise PipelineError("; ".join(problems))
+        self.vocab = Vocabulary.load(self.dir / VOCAB)
         self.rows, self.image_ids = [], []  # rows[i] = (shard file, row within it)
         for entry in splits[split]["shards"]:
             with h5py.File(self.dir / entry["file"], "r") as f:
-                ids = [s.decode() if isinstance(s, bytes) else s for s in f["image_ids"][:]]
+                ids = [_text(s) for s in f["image_ids"][:]]
             self.rows += [(entry["file"], r) for r in range(len(ids))]
             self.image_ids += ids
-        text = json.loads((self.dir / CAPTIONS).read_text(encoding="utf-8"))[split]
+        text = _split_captions(self.dir, split, self.image_ids, rebuild_hint(self.dir, self.manifest))
         self.references = [text[i]["raw"] for i in self.image_ids]
         self.captions = [[self.vocab.encode(t) for t in text[i]["tokens"]] for i in self.image_ids]
         self._files, self._pid = {}, None
@@ -213,8 +287,33 @@ class AnnotationShards(Dataset):
         return self._files[name]
 
     def __getitem__(self, i: int) -> torch.Tensor:
+        """annotations (L, D) float32 of image i. Raises PipelineError if a value is nan or inf."""
         name, row = self.rows[i]
-        return torch.from_numpy(self._file(name)["annotations"][row].astype(np.float32))
+        values = self._file(name)["annotations"][row].astype(np.float32)
+        if not np.isfinite(values).all():
+            raise PipelineError(f"{self.dir / name}: image {self.image_ids[i]} (row {row}) has non-finite annotation "
+                                f"values (nan or inf); run `python cli.py verify {self.dir}` for what to do")
+        return torch.from_numpy(values)
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _split_captions(features_dir: Path, split: str, image_ids: list[str], hint: str) -> dict:
+    """captions.json's entries of ``split``: image id -> {'raw', 'tokens'}. Raises PipelineError if
+    it is unreadable or lacks an image of the shards (a file from another folder)."""
+    path = features_dir / CAPTIONS
+    try:
+        text = json.loads(path.read_text(encoding="utf-8")).get(split, {})
+        missing = next((i for i in image_ids if not isinstance(text.get(i), dict) or
+                        not {"raw", "tokens"} <= text[i].keys()), None)
+    except (OSError, ValueError, AttributeError) as e:
+        raise PipelineError(f"{path}: not readable ({describe(e)}); rebuild it with: {hint}") from None
+    if missing is not None:
+        raise PipelineError(f"{path}: no captions of image {missing} of the {split} shards (the file belongs to "
+                            f"another folder, or was edited); rebuild it with: {hint}")
+    return text
 
 
 class CaptionPairs(Dataset):

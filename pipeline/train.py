@@ -8,6 +8,7 @@ improve. ``last.pt`` is written every epoch (and every ``checkpoint_every`` step
 when BLEU-4 improves, atomically; ``resume`` continues a killed run from ``last.pt`` and gives the
 same weights as an uninterrupted run (on CPU, for a given seed).
 """
+import contextlib
 import json
 import math
 import time
@@ -25,6 +26,7 @@ from . import distributed
 from .atomic import atomic_path
 from .decode import beam_search
 from .errors import PipelineError, describe
+from .folders import folder_lock
 from .memory import configure_allocator
 from .metrics import bleu
 from .model import Decoder, DecoderConfig, ObjectiveConfig, attention_entropy, objective
@@ -32,6 +34,7 @@ from .shards import AnnotationShards, CaptionPairs
 from .text import Vocabulary
 
 LAST, BEST, METRICS = "last.pt", "best.pt", "metrics.jsonl"
+RESUMABLE = ("epochs", "patience", "checkpoint_every", "workers")  # options a --resume may change
 CHECKPOINT_KEYS = ("model", "model_config", "train_config", "vocab", "features")
 FEATURE_KEYS = ("format", "dataset", "encoder", "preprocess", "grid", "L", "D", "dtype")
 
@@ -199,7 +202,8 @@ def load_checkpoint(path) -> dict:
 def build_decoder(checkpoint: dict, path) -> tuple[Decoder, Vocabulary]:
     """The decoder and vocabulary stored in ``checkpoint`` (read from ``path``): the moving average
     of the weights where the run kept one (``ema_decay``), else the trained weights.
-    Raises PipelineError if the weights or the vocabulary do not fit the model's config."""
+    Raises PipelineError if the weights or the vocabulary do not fit the model's config, or a
+    weight is nan or inf."""
     config = DecoderConfig(**checkpoint["model_config"])
     weights = checkpoint["model"]
     if "ema" in checkpoint:
@@ -211,6 +215,9 @@ def build_decoder(checkpoint: dict, path) -> tuple[Decoder, Vocabulary]:
         detail = next((line.strip() for line in str(e).splitlines()[1:]), describe(e))[:200]
         raise PipelineError(f"{path}: its weights do not fit its model ({detail}); the file is damaged or was "
                             "edited: use another checkpoint") from None
+    if not all(t.isfinite().all() for t in decoder.state_dict().values() if t.is_floating_point()):
+        raise PipelineError(f"{path}: its weights hold nan or inf values (training diverged, or the file was "
+                            "edited); use another checkpoint")
     if len(checkpoint["vocab"]) != config.vocab_size:
         raise PipelineError(f"{path}: its vocabulary has {len(checkpoint['vocab'])} words, its model "
                             f"{config.vocab_size}; the file is damaged or was edited: use another checkpoint")
@@ -219,7 +226,7 @@ def build_decoder(checkpoint: dict, path) -> tuple[Decoder, Vocabulary]:
 
 def _log(out: Path, record: dict) -> None:
     with open(out / METRICS, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(record, allow_nan=False) + "\n")
 
 
 def _truncate_log(out: Path, epochs_done: int) -> None:
@@ -229,6 +236,10 @@ def _truncate_log(out: Path, epochs_done: int) -> None:
         keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] <= epochs_done]
         with atomic_path(path) as tmp:
             tmp.write_text("".join(line + "\n" for line in keep))
+
+
+class NonFinite(PipelineError):
+    """A training step met a nan or inf loss or gradient; the weights were not updated."""
 
 
 def train_step(decoder: Decoder, optimizer, annotations: torch.Tensor, captions: torch.Tensor, config: TrainConfig,
@@ -241,6 +252,7 @@ def train_step(decoder: Decoder, optimizer, annotations: torch.Tensor, captions:
     REINFORCE moving average of ``objective_config.baseline`` 'moving', None before the first
     sampled batch) is updated in place.
     Returns (loss: 0-dim tensor, stats: dict of floats) as :func:`pipeline.model.objective`.
+    Raises NonFinite, before the optimizer step, if the loss or the gradient norm is nan or inf.
     """
     sampled = (config.attention == "hard" and epoch >= config.soft_warmup_epochs
                and torch.rand(()).item() >= config.semi_sampling_p)
@@ -252,13 +264,17 @@ def train_step(decoder: Decoder, optimizer, annotations: torch.Tensor, captions:
         run["baseline"] = stats["log_p_y"] if b is None else d * b + (1 - d) * stats["log_p_y"]
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    grads = [p.grad for p in decoder.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if not (torch.isfinite(loss) and torch.isfinite(norm)):  # before the step: the weights stay finite
+        raise NonFinite(f"the loss ({loss.item():.4g}) or the gradient norm ({norm.item():.4g}) is not finite")
     if config.clip:
-        torch.nn.utils.clip_grad_norm_(decoder.parameters(), config.clip)
+        torch.nn.utils.clip_grads_with_norm_(decoder.parameters(), config.clip, norm)
     optimizer.step()
     return loss, stats
 
 
-def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+def train(config: TrainConfig, resume: bool = False, progress: bool = True, given: set[str] | None = None) -> dict:
     """Train a decoder per ``config``; returns the final training state (as in ``last.pt``).
 
     Under torchrun (:mod:`pipeline.distributed`) every rank trains a DistributedDataParallel copy
@@ -267,28 +283,78 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True) -> d
     as many steps), and rank 0 validates, logs and writes the checkpoints, which hold every rank's
     random state: resume with the same number of processes.
 
-    Raises PipelineError if ``config.out`` already holds a run and ``resume`` is false, if there
-    is nothing to resume, or if the features (or the number of processes) differ from those the
-    run started with.
+    given: the options the user gave (``TrainConfig`` field names, ``model.NAME`` and
+    ``objective.NAME`` for the nested ones): on ``resume`` those of ``RESUMABLE`` take effect and
+    the others must equal the run's (:func:`resumed_config`).
+    Rank 0 holds ``config.out``'s lock (:func:`pipeline.folders.folder_lock`) for the whole run.
+    A fresh run writes ``last.pt`` before its first step, so that every run folder with outputs can
+    be resumed. No checkpoint is written with a nan or inf weight.
+
+    Raises PipelineError if another command holds ``config.out``, if it already holds a run's
+    files and ``resume`` is false, if there is nothing to resume, if a resume changes an option it
+    cannot, if the features (or the number of processes) differ from those the run started with,
+    or if a training step meets a non-finite loss or gradient (naming the epoch, the step and the
+    minibatch's images) or non-finite annotation values (naming the image).
     """
     configure_allocator(huge_pages=False)
-    with distributed.session(config.device) as world:
-        return _train(config, resume, progress and world.main, world)
+    with distributed.session(config.device) as world, contextlib.ExitStack() as held:
+        error = None
+        if world.main:  # rank 0 holds the run folder's lock for the whole job
+            try:
+                held.enter_context(folder_lock(config.out, "--out"))
+            except PipelineError as e:
+                error = e
+        error = world.broadcast(error)
+        if error is not None:
+            raise error
+        return _train(config, resume, progress and world.main, world, given or set())
 
 
-def _train(config: TrainConfig, resume: bool, progress: bool, world: distributed.World) -> dict:
+def resumed_config(saved: dict, config: TrainConfig, given: set[str], checkpoint_path) -> TrainConfig:
+    """The configuration of a resumed run: the ``saved`` one (``train_config`` of its last.pt),
+    with the folders of ``config`` and those of ``RESUMABLE`` that are in ``given``.
+    Raises PipelineError naming every other option in ``given`` whose value differs from the run's."""
+    new, old = _flat(asdict(config)), _flat(saved)
+    refused = sorted(k for k in given if k not in (*RESUMABLE, "features", "out") and new.get(k) != old.get(k))
+    if refused:
+        flags = ", ".join(f"--{k.split('.')[-1].replace('_', '-')} (the run has {old.get(k)}, given {new.get(k)})"
+                          for k in refused)
+        raise PipelineError(f"{checkpoint_path}: a resumed run keeps its options, so {flags} cannot be used; drop "
+                            f"the flag, or start a new run in another --out (a resume may change "
+                            f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE)})")
+    changed = {k: new[k] for k in RESUMABLE if k in given}
+    return TrainConfig(**dict(saved, features=config.features, out=config.out, **changed))
+
+
+def _flat(config: dict) -> dict:
+    """{'lr': ..., 'model': {'embed_dim': ...}} -> {'lr': ..., 'model.embed_dim': ...}."""
+    flat = {}
+    for key, value in config.items():
+        flat.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
+    return flat
+
+
+def _check_new_run(out: Path) -> None:
+    """Raise PipelineError if ``out`` holds any file a run writes (a fresh run would replace it)."""
+    found = [name for name in (LAST, BEST, METRICS) if (out / name).exists()]
+    if found:
+        how = "pass --resume to continue it" if LAST in found else f"it has no {LAST} to resume from, so move them away"
+        raise PipelineError(f"{out} already holds a run ({', '.join(found)}); {how}, or pass another --out")
+
+
+def _train(config: TrainConfig, resume: bool, progress: bool, world: distributed.World, given: set[str]) -> dict:
     out = Path(config.out)
     if resume:
         state = load_checkpoint(out / LAST)  # its options, but the folders given now (they may have moved)
-        config = TrainConfig(**dict(state["train_config"], features=config.features, out=config.out))
+        config = resumed_config(state["train_config"], config, given, out / LAST)
         if len(state["rng"]["cpu"]) != world.size:
             n = len(state["rng"]["cpu"])
             raise PipelineError(f"{out / LAST}: written by a run of {n} process(es); resume it with as many "
                                 f"(torchrun --nproc-per-node {n}; no torchrun for 1)")
         if world.main:
             print(f"resuming {out / LAST}: epoch {state['position']['epoch'] + 1}, step {state['position']['step']}")
-    elif (out / LAST).exists():
-        raise PipelineError(f"{out} already holds a run ({LAST}); pass --resume to continue it, or another --out")
+    else:
+        _check_new_run(out)
     device = world.device
     train_shards = AnnotationShards(config.features, "train")
     val_split = config.val_split or next((s for s in ("dev", "val") if s in train_shards.manifest["splits"]), None)
@@ -333,7 +399,13 @@ def _train(config: TrainConfig, resume: bool, progress: bool, world: distributed
         out.mkdir(parents=True, exist_ok=True)
 
     def checkpoint(path: Path) -> dict:
-        """The training state, with every rank's random state; rank 0 writes it to ``path``."""
+        """The training state, with every rank's random state; rank 0 writes it to ``path``
+        (never with a non-finite weight: PipelineError instead)."""
+        weights = [decoder.state_dict()] + ([ema.state_dict()] if ema is not None else [])
+        if not all(t.isfinite().all() for sd in weights for t in sd.values() if t.is_floating_point()):
+            raise PipelineError(f"{path}: not written: the weights hold nan or inf values at epoch "
+                                f"{position['epoch'] + 1}, step {position['step']}; the file keeps its last whole "
+                                "state: start a new run with a lower --lr or a --clip")
         rng = {"cpu": world.gather(torch.get_rng_state())}
         if device.type == "cuda":
             rng["cuda"] = world.gather(torch.cuda.get_rng_state(device))
@@ -347,7 +419,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool, world: distributed
             save_checkpoint(path, state)
         return state
 
-    state = None
+    state = None if resume else checkpoint(out / LAST)  # a fresh run's folder can be resumed from its start
     for epoch in range(position["epoch"], config.epochs):
         if config.patience and run["stale_epochs"] >= config.patience:
             break
@@ -359,9 +431,15 @@ def _train(config: TrainConfig, resume: bool, progress: bool, world: distributed
                    unit="batch", disable=not progress, dynamic_ncols=True)
         model.train()
         start, captions_seen = time.perf_counter(), 0
-        for annotations, captions, _ in bar:
+        for annotations, captions, images in bar:
             annotations, captions = annotations.to(device, non_blocking=True), captions.to(device, non_blocking=True)
-            loss, stats = train_step(model, optimizer, annotations, captions, config, objective_config, run, epoch)
+            try:
+                loss, stats = train_step(model, optimizer, annotations, captions, config, objective_config, run, epoch)
+            except NonFinite as e:
+                names = ", ".join(train_shards.image_ids[i] for i in images.unique()[:3].tolist())
+                raise PipelineError(f"{out}: epoch {epoch + 1}, step {position['step'] + 1}: {e} (minibatch of "
+                                    f"images {names}, ...); training stopped, no checkpoint holds these values: "
+                                    "start a new run with a lower --lr or a --clip") from None
             if ema is not None:
                 ema.update_parameters(decoder)
             position["batch"] += 1

@@ -179,7 +179,7 @@ def test_training_on_a_full_disk_keeps_the_last_checkpoint(objects, tmp_path, mo
     def save_until_full(obj, f, *args, **kwargs):
         calls.append(f)
         save(obj, f, *args, **kwargs)
-        if len(calls) == 3:  # epoch 1: last.pt, best.pt; epoch 2: last.pt
+        if len(calls) == 4:  # the start: last.pt; epoch 1: last.pt, best.pt; epoch 2: last.pt
             os.truncate(f, 100)
             monkeypatch.setattr(atomic.shutil, "disk_usage", lambda folder: SimpleNamespace(free=0))
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
