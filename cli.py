@@ -368,15 +368,18 @@ def caption(images, checkpoint, beam_size, max_len, attention_plot, jsonl, devic
 @main.command()
 @click.argument("features_dir", type=click.Path(file_okay=False))
 def verify(features_dir):
-    """Check a features folder: every shard present, with the manifest's SHA-256 and its
-    annotations of the manifest's shape (N, L, D) and dtype.
+    """Check a features folder as training and scoring read it: the manifest's keys, every shard
+    present with the manifest's SHA-256 and its annotations of the manifest's shape (N, L, D) and
+    dtype, every annotation value finite, and captions.json and vocab.json those written with the
+    shards.
 
-    Prints one line per damaged shard with the command that rebuilds it, and exits 1 if any.
+    Prints one line per problem with what to do (for a damaged shard, the command that rebuilds
+    it), and exits 1 if any.
     """
     from pipeline.shards import check_shards, load_manifest
 
     manifest = load_manifest(features_dir)
-    problems = check_shards(features_dir, manifest)
+    problems = check_shards(features_dir, manifest, values=True)
     for line in problems:
         click.echo(line, err=True)
     if problems:

@@ -122,9 +122,11 @@ def rebuild_hint(features_dir: Path, manifest: dict) -> str:
     if not args:
         return f"python cli.py features --out {features_dir} (with the options that made it)"
     args = [a for a in args if not a.startswith("--out=")]
-    if "--out" in args:
-        del args[args.index("--out"):args.index("--out") + 2]
-    return shlex.join([*args, "--out", str(features_dir)])
+    if "--out" in args[:-1]:
+        args[args.index("--out") + 1] = str(features_dir)
+    else:
+        args += ["--out", str(features_dir)]
+    return shlex.join(args)
 
 
 def text_problems(features_dir: Path, manifest: dict) -> list[str]:
@@ -205,7 +207,7 @@ def manifest_problem(manifest: dict) -> str | None:
         return isinstance(manifest.get(key), kind) and test(manifest[key])
 
     checks = {"dataset": fits("dataset", str), "encoder": fits("encoder", dict),
-              "preprocess": fits("preprocess", dict, lambda p: {"mode", "image_size"} <= p.keys()),
+              "preprocess": fits("preprocess", dict),
               "grid": fits("grid", list, lambda g: len(g) == 2 and all(isinstance(n, int) and n > 0 for n in g)),
               "L": fits("L", int, lambda n: fits("grid", list) and len(manifest["grid"]) == 2
                         and n == manifest["grid"][0] * manifest["grid"][1]),

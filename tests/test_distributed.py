@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 from conftest import ROOT
@@ -59,8 +60,13 @@ def test_two_rank_training_checkpoints_and_resumes(tmp_path):
             break
         time.sleep(0.05)
     assert killed.poll() is None, "training ended before it could be killed"
+    ranks = [int(pid) for pid in Path(f"/proc/{killed.pid}/task/{killed.pid}/children").read_text().split()]
     os.killpg(killed.pid, signal.SIGKILL)
+    for pid in ranks:  # torchrun starts each rank in a session of its own: killing torchrun leaves them running
+        os.killpg(pid, signal.SIGKILL)
     killed.wait()
+    while any(Path(f"/proc/{pid}/cmdline").exists() and Path(f"/proc/{pid}/cmdline").read_bytes() for pid in ranks):
+        time.sleep(0.05)  # gone (a zombie's cmdline is empty): the run folder's lock is free
     alone = _run([sys.executable, *_train(tmp_path / "run", "--resume")])
     assert alone.returncode == 2 and "written by a run of 2 process(es); resume it with as many" in alone.stderr
     resumed = _run([*TORCHRUN, *_train(tmp_path / "run", "--resume")])

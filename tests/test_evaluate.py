@@ -39,7 +39,7 @@ def test_evaluate_writes_coco_results_scores_and_references(trained_run):
     saved = json.loads(result["scores_file"].read_text())
     assert saved["scores"] == result["scores"] and saved["split"] == "test" and "BLEU-4" in saved["scores"]
     coco = json.loads(result["references"].read_text())  # COCO caption annotation format
-    assert result["references"].name == "best-test.references.json" and coco["type"] == "captions"
+    assert result["references"].name == "best-test-beam2.references.json" and coco["type"] == "captions"
     assert sorted(i["id"] for i in coco["images"]) == sorted(c["image_id"] for c in captions)
     assert all(isinstance(c["image_id"], int) for c in captions)  # the synthetic corpus's imgid
     assert len({a["id"] for a in coco["annotations"]}) == len(coco["annotations"])
