@@ -36,7 +36,7 @@ ALL_SPLITS = $(or $(SPLITS),$(subst $(space),$(comma),$(sort train $(VAL_SPLIT) 
 
 SOURCE = $(if $(filter karpathy,$(DATASET)),--karpathy-json $(KARPATHY_JSON) --image-dir $(IMAGE_DIR),--data-dir $(DATA_DIR))
 
-.PHONY: venv features train score caption all demo test bench
+.PHONY: venv features train score caption all demo test bench serve tensorboard export
 venv: $(VENV)/.complete
 
 # The hash in the path tracks requirements.txt, so the stamp needs no prerequisite.
@@ -77,6 +77,23 @@ demo: venv
 	$(MAKE) train $(DEMO) TRAIN_ARGS="$(DEMO_TRAIN_ARGS)"
 	$(MAKE) score $(DEMO) EVAL_SPLIT=test
 	$(MAKE) caption $(DEMO) IMG=data/synthetic/images/01100.jpg PLOT=data/runs/demo/attention.png
+
+# The web page (Gradio) on 127.0.0.1:PORT: the newest best.pt under data/runs unless CHECKPOINT is
+# given (after `make demo`, the demo's), with the images of EXAMPLES offered as examples.
+PORT ?= 7860
+EXAMPLES ?= data/synthetic/images
+serve: venv
+	$(PY) cli.py serve $(if $(filter command line,$(origin CHECKPOINT)),--checkpoint $(CHECKPOINT)) --port $(PORT) \
+		$(if $(wildcard $(EXAMPLES)),--examples $(EXAMPLES))
+
+# TensorBoard over a training run's RUN/tensorboard, on 127.0.0.1:6006.
+tensorboard: venv
+	$(VENV)/bin/tensorboard --logdir $(RUN)/tensorboard --host 127.0.0.1 --port 6006
+
+# A model folder to share (safetensors, config.json, vocab.json, model card) from CHECKPOINT.
+MODEL ?= $(RUN)/model
+export: venv
+	$(PY) cli.py export --checkpoint $(CHECKPOINT) --out $(MODEL)
 
 test: venv
 	$(PY) -m pytest -q tests

@@ -13,6 +13,7 @@ import warnings
 import click
 from click.core import ParameterSource
 
+from pipeline import paths
 from pipeline.atomic import disk_full_message
 from pipeline.errors import PipelineError, describe, one_line
 from pipeline.folders import os_error_message
@@ -157,7 +158,7 @@ def features(dataset, data_dir, karpathy_json, image_dir, splits, encoder, weigh
                            dtype=dtype, shard_size=shard_size, batch_size=batch_size, num_workers=workers,
                            device=device, precision=precision, min_count=min_count)
     records = load_records(dataset, data_dir, karpathy_json, image_dir)
-    out = out or f"data/features/{dataset}-{encoder}"
+    out = out or paths.features_dir(dataset, encoder)
     split_list = [s.strip() for s in splits.split(",") if s.strip()] if splits else None
     summary = extract_features(records, out, config, dataset, split_list, progress=not no_progress,
                                command=shlex.join(["python", *sys.argv]))
@@ -175,8 +176,10 @@ def features(dataset, data_dir, karpathy_json, image_dir, splits, encoder, weigh
 
 
 @main.command()
-@click.option("--features", "features_dir", type=click.Path(file_okay=False), required=True,
-              help="Features folder written by `cli.py features` (needs train, and dev or val).")
+@click.option("--features", "features_dir", type=click.Path(file_okay=False), default=None,
+              help="Features folder written by `cli.py features` (needs train, and dev or val). [default: "
+                   "with --resume, the run's own; else data/features/flickr8k-vgg19, what `make features "
+                   "DATASET=flickr8k` writes, or the only folder under data/features]")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Run folder for checkpoints (last.pt, best.pt) and metrics.jsonl. [default: data/runs/ATTENTION]")
 @click.option("--attention", type=click.Choice(["soft", "hard"]), default="soft",
@@ -243,12 +246,15 @@ def features(dataset, data_dir, karpathy_json, image_dir, splits, encoder, weigh
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
               help="bf16: autocast matrix products to bfloat16 (weights stay fp32), about 2x faster on CPUs with "
                    "AVX512-BF16; auto: bf16 where the CPU or GPU computes it natively, else fp32.")
+@click.option("--no-tensorboard", is_flag=True,
+              help="Do not write OUT/tensorboard (the scalars of metrics.jsonl and an attention figure per epoch); "
+                   "OUT/curves.png is written either way.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train(features_dir, out, attention, resume, optimizer, lr, batch_size, epochs, patience, lr_decay, lr_patience,
           clip, ema_decay, seed, device, embed_dim, hidden_dim, attention_dim, attention_layers, attention_input_scale,
           dropout, output_tanh, no_gating, alpha_c, entropy_c, reinforce_scale, baseline, baseline_decay,
           semi_sampling_p, soft_warmup_epochs, decode_context, val_split, val_images, val_beam_size, max_len,
-          checkpoint_every, workers, precision, no_progress):
+          checkpoint_every, workers, precision, no_tensorboard, no_progress):
     """Stage two: train the attention decoder on feature shards.
 
     Validates each epoch by free-running beam-search decoding scored with BLEU-4, keeps last.pt
@@ -257,19 +263,26 @@ def train(features_dir, out, attention, resume, optimizer, lr, batch_size, epoch
     from pipeline.distributed import main_process
     from pipeline.train import TrainConfig, train as run_training
 
+    if features_dir is None and not resume:  # a resume defaults to the run's own features
+        features_dir, note = paths.default_features()
+        if note and main_process():
+            click.echo(note, err=True)
+
     model = dict(embed_dim=embed_dim, hidden_dim=hidden_dim, attention_dim=attention_dim,
                  attention_layers=attention_layers, attention_input_scale=attention_input_scale, dropout=dropout,
                  output_tanh=output_tanh, gating=not no_gating)
     objective = dict(alpha_c=alpha_c, entropy_c=entropy_c, reinforce_scale=reinforce_scale, baseline=baseline,
                      baseline_decay=baseline_decay)
     config = TrainConfig(
-        features=features_dir, out=out or f"data/runs/{attention}", attention=attention, optimizer=optimizer, lr=lr,
+        features=features_dir and str(features_dir), out=str(out or paths.RUNS / attention), attention=attention, optimizer=optimizer, lr=lr,
         batch_size=batch_size, epochs=epochs, patience=patience, lr_decay=lr_decay, lr_patience=lr_patience, clip=clip,
         ema_decay=ema_decay, seed=seed, device=device, val_split=val_split, val_images=val_images,
         val_beam_size=val_beam_size, max_len=max_len, decode_context=decode_context,
         semi_sampling_p=semi_sampling_p, soft_warmup_epochs=soft_warmup_epochs,
-        checkpoint_every=checkpoint_every, workers=workers, precision=precision, model=model, objective=objective)
+        checkpoint_every=checkpoint_every, workers=workers, precision=precision, tensorboard=not no_tensorboard,
+        model=model, objective=objective)
     sections = {"features_dir": "features", "no_gating": "model.gating", "output_tanh": "model.output_tanh",
+                "no_tensorboard": "tensorboard",
                 **{k: f"model.{k}" for k in model}, **{k: f"objective.{k}" for k in objective}}
     given = {sections.get(name, name) for name in _given(click.get_current_context(), "resume", "no_progress")}
     state = run_training(config, resume=resume, progress=not no_progress, given=given)
@@ -277,6 +290,16 @@ def train(features_dir, out, attention, resume, optimizer, lr, batch_size, epoch
     if main_process():  # under torchrun rank 0 reports for all
         click.echo(f"train: best BLEU-4 {run['best_bleu4']:.2f} at epoch {run['best_epoch']}; "
                    f"checkpoints in {config.out}")
+
+
+def _captioner_source(checkpoint, model) -> tuple:
+    """(checkpoint, model) as given, or the newest best.pt under data/runs when neither is (saying so)."""
+    if checkpoint and model:
+        raise Failure("--checkpoint and --model name two captioners: give one")
+    if checkpoint is None and model is None:
+        checkpoint, note = paths.newest_checkpoint()
+        click.echo(note, err=True)
+    return checkpoint, model
 
 
 def _given(ctx: click.Context, *ignored: str) -> list[str]:
@@ -324,7 +347,8 @@ def evaluate(checkpoint, split, beam_size, max_len, length_penalty, features_dir
 
 @main.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--checkpoint", type=click.Path(dir_okay=False), required=True, help="A best.pt or last.pt of `cli.py train`.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="A best.pt or last.pt of `cli.py train`. [default: the newest best.pt under data/runs]")
 @click.option("--beam-size", type=BEAM, default=3, help="Beam size k (1: greedy; at most 100).")
 @click.option("--max-len", type=MAX_LEN, default=20, help="Longest caption, in words (at most 200).")
 @click.option("--attention-plot", type=click.Path(dir_okay=False), default=None,
@@ -333,8 +357,11 @@ def evaluate(checkpoint, split, beam_size, max_len, length_penalty, features_dir
 @click.option("--jsonl", type=click.Path(dir_okay=False), default=None,
               help="Also write each result as a JSON line here (image, caption, log_prob, plot, error) as soon as it "
                    "is done.")
+@click.option("--model", default=None,
+              help="Instead of --checkpoint: a model folder written by `cli.py export`, or a Hugging Face Hub id "
+                   "(owner/name) holding one.")
 @click.option("--device", type=Device(), default="cpu", help="Torch device: cpu, cuda, ...")
-def caption(images, checkpoint, beam_size, max_len, attention_plot, jsonl, device):
+def caption(images, checkpoint, beam_size, max_len, attention_plot, jsonl, model, device):
     """Caption image files (any size; JPEG, PNG, ...) with a trained checkpoint.
 
     Runs the encoder the checkpoint's features were made with, and prints each caption as soon as
@@ -345,11 +372,13 @@ def caption(images, checkpoint, beam_size, max_len, attention_plot, jsonl, devic
 
     from pipeline.caption import caption_images, open_jsonl
 
-    inputs = [*map(Path, images), Path(checkpoint)]
-    lines = open_jsonl(jsonl, inputs, {"checkpoint": checkpoint, "beam_size": beam_size}) if jsonl else None
+    checkpoint, model = _captioner_source(checkpoint, model)
+    inputs = [*map(Path, images), *(Path(p) for p in (checkpoint, model) if p)]
+    header = {"checkpoint": str(checkpoint) if checkpoint else None, "model": model, "beam_size": beam_size}
+    lines = open_jsonl(jsonl, inputs, header) if jsonl else None
     failed = 0
     try:
-        for result in caption_images(images, checkpoint, beam_size, max_len, attention_plot, device):
+        for result in caption_images(images, checkpoint, model, beam_size, max_len, attention_plot, device):
             if result.error:
                 failed += 1
                 click.echo(f"{result.path}: error: {result.error}", err=True)
@@ -363,6 +392,51 @@ def caption(images, checkpoint, beam_size, max_len, attention_plot, jsonl, devic
             lines.close()
     if failed:
         sys.exit(1)
+
+
+@main.command()
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="A best.pt or last.pt of `cli.py train`. [default: the newest best.pt under data/runs]")
+@click.option("--model", default=None,
+              help="Instead of --checkpoint: a model folder written by `cli.py export`, or a Hugging Face Hub id.")
+@click.option("--host", default="127.0.0.1",
+              help="Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every network interface).")
+@click.option("--port", type=click.IntRange(1, 65535), default=7860, help="TCP port to listen on.")
+@click.option("--examples", type=click.Path(exists=True, file_okay=False), default=None,
+              help="A folder of images; its first 8 (by name) are offered as examples on the page.")
+@click.option("--device", type=Device(), default="cpu", help="Torch device: cpu, cuda, ...")
+def serve(checkpoint, model, host, port, examples, device):
+    """Serve a web page (Gradio) that captions uploaded images: the k best captions with their
+    log-probabilities, and the attention of the best over the image, word by word.
+
+    Uploads are limited to 20 MiB and 40 megapixels. Stop it with Ctrl-C.
+    """
+    from pathlib import Path
+
+    from pipeline import Captioner
+    from pipeline.app import IMAGE_TYPES, serve as serve_page
+
+    checkpoint, model = _captioner_source(checkpoint, model)
+    captioner = Captioner.from_source(checkpoint, model, device)
+    shown = sorted(str(p) for p in Path(examples).iterdir() if p.suffix.lower() in IMAGE_TYPES)[:8] if examples else []
+    click.echo(f"serve: http://{host}:{port} (Ctrl-C stops it)", err=True)
+    serve_page(captioner, host, port, shown)
+
+
+@main.command()
+@click.option("--checkpoint", type=click.Path(dir_okay=False), required=True,
+              help="A best.pt or last.pt of `cli.py train` (its weight average where the run kept one).")
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="Model folder to write (new, empty, or an earlier export).")
+def export(checkpoint, out):
+    """Write a model to share: safetensors weights (decoder and encoder), config.json, vocab.json
+    and a model card README.md with the scores `cli.py evaluate` wrote for the checkpoint.
+
+    Load it with `Captioner.from_pretrained(FOLDER)` or `cli.py caption --model FOLDER`.
+    """
+    from pipeline.export import export_model
+
+    click.echo(f"export: {export_model(checkpoint, out)}")
 
 
 @main.command()

@@ -1,5 +1,6 @@
-"""Captioning image files with a trained checkpoint: the encoder recorded with the checkpoint's
-features (same weights, same preprocessing), then beam search, optionally the attention figure.
+"""Captioning image files for the command line: a :class:`~pipeline.captioner.Captioner` one
+image at a time, and the files written beside (attention figures, JSON lines), each checked
+before any work.
 
 Results come one image at a time, as each is done, so a caller that prints or saves them as they
 come keeps everything finished when it is interrupted.
@@ -9,14 +10,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from .decode import beam_search
-from .encoders import ImageError, Preprocess, build_encoder, open_rgb
+from .captioner import Captioner
+from .encoders import ImageError
 from .errors import PipelineError
 from .folders import OWNER, check_writable, refuse_foreign
-from .plots import attention_figure, is_attention_figure
-from .train import build_decoder, load_checkpoint
+from .plots import is_attention_figure
 
 
 @dataclass
@@ -85,59 +83,25 @@ def open_jsonl(path, inputs: list[Path], header: dict):
     return f
 
 
-def load_captioner(checkpoint_path, device="cpu"):
-    """(encoder, preprocess, decoder, vocab, checkpoint) for a checkpoint.
-
-    Raises PipelineError if the checkpoint's features came from no image encoder, or the encoder
-    weights it names cannot be read or differ from those the features were made with.
-    """
-    checkpoint = load_checkpoint(checkpoint_path)
-    identity = checkpoint["features"]
-    recorded = identity["encoder"]
-    if recorded.get("weights") is None:
-        raise PipelineError(f"{checkpoint_path}: trained on features with no image encoder; it cannot caption images")
-    sha = f"SHA-256 {recorded['weights_sha256'][:12]}..."
-    try:
-        encoder = build_encoder(recorded["name"], recorded["weights"], device)
-    except PipelineError as e:
-        raise PipelineError(f"{checkpoint_path}: its features were made with the {recorded['name']} weights "
-                            f"'{recorded['weights']}' ({sha}), which cannot be loaded now ({e}); put that file back "
-                            "where it was") from None
-    if encoder.weights_sha256 != recorded["weights_sha256"]:
-        raise PipelineError(f"{checkpoint_path}: the {recorded['name']} weights '{recorded['weights']}' found now differ "
-                            f"from those its features were made with ({sha})")
-    decoder, vocab = build_decoder(checkpoint, checkpoint_path)
-    return encoder, Preprocess(**identity["preprocess"]), decoder.to(device).eval(), vocab, checkpoint
-
-
-def caption_images(paths, checkpoint_path, beam_size: int = 3, max_len: int = 20, plot=None,
+def caption_images(paths, checkpoint=None, model=None, beam_size: int = 3, max_len: int = 20, plot=None,
                    device: str = "cpu") -> Iterator[ImageCaption]:
-    """Caption each image file, yielding each result as soon as it is done; unreadable files get
-    an ``error`` and the others go on.
+    """Caption each image file with the :class:`~pipeline.captioner.Captioner` of a checkpoint
+    (or of a model folder or Hub id, ``model``), yielding each result as soon as it is done;
+    unreadable files get an ``error`` and the others go on.
 
     plot: where to save attention figures (see :func:`plot_path`), or None; the figure names are
     checked (:func:`plot_paths`) before the first image is read.
-    Raises PipelineError for an unusable checkpoint or figure path.
+    Raises PipelineError for an unusable checkpoint, model or figure path.
     """
     paths = [Path(p) for p in paths]
-    plots = plot_paths(paths, plot, [*paths, Path(checkpoint_path)])
-    encoder, preprocess, decoder, vocab, checkpoint = load_captioner(checkpoint_path, device)
-    identity = checkpoint["features"]
-    storage = getattr(torch, identity["dtype"])
-    context = checkpoint["train_config"]["decode_context"]
-    transform = preprocess.transform()
-    show = preprocess.crop()  # the image as the encoder saw it, for the figure
+    plots = plot_paths(paths, plot, [*paths, *(Path(p) for p in (checkpoint, model) if p)])
+    captioner = Captioner.from_source(checkpoint, model, device)
     for path, plot_file in zip(paths, plots):
         try:
-            image = open_rgb(path)
+            caption = captioner([path], beam_size, max_len)[0]
         except ImageError as e:
             yield ImageCaption(path, error=e.reason)
             continue
-        with torch.inference_mode():
-            annotations = encoder(transform(image).unsqueeze(0).to(device))
-        annotations = annotations.to(storage).float()  # as stored in the shards the decoder learnt from
-        best = beam_search(decoder, annotations, vocab.start, vocab.end, beam_size, max_len, context=context)[0]
-        words = [vocab.words[t] for t in best.tokens]
         if plot_file is not None:
-            attention_figure(show(image), words, best.alpha, tuple(identity["grid"]), plot_file)
-        yield ImageCaption(path, " ".join(words), best.log_prob, plot_file)
+            captioner.attention_figure(caption, plot_file)
+        yield ImageCaption(path, caption.text, caption.log_prob, plot_file)

@@ -52,91 +52,113 @@ class Caption:
 @torch.no_grad()
 def beam_search(decoder: Decoder, annotations: torch.Tensor, start: int, end: int, beam_size: int = 3,
                 max_len: int = 20, length_penalty: float = 0.0, context: str = "expected") -> list[Caption]:
-    """Beam search over a batch of images at once.
+    """Beam search over a batch of images at once: the best caption of each image, the first of
+    :func:`n_best` (which see).
+    annotations: (B, L, D) float. Returns one :class:`Caption` per image."""
+    return [found[0] for found in n_best(decoder, annotations, start, end, beam_size, max_len, length_penalty,
+                                         context, 1)]
+
+
+@torch.no_grad()
+def n_best(decoder: Decoder, annotations: torch.Tensor, start: int, end: int, beam_size: int = 3, max_len: int = 20,
+           length_penalty: float = 0.0, context: str = "expected", n: int = 1) -> list[list[Caption]]:
+    """Beam search over a batch of images at once, keeping the ``n`` (<= beam_size) best captions
+    of each image.
 
     annotations: (B, L, D) float. Each step expands the k live hypotheses of every image (a
-    (B*k, V) tensor of scores), retires those of the k best that end in ``end`` to the finished
-    pool and carries the k best unfinished ones on (from the 2k best, so k stay live).
+    (B*k, V) tensor of scores), retires those of the k best that end in ``end`` to each image's
+    pool of its n best finished ones and carries the k best unfinished ones on (from the 2k best,
+    so k stay live).
     Hypotheses are ranked by log-probability divided by ``length ** length_penalty`` (length in
     tokens, ``<end>`` included; 0: plain log-probability).
-    An image whose hypotheses never end within ``max_len`` steps gets its best live one (``ended``
-    False). context as in :meth:`Decoder.step` ('expected' for soft attention).
+    An image with fewer than n hypotheses ended within ``max_len`` steps gets its best live one
+    after them (``ended`` False). context as in :meth:`Decoder.step` ('expected' for soft attention).
     Beam search can prune the greedy caption's path (its prefix may drop out of the k best before
     it ends), so for k > 1 the greedy caption (this search with k = 1, 1/k more work) is decoded
-    too and returned where it ranks higher: a larger beam never returns a worse-ranked caption.
-    Returns one :class:`Caption` per image, the best-ranked.
+    too and put first where it ranks higher: a larger beam never returns a worse-ranked caption.
+    Returns per image its captions (:class:`Caption`), best first.
     """
     annotations = in_autocast_dtype(annotations)  # once for both searches
-    captions = _beam(decoder, annotations, start, end, beam_size, max_len, length_penalty, context)
+    found = _beam(decoder, annotations, start, end, beam_size, max_len, length_penalty, context, min(n, beam_size))
     if beam_size == 1:
-        return captions
+        return found
 
     def rank(caption: Caption):
         return caption.ended, caption.log_prob / (len(caption.tokens) + caption.ended) ** length_penalty
 
-    greedy = _beam(decoder, annotations, start, end, 1, max_len, length_penalty, context)
-    return [g if rank(g) > rank(b) else b for b, g in zip(captions, greedy)]
+    greedy = _beam(decoder, annotations, start, end, 1, max_len, length_penalty, context, 1)
+    for captions, (g,) in zip(found, greedy):
+        if rank(g) > rank(captions[0]) and all(g.tokens != c.tokens for c in captions):
+            captions.insert(0, g)
+            del captions[n:]
+    return found
 
 
-def _beam(decoder, annotations, start, end, beam_size, max_len, length_penalty, context) -> list[Caption]:
-    """The beam search of :func:`beam_search` proper (without its greedy safeguard)."""
+def _beam(decoder, annotations, start, end, beam_size, max_len, length_penalty, context, n) -> list[list[Caption]]:
+    """The beam search of :func:`n_best` proper (without its greedy safeguard)."""
     B, L, _ = annotations.shape
     k, device, inf = beam_size, annotations.device, float("-inf")
     rows = torch.arange(B, device=device).unsqueeze(1)  # (B, 1)
     h, c, proj = decoder.init_state(annotations)
-    a, h, c, proj = (x.repeat_interleave(k, 0) for x in (annotations, h, c, proj))
-    score = torch.full((B, k), inf, device=device)
+    a, h, c, proj = (x.repeat_interleave(k, 0) for x in (annotations, h, c, proj))  # (B*k, ...)
+    score = torch.full((B, k), inf, device=device)  # live hypotheses' log-probabilities
     score[:, 0] = 0.0  # one live hypothesis to start with
-    token = torch.full((B * k,), start, dtype=torch.long, device=device)
-    # live hypotheses (B, k, t, ...) and the best finished one of each image (B, ...)
-    history = torch.empty(B, k, 0, dtype=torch.long, device=device)
-    alphas = torch.empty(B, k, 0, L, device=device)
-    places = torch.empty(B, k, 0, dtype=torch.long, device=device)
-    done_rank = torch.full((B,), inf, device=device)
-    done_log_p = torch.full((B,), inf, device=device)
-    done_len = torch.zeros(B, dtype=torch.long, device=device)
-    done_history = torch.zeros(B, max_len, dtype=torch.long, device=device)
-    done_alphas = torch.zeros(B, max_len, L, device=device)
-    done_places = torch.zeros(B, max_len, dtype=torch.long, device=device)
+    token = torch.full((B * k,), start, dtype=torch.long, device=device)  # (B*k,) their last words
+    # live hypotheses (B, k, t, ...), and each image's n best finished ones (B, n, ...), best first
+    history = torch.empty(B, k, 0, dtype=torch.long, device=device)  # (B, k, t) words
+    alphas = torch.empty(B, k, 0, L, device=device)  # (B, k, t, L) attention weights
+    places = torch.empty(B, k, 0, dtype=torch.long, device=device)  # (B, k, t) sampled locations
+    done = {"rank": torch.full((B, n), inf, device=device), "log_p": torch.full((B, n), inf, device=device),
+            "len": torch.zeros(B, n, dtype=torch.long, device=device),
+            "history": torch.zeros(B, n, max_len, dtype=torch.long, device=device),
+            "alphas": torch.zeros(B, n, max_len, L, device=device),
+            "places": torch.zeros(B, n, max_len, dtype=torch.long, device=device)}
     for t in range(1, max_len + 1):
-        embedded = decoder.embedding(token)
-        h, c, z, alpha, _, s = decoder.step(embedded, h, c, a, proj, context)
+        embedded = decoder.embedding(token)  # (B*k, m)
+        h, c, z, alpha, _, s = decoder.step(embedded, h, c, a, proj, context)  # alpha (B*k, L); s (B*k,) or None
         log_p = torch.log_softmax(decoder.output(embedded, h, z), dim=1)  # (B*k, V)
         V = log_p.shape[1]
         top, index = (score.view(B * k, 1) + log_p).view(B, k * V).topk(2 * k, dim=1)  # (B, 2k)
-        beam, word = torch.div(index, V, rounding_mode="floor"), index % V
-        src = rows * k + beam  # rows of the (B*k) tensors the candidates extend
-        history = torch.cat([history[rows, beam], word.unsqueeze(2)], 2)
-        alphas = torch.cat([alphas[rows, beam], alpha[src].unsqueeze(2)], 2)
-        places = torch.cat([places[rows, beam], (s[src] if s is not None else torch.zeros_like(word)).unsqueeze(2)], 2)
-        # retire the candidates among the k best that end, keeping each image's best
-        is_end = word == end
-        ended = is_end & torch.isfinite(top)
-        ended[:, k:] = False
-        rank, j = torch.where(ended, top / t ** length_penalty, inf).max(1)
-        better = rank > done_rank
-        done_rank = torch.where(better, rank, done_rank)
-        done_log_p = torch.where(better, top[rows[:, 0], j], done_log_p)
-        done_len = torch.where(better, t, done_len)
-        pick = better.view(B, 1)
-        done_history[:, :t] = torch.where(pick, history[rows[:, 0], j], done_history[:, :t])
-        done_alphas[:, :t] = torch.where(pick.unsqueeze(2), alphas[rows[:, 0], j], done_alphas[:, :t])
-        done_places[:, :t] = torch.where(pick, places[rows[:, 0], j], done_places[:, :t])
+        beam, word = torch.div(index, V, rounding_mode="floor"), index % V  # (B, 2k) each
+        src = rows * k + beam  # (B, 2k) rows of the (B*k) tensors the candidates extend
+        history = torch.cat([history[rows, beam], word.unsqueeze(2)], 2)  # (B, 2k, t)
+        alphas = torch.cat([alphas[rows, beam], alpha[src].unsqueeze(2)], 2)  # (B, 2k, t, L)
+        step_places = s[src] if s is not None else torch.zeros_like(word)
+        places = torch.cat([places[rows, beam], step_places.unsqueeze(2)], 2)  # (B, 2k, t)
+        # retire the candidates among the k best that end into each image's pool of n best
+        is_end = word == end  # (B, 2k)
+        ended = (is_end & torch.isfinite(top))[:, :k]  # (B, k)
+        candidates = {"rank": torch.where(ended, top[:, :k] / t ** length_penalty, inf), "log_p": top[:, :k],
+                      "len": torch.full_like(ended, t, dtype=torch.long), "history": _pad(history[:, :k], max_len),
+                      "alphas": _pad(alphas[:, :k], max_len), "places": _pad(places[:, :k], max_len)}  # (B, k, ...)
+        pooled = {key: torch.cat([done[key], candidates[key]], 1) for key in done}  # (B, n + k, ...)
+        pick = pooled["rank"].topk(n, dim=1).indices  # (B, n)
+        done = {key: value[rows, pick] for key, value in pooled.items()}  # (B, n, ...)
         # carry the k best unfinished candidates on
-        score, keep = top.masked_fill(is_end, inf).topk(k, dim=1)
-        history, alphas, places = history[rows, keep], alphas[rows, keep], places[rows, keep]
-        chosen = src.gather(1, keep).view(-1)
+        score, keep = top.masked_fill(is_end, inf).topk(k, dim=1)  # (B, k)
+        history, alphas, places = history[rows, keep], alphas[rows, keep], places[rows, keep]  # (B, k, t, ...)
+        chosen = src.gather(1, keep).view(-1)  # (B*k,)
         h, c, token = h[chosen], c[chosen], word.gather(1, keep).view(-1)
-        # without a length penalty log-probabilities only fall: stop once nothing live can win
-        if length_penalty == 0 and (done_rank >= score[:, 0]).all():
+        # without a length penalty log-probabilities only fall: stop once nothing live can enter a pool
+        if length_penalty == 0 and (done["rank"][:, -1] >= score[:, 0]).all():
             break
+    return [_captions(done, i, history, alphas, places, score, s is not None) for i in range(B)]
+
+
+def _pad(x: torch.Tensor, length: int) -> torch.Tensor:
+    """x (B, k, t, ...) zero-padded along t to ``length``."""
+    return torch.cat([x, x.new_zeros(*x.shape[:2], length - x.shape[2], *x.shape[3:])], 2)
+
+
+def _captions(done: dict, i: int, history, alphas, places, score, sampled: bool) -> list[Caption]:
+    """Image i's finished captions, best first, then its best live hypothesis if fewer than n ended."""
     captions = []
-    for i in range(B):
-        if torch.isfinite(done_rank[i]):
-            n = done_len[i].item()
-            captions.append(Caption(done_history[i, :n - 1].tolist(), done_log_p[i].item(), True, done_alphas[i, :n],
-                                    done_places[i, :n] if s is not None else None))
-        else:  # nothing ended within max_len: the best live hypothesis
-            captions.append(Caption(history[i, 0].tolist(), score[i, 0].item(), False, alphas[i, 0],
-                                    places[i, 0] if s is not None else None))
+    for j in range(done["rank"].shape[1]):
+        if torch.isfinite(done["rank"][i, j]):
+            n = done["len"][i, j].item()
+            captions.append(Caption(done["history"][i, j, :n - 1].tolist(), done["log_p"][i, j].item(), True,
+                                    done["alphas"][i, j, :n], done["places"][i, j, :n] if sampled else None))
+    if len(captions) < done["rank"].shape[1]:  # nothing (more) ended within max_len: the best live one
+        captions.append(Caption(history[i, 0].tolist(), score[i, 0].item(), False, alphas[i, 0],
+                                places[i, 0] if sampled else None))
     return captions

@@ -88,6 +88,12 @@ def open_rgb(path) -> Image.Image:
         raise ImageError(path, f"too large to decode safely ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(path, f"truncated or corrupt image data ({e})") from None
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An image of any PIL mode as 8-bit RGB: high bit-depth greyscale rescaled to its range,
+    transparency composited onto white, everything else converted."""
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # high bit-depth greyscale
         a = np.asarray(img, dtype=np.float32)
         img = Image.fromarray(np.uint8(255 * (a - a.min()) / max(float(a.max() - a.min()), 1e-6)))
@@ -278,3 +284,15 @@ def build_encoder(name: str = "vgg19", weights: str = "imagenet", device="cpu") 
             label = str(path)
     trunk = arch.cut(model)
     return Encoder(name, trunk, label, state_sha256(trunk)).to(device, memory_format=torch.channels_last)
+
+
+def encoder_from_state(name: str, state: dict, label: str, device="cpu") -> Encoder:
+    """An encoder whose trunk holds ``state`` (the trunk's own state dict, as a model folder of
+    :mod:`pipeline.export` stores it); ``label`` is what its weights are called.
+    Raises PipelineError for an unknown name or a state that does not fit the trunk."""
+    encoder = build_encoder(name, "random", device)
+    try:
+        encoder.trunk.load_state_dict(state)
+    except RuntimeError as e:
+        raise PipelineError(f"the {name} weights given do not fit its trunk ({describe(e)})") from None
+    return Encoder(name, encoder.trunk, label, state_sha256(encoder.trunk))

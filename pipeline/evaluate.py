@@ -21,7 +21,7 @@ from .decode import beam_search
 from .folders import check_owned, check_writable, write_owned
 from .metrics import coco_id, coco_references, score_captions
 from .shards import AnnotationShards
-from .train import build_decoder, check_features, load_checkpoint
+from .checkpoint import build_decoder, check_features, load_checkpoint
 
 MAX_LEN = 20  # words; the default of evaluate and caption
 

@@ -162,7 +162,8 @@ def write_text(records: list[Record], out: Path, min_count: int) -> Vocabulary:
     vocab = Vocabulary.build(train, min_count)
     captions = {}
     for r in records:
-        captions.setdefault(r.split, {})[r.image_id] = {"raw": list(r.captions), "tokens": tokens[r.image_id]}
+        captions.setdefault(r.split, {})[r.image_id] = {"raw": list(r.captions), "tokens": tokens[r.image_id],
+                                                       "path": str(r.image_path) if r.image_path else None}
     write_json(out / shards.CAPTIONS, captions)
     vocab.save(out / shards.VOCAB)
     return vocab

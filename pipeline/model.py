@@ -254,8 +254,10 @@ def objective(out: DecoderOutput, captions: torch.Tensor, cfg: ObjectiveConfig, 
     paper's; None: the batch mean, for the first batch). On Flickr8k, with minibatches of mixed
     lengths in turn, the moving average left rewards of RMS 9.6 nats, the minibatch mean 5.7.
     captions: (B, T+1) long as in :meth:`Decoder.forward`.
-    Returns (loss scalar, dict with 'nll' = mean summed NLL per caption and 'log_p_y' = mean
-    log p(y|s, a), floats).
+    Returns (loss scalar, dict of floats: 'nll' = mean summed NLL per caption, 'log_p_y' = mean
+    log p(y|s, a), 'doubly_stochastic' = the mean regulariser sum_i (1 - sum_t alpha_ti)^2 (before
+    its weight), 'beta' = the mean gating scalar, and with ``sampled`` 'reward_rms' = the root mean
+    square of the rewards after their baseline and 'baseline' = the mean baseline, in nats).
     """
     targets = captions[:, 1:]
     nll = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets).sum(1)
@@ -269,4 +271,8 @@ def objective(out: DecoderOutput, captions: torch.Tensor, cfg: ObjectiveConfig, 
         else:
             reward = log_p_y - (log_p_y.mean() if baseline is None else baseline)
         loss = loss - cfg.reinforce_scale * reward * out.log_p_s - cfg.entropy_c * out.entropy
-    return loss.mean(), {"nll": nll.mean().item(), "log_p_y": log_p_y.mean().item()}
+    stats = {"nll": nll.mean().item(), "log_p_y": log_p_y.mean().item(),
+             "doubly_stochastic": doubly_stochastic.mean().item(), "beta": out.beta.float().mean().item()}
+    if sampled:
+        stats.update(reward_rms=reward.pow(2).mean().sqrt().item(), baseline=(log_p_y - reward).mean().item())
+    return loss.mean(), stats

@@ -5,7 +5,7 @@ A features folder holds::
     manifest.json             encoder, weights hash, preprocessing, grid, L, D, dtype, and per split
                               its shards with image counts, SHA-256 checksums and failed images
     vocab.json                the vocabulary (counted on the training split)
-    captions.json             per split and image id: raw captions and their tokens
+    captions.json             per split and image id: raw captions, their tokens and the image's path
     bad_images.tsv            images that could not be used, with the reason
     SPLIT/shard-NNNNN.h5      ``annotations`` (N, L, D) float16|float32, ``image_ids`` (N,) str
 
@@ -242,7 +242,8 @@ class AnnotationShards(Dataset):
     a fork), so ``num_workers > 0`` works. Item i -> annotations (L, D) float32 of image i.
 
     Attributes: ``image_ids`` (list of str), ``captions`` (per image, its captions as token-id
-    lists ``<start> ... <end>``), ``references`` (per image, its raw captions), ``vocab``,
+    lists ``<start> ... <end>``), ``references`` (per image, its raw captions), ``paths`` (per
+    image, its file as the features command read it, or None), ``vocab``,
     ``manifest``, ``L``, ``D``, ``grid`` (h, w).
     Raises PipelineError if the folder has no such split, a shard is missing, truncated or
     altered (:func:`check_shards`: every shard's SHA-256 is checked on opening), captions.json or
@@ -270,6 +271,7 @@ class AnnotationShards(Dataset):
             self.image_ids += ids
         text = _split_captions(self.dir, split, self.image_ids, rebuild_hint(self.dir, self.manifest))
         self.references = [text[i]["raw"] for i in self.image_ids]
+        self.paths = [text[i].get("path") for i in self.image_ids]  # absent in folders made before it was kept
         self.captions = [[self.vocab.encode(t) for t in text[i]["tokens"]] for i in self.image_ids]
         self._files, self._pid = {}, None
 

@@ -24,19 +24,18 @@ from tqdm import tqdm
 
 from . import distributed
 from .atomic import atomic_path
+from .checkpoint import check_features, feature_identity, load_checkpoint, save_checkpoint
 from .decode import beam_search
-from .errors import PipelineError, describe
+from .errors import PipelineError
 from .folders import folder_lock
 from .memory import configure_allocator
 from .metrics import bleu
+from .monitor import Monitor, figure_image
 from .model import Decoder, DecoderConfig, ObjectiveConfig, attention_entropy, objective
 from .shards import AnnotationShards, CaptionPairs
-from .text import Vocabulary
 
 LAST, BEST, METRICS = "last.pt", "best.pt", "metrics.jsonl"
-RESUMABLE = ("epochs", "patience", "checkpoint_every", "workers")  # options a --resume may change
-CHECKPOINT_KEYS = ("model", "model_config", "train_config", "vocab", "features")
-FEATURE_KEYS = ("format", "dataset", "encoder", "preprocess", "grid", "L", "D", "dtype")
+RESUMABLE = ("epochs", "patience", "checkpoint_every", "workers", "tensorboard")  # options a --resume may change
 
 
 @dataclass
@@ -67,6 +66,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # also write last.pt every N steps (0: at epoch ends only)
     workers: int = 0  # DataLoader processes reading shards (0: in the training process)
     precision: str = "auto"  # 'fp32', 'bf16' (autocast; fp32 weights), or 'auto': bf16 where the hardware has it
+    tensorboard: bool = True  # write RUN/tensorboard (curves.png is written either way)
     model: dict = field(default_factory=dict)  # DecoderConfig overrides: embed_dim, hidden_dim, ...
     objective: dict = field(default_factory=dict)  # ObjectiveConfig overrides: alpha_c, ...
 
@@ -133,10 +133,11 @@ def validate(decoder: Decoder, shards: AnnotationShards, config: TrainConfig, de
     and their BLEU-1..4 (coco-caption, on the pipeline's tokens, in %), and how sharp their
     attention is: the entropy of alpha_t in nats, averaged over the words (log L when uniform: a
     model that does not attend, as hard attention does when its gating scalar collapses).
-    Returns {'bleu': [b1..b4], 'captions': [token lists], 'attention_entropy': float}."""
+    Returns {'bleu': [b1..b4], 'captions': [token lists], 'attention_entropy': float,
+    'first_alpha': (T, L) the attention weights of the first image's caption}."""
     decoder.eval()
     n = config.val_images or len(shards)
-    hyps, entropies = [], []
+    hyps, entropies, alphas = [], [], []
     loader = DataLoader(torch.utils.data.Subset(shards, range(min(n, len(shards)))), batch_size=100,
                         num_workers=config.workers)
     vocab = shards.vocab
@@ -146,9 +147,10 @@ def validate(decoder: Decoder, shards: AnnotationShards, config: TrainConfig, de
                                    config.max_len, context=config.decode_context)
         hyps += [vocab.decode(c.tokens) for c in captions]
         entropies += [attention_entropy(c.alpha).mean().item() for c in captions]
+        alphas = alphas or [captions[0].alpha.float().cpu()]
     refs = [[vocab.decode(c) for c in caps] for caps in shards.captions[:len(hyps)]]
     return {"bleu": [100 * b for b in bleu(hyps, refs)], "captions": hyps,
-            "attention_entropy": sum(entropies) / max(len(entropies), 1)}
+            "attention_entropy": sum(entropies) / max(len(entropies), 1), "first_alpha": alphas[0]}
 
 
 def annotation_rms(shards: AnnotationShards, images: int = 256) -> float:
@@ -163,65 +165,36 @@ def make_optimizer(params, config: TrainConfig):
     return torch.optim.RMSprop(params, lr=config.lr)
 
 
-def feature_identity(shards: AnnotationShards) -> dict:
-    """What a checkpoint records of the features it was trained on."""
-    return dict({k: shards.manifest[k] for k in FEATURE_KEYS}, dir=str(shards.dir.resolve()))
+EPOCH_STATS = ("loss", "nll", "doubly_stochastic", "beta", "reward_rms", "baseline")  # averaged over an epoch
 
 
-def check_features(checkpoint: dict, shards: AnnotationShards, checkpoint_path) -> None:
-    """Raise PipelineError if ``shards`` were not made like the features the checkpoint was trained on."""
-    trained, given = dict(checkpoint["features"], dir=""), dict(feature_identity(shards), dir="")
-    if trained != given:
-        differs = ", ".join(k for k in trained if trained[k] != given.get(k))
-        raise PipelineError(f"{shards.dir}: features differ from those {checkpoint_path} was trained on ({differs}); "
-                            f"extract them with the same encoder and weights")
+def _accumulate(sums: dict, stats: dict, n: int) -> None:
+    """Add a minibatch of ``n`` captions' ``stats`` (those of EPOCH_STATS it has) to ``sums``:
+    name -> [sum of value * n, sum of n], kept in ``position`` so a resumed epoch's means are exact."""
+    for name in EPOCH_STATS:
+        if name in stats:
+            total = sums.setdefault(name, [0.0, 0])
+            total[0] += stats[name] * n
+            total[1] += n
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write a checkpoint atomically (temporary file, then rename)."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+def _means(sums_by_rank: list[dict]) -> dict:
+    """Per-caption means over an epoch of every rank's ``sums``, in EPOCH_STATS order."""
+    means = {}
+    for name in EPOCH_STATS:
+        parts = [sums[name] for sums in sums_by_rank if name in sums]
+        if parts and sum(n for _, n in parts):
+            means[name] = sum(v for v, _ in parts) / sum(n for _, n in parts)
+    return means
 
 
-def load_checkpoint(path) -> dict:
-    """Read a checkpoint with ``weights_only=True``. Raises PipelineError if absent, unreadable
-    (including a file that needs arbitrary unpickling) or not written by :func:`train`."""
-    path = Path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: no such checkpoint") from None
-    except Exception as e:  # noqa: BLE001 - torch raises many kinds for foreign files
-        raise PipelineError(f"{path}: not a checkpoint loadable with weights_only=True ({describe(e)})") from None
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise PipelineError(f"{path}: not a checkpoint written by `cli.py train` (no {', '.join(missing)})")
-    return state
-
-
-def build_decoder(checkpoint: dict, path) -> tuple[Decoder, Vocabulary]:
-    """The decoder and vocabulary stored in ``checkpoint`` (read from ``path``): the moving average
-    of the weights where the run kept one (``ema_decay``), else the trained weights.
-    Raises PipelineError if the weights or the vocabulary do not fit the model's config, or a
-    weight is nan or inf."""
-    config = DecoderConfig(**checkpoint["model_config"])
-    weights = checkpoint["model"]
-    if "ema" in checkpoint:
-        weights = {k.removeprefix("module."): v for k, v in checkpoint["ema"].items() if k != "n_averaged"}
-    decoder = Decoder(config)
-    try:
-        decoder.load_state_dict(weights)
-    except RuntimeError as e:  # its first line is a heading; the second names the first misfit
-        detail = next((line.strip() for line in str(e).splitlines()[1:]), describe(e))[:200]
-        raise PipelineError(f"{path}: its weights do not fit its model ({detail}); the file is damaged or was "
-                            "edited: use another checkpoint") from None
-    if not all(t.isfinite().all() for t in decoder.state_dict().values() if t.is_floating_point()):
-        raise PipelineError(f"{path}: its weights hold nan or inf values (training diverged, or the file was "
-                            "edited); use another checkpoint")
-    if len(checkpoint["vocab"]) != config.vocab_size:
-        raise PipelineError(f"{path}: its vocabulary has {len(checkpoint['vocab'])} words, its model "
-                            f"{config.vocab_size}; the file is damaged or was edited: use another checkpoint")
-    return decoder, Vocabulary(checkpoint["vocab"])
+def _migrated(position: dict) -> dict:
+    """A checkpoint's data position in this version's form (those written before the per-epoch
+    statistics kept only the loss and NLL sums)."""
+    if "sums" not in position:
+        n = position.pop("captions", 0)
+        position["sums"] = {"loss": [position.pop("loss_sum", 0.0), n], "nll": [position.pop("nll_sum", 0.0), n]}
+    return position
 
 
 def _log(out: Path, record: dict) -> None:
@@ -312,7 +285,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, give
 
 def resumed_config(saved: dict, config: TrainConfig, given: set[str], checkpoint_path) -> TrainConfig:
     """The configuration of a resumed run: the ``saved`` one (``train_config`` of its last.pt),
-    with the folders of ``config`` and those of ``RESUMABLE`` that are in ``given``.
+    with the folders of ``config`` (its features folder where ``config.features`` is empty) and
+    those of ``RESUMABLE`` that are in ``given``.
     Raises PipelineError naming every other option in ``given`` whose value differs from the run's."""
     new, old = _flat(asdict(config)), _flat(saved)
     refused = sorted(k for k in given if k not in (*RESUMABLE, "features", "out") and new.get(k) != old.get(k))
@@ -323,7 +297,7 @@ def resumed_config(saved: dict, config: TrainConfig, given: set[str], checkpoint
                             f"the flag, or start a new run in another --out (a resume may change "
                             f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE)})")
     changed = {k: new[k] for k in RESUMABLE if k in given}
-    return TrainConfig(**dict(saved, features=config.features, out=config.out, **changed))
+    return TrainConfig(**dict(saved, features=config.features or saved["features"], out=config.out, **changed))
 
 
 def _flat(config: dict) -> dict:
@@ -377,7 +351,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool, world: distributed
     objective_config = ObjectiveConfig(**config.objective)
     optimizer = make_optimizer(decoder.parameters(), config)
     ema = AveragedModel(decoder, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay)) if config.ema_decay else None
-    position = {"epoch": 0, "batch": 0, "step": 0, "captions": 0, "loss_sum": 0.0, "nll_sum": 0.0}
+    position = {"epoch": 0, "batch": 0, "step": 0, "sums": {}}  # sums: per-epoch statistics, see _accumulate
     run = {"baseline": None, "best_bleu4": -1.0, "best_epoch": -1, "stale_epochs": 0}
     if resume:
         check_features(state, train_shards, out / LAST)
@@ -392,7 +366,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool, world: distributed
         torch.set_rng_state(state["rng"]["cpu"][world.rank])
         if device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"][world.rank], device)
-        position, run = state["position"], state["run"]
+        position, run = _migrated(state["position"]), state["run"]
         if world.main:
             _truncate_log(out, position["epoch"])
     if world.main:
@@ -420,6 +394,8 @@ def _train(config: TrainConfig, resume: bool, progress: bool, world: distributed
         return state
 
     state = None if resume else checkpoint(out / LAST)  # a fresh run's folder can be resumed from its start
+    monitor = Monitor(out, val_split, config.tensorboard, position["epoch"]) if world.main else None
+    first_image = figure_image(val_shards.paths[0], val_shards.manifest["preprocess"]) if world.main else None
     for epoch in range(position["epoch"], config.epochs):
         if config.patience and run["stale_epochs"] >= config.patience:
             break
@@ -445,9 +421,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool, world: distributed
             position["batch"] += 1
             position["step"] += 1
             captions_seen += len(captions)
-            position["captions"] += len(captions)
-            position["loss_sum"] += loss.item() * len(captions)
-            position["nll_sum"] += stats["nll"] * len(captions)
+            _accumulate(position["sums"], dict(stats, loss=loss.item()), len(captions))
             bar.set_postfix(loss=f"{loss.item():.2f}", caps_s=f"{captions_seen / (time.perf_counter() - start):.0f}")
             if config.checkpoint_every and position["step"] % config.checkpoint_every == 0:
                 checkpoint(out / LAST)
@@ -463,16 +437,15 @@ def _train(config: TrainConfig, resume: bool, progress: bool, world: distributed
         if not improved and run["stale_epochs"] % (config.lr_patience + 1) == 0:
             for group in optimizer.param_groups:  # the optimizer's state_dict carries it into last.pt
                 group["lr"] *= config.lr_decay
-        totals = [sum(x) for x in zip(*world.gather((position["captions"], position["loss_sum"],
-                                                       position["nll_sum"], captions_seen)))]
-        n = max(totals[0], 1)
-        record = {"epoch": epoch + 1, "step": position["step"], "loss": totals[1] / n, "nll": totals[2] / n,
+        seen = sum(world.gather(captions_seen))
+        record = {"epoch": epoch + 1, "step": position["step"], **_means(world.gather(position["sums"])),
                   f"{val_split}_bleu": [round(b, 2) for b in val["bleu"]], f"{val_split}_bleu4": round(bleu4, 2),
                   "attention_entropy": round(val["attention_entropy"], 3), "lr": lr, "seconds": round(seconds, 1),
-                  "captions_per_s": round(totals[3] / seconds, 1) if seconds else None}
-        position.update(epoch=epoch + 1, batch=0, captions=0, loss_sum=0.0, nll_sum=0.0)
+                  "captions_per_s": round(seen / seconds, 1) if seconds else None}
+        position.update(epoch=epoch + 1, batch=0, sums={})
         if world.main:  # logged before last.pt: a resume drops log lines past its checkpoint, never misses one
             _log(out, record)
+            monitor.epoch(record, (first_image, val["captions"][0], val["first_alpha"], val_shards.grid))
         state = checkpoint(out / LAST)
         if not world.main:
             continue
@@ -482,4 +455,6 @@ def _train(config: TrainConfig, resume: bool, progress: bool, world: distributed
               f"(best {run['best_bleu4']:.2f} at epoch {run['best_epoch']}), attention entropy "
               f"{val['attention_entropy']:.2f} nats (uniform {math.log(val_shards.L):.2f}), lr {lr:.2g}, {seconds:.0f} s, "
               f"{record['captions_per_s']} captions/s; e.g. \"{' '.join(val['captions'][0])}\"")
+    if monitor is not None:
+        monitor.close()
     return state or checkpoint(out / LAST)

@@ -5,7 +5,8 @@ from object_features import write_object_features
 from pipeline.decode import beam_search, greedy_decode
 from pipeline.model import Decoder, DecoderConfig
 from pipeline.shards import AnnotationShards
-from pipeline.train import TrainConfig, build_decoder, load_checkpoint, train
+from pipeline.checkpoint import build_decoder, load_checkpoint
+from pipeline.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import threading
 import time
 
@@ -23,7 +22,8 @@ import cli
 from pipeline import atomic, folders, shards
 from pipeline.encoders import Preprocess, bound_aspect
 from pipeline.errors import PipelineError
-from pipeline.train import LAST, TrainConfig, save_checkpoint, train
+from pipeline.checkpoint import save_checkpoint
+from pipeline.train import LAST, TrainConfig, train
 
 
 @pytest.fixture(scope="module")

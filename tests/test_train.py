@@ -9,7 +9,8 @@ from pipeline.decode import greedy_decode
 from pipeline.errors import PipelineError
 from pipeline.metrics import bleu
 from pipeline.shards import AnnotationShards
-from pipeline.train import TrainConfig, bucket_batches, build_decoder, load_checkpoint, train
+from pipeline.checkpoint import build_decoder, load_checkpoint
+from pipeline.train import TrainConfig, bucket_batches, train
 
 TINY = dict(embed_dim=32, hidden_dim=64, attention_dim=32, dropout=0.0)
 

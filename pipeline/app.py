@@ -1,0 +1,91 @@
+"""The web page: a Gradio app (the ecosystem's convention for model demos) around a
+:class:`~pipeline.captioner.Captioner`.
+
+Upload an image (or pick an example), choose the beam size, and get the k best captions with
+their log-probabilities and, for the best, the attention over the image word by word. Uploads are
+limited in bytes (``MAX_BYTES``, refused by Gradio itself) and in pixels (``MAX_PIXELS``, read from
+the file's header before it is decoded); a file that cannot be used gets a message in the page and
+the server goes on. `cli.py serve` starts it, bound to 127.0.0.1 unless told otherwise.
+"""
+import os
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from .captioner import Captioner
+from .errors import PipelineError
+from .plots import attention_overlay
+
+MAX_BYTES = 20 * 2 ** 20  # bytes per upload
+MAX_PIXELS = 40_000_000  # width x height of an uploaded image
+IMAGE_TYPES = [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"]
+
+
+def upload_problem(path) -> str | None:
+    """Why the uploaded file at ``path`` is refused before decoding (too many bytes or pixels,
+    not an image), or None."""
+    size = os.path.getsize(path)
+    if size > MAX_BYTES:
+        return f"the file has {size / 2 ** 20:.1f} MiB; the limit is {MAX_BYTES / 2 ** 20:.0f} MiB"
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        return "this is not an image file (JPEG, PNG, ...)"
+    if width * height > MAX_PIXELS:
+        return f"the image has {width} x {height} pixels; the limit is {MAX_PIXELS / 1e6:.0f} megapixels"
+    return None
+
+
+def caption_upload(captioner: Captioner, path, beam_size: int):
+    """What the page shows for an upload: (best caption, rows [caption, log-probability] of the
+    k best, [(attention overlay, word)] of the best, status message in Markdown)."""
+    if not path:
+        return "", [], [], "Upload an image, or pick an example below."
+    name = Path(path).name
+    problem = upload_problem(path)
+    if problem is None:
+        try:
+            captions = captioner.n_best([path], int(beam_size))[0]
+        except PipelineError as e:
+            problem = getattr(e, "reason", str(e))
+    if problem is not None:
+        return "", [], [], f"**{name} could not be captioned:** {problem}."
+    best = captions[0]
+    rows = [[c.text, round(c.log_prob, 3)] for c in captions]
+    overlays = [(attention_overlay(best.image, best.attention[t].flatten(), best.attention.shape[1:]), word)
+                for t, word in enumerate(best.tokens)]
+    return best.text, rows, overlays, f"{name}: {len(captions)} best of beam size {int(beam_size)}."
+
+
+def build_page(captioner: Captioner, examples: list[str] | None = None, title: str = "Show, Attend and Tell"):
+    """The Gradio Blocks of the page (not started)."""
+    import gradio as gr
+
+    with gr.Blocks(title=title) as page:
+        gr.Markdown(f"# {title}\nNeural image captioning with visual attention (Xu et al. 2015). Upload an image; "
+                    "the attention of each word of the best caption is shown over the image.")
+        with gr.Row():
+            with gr.Column():
+                upload = gr.File(label="Image", file_types=IMAGE_TYPES, type="filepath", elem_id="upload")
+                beam = gr.Slider(1, 10, value=3, step=1, label="Beam size", elem_id="beam-size")
+                button = gr.Button("Caption", variant="primary", elem_id="caption-button")
+                if examples:
+                    gr.Examples(examples=[[e] for e in examples], inputs=[upload], label="Examples")
+            with gr.Column():
+                status = gr.Markdown(elem_id="status")
+                best = gr.Textbox(label="Best caption", elem_id="caption", interactive=False)
+                table = gr.Dataframe(headers=["caption", "log-probability"], label="k best captions",
+                                     elem_id="n-best", interactive=False)
+                gallery = gr.Gallery(label="Attention, word by word", columns=5, elem_id="attention")
+        outputs = [best, table, gallery, status]
+        button.click(lambda path, k: caption_upload(captioner, path, k), [upload, beam], outputs)
+        upload.change(lambda path, k: caption_upload(captioner, path, k), [upload, beam], outputs)  # uploads, examples
+    return page
+
+
+def serve(captioner: Captioner, host: str = "127.0.0.1", port: int = 7860, examples: list[str] | None = None) -> None:
+    """Start the page and serve it until interrupted (Ctrl-C)."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the machine
+    build_page(captioner, examples).launch(server_name=host, server_port=port, max_file_size=MAX_BYTES,
+                                           show_error=True, quiet=True)

@@ -1,0 +1,152 @@
+"""A model to share: a trained captioner as a folder that loads without unpickling anything.
+
+``cli.py export`` writes, from a checkpoint::
+
+    MODEL_DIR/
+      model.safetensors     the decoder's weights (the weight average where the run kept one)
+      encoder.safetensors   the encoder trunk's weights, so the folder captions on its own
+      config.json           format, decoder sizes, decoding context, the encoder (name, layer,
+                            weights' name and SHA-256), preprocessing, grid, storage dtype, and
+                            the scores `cli.py evaluate` wrote for the checkpoint
+      vocab.json            the vocabulary
+      README.md             a model card: what it is, how it was trained, its scores, how to use it
+
+:func:`load_model_folder` reads it back (``Captioner.from_pretrained``), from a local folder or a
+Hugging Face Hub repository holding the same files.
+"""
+import json
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from .atomic import atomic_path, write_json
+from .checkpoint import build_decoder, load_checkpoint
+from .errors import PipelineError, describe
+from .folders import check_writable
+from .model import Decoder, DecoderConfig
+from .text import Vocabulary
+
+FORMAT = "show-attend-tell-model/1"
+FILES = ("model.safetensors", "encoder.safetensors", "config.json", "vocab.json", "README.md")
+
+
+def _scores(checkpoint_path: Path) -> dict:
+    """{'SPLIT beam K': scores} of every `evaluate` of the checkpoint found beside it."""
+    found = {}
+    for path in sorted(checkpoint_path.parent.glob(f"{checkpoint_path.stem}-*.scores.json")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            found[f"{record['split']}, beam {record['beam_size']}"] = record["scores"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return found
+
+
+def export_model(checkpoint_path, out) -> Path:
+    """Write the model folder of a checkpoint into ``out`` (new, empty, or an earlier export).
+    Raises PipelineError for an unusable checkpoint, a checkpoint whose features came from no
+    image encoder, or an ``out`` that holds other files."""
+    from .captioner import Captioner
+
+    checkpoint_path, out = Path(checkpoint_path), Path(out)
+    if out.is_dir() and any(out.iterdir()) and _format(out) != FORMAT:
+        raise PipelineError(f"{out}: holds files that `cli.py export` did not write; pass a new or empty --out")
+    check_writable(out, "--out")
+    checkpoint = load_checkpoint(checkpoint_path)
+    captioner = Captioner.from_checkpoint(checkpoint_path)
+    decoder, _ = build_decoder(checkpoint, checkpoint_path)
+    identity = checkpoint["features"]
+    config = {"format": FORMAT, "decoder": decoder.config.to_dict(),
+              "decode_context": checkpoint["train_config"]["decode_context"], "attention": checkpoint["train_config"]
+              ["attention"], "encoder": identity["encoder"], "preprocess": identity["preprocess"],
+              "grid": identity["grid"], "L": identity["L"], "D": identity["D"], "dtype": identity["dtype"],
+              "dataset": identity["dataset"], "scores": _scores(checkpoint_path)}
+    for name, state in (("model.safetensors", decoder.state_dict()),
+                        ("encoder.safetensors", captioner.encoder.trunk.state_dict())):
+        with atomic_path(out / name) as tmp:
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    Vocabulary(checkpoint["vocab"]).save(out / "vocab.json")
+    with atomic_path(out / "README.md") as tmp:
+        tmp.write_text(model_card(config, len(checkpoint["vocab"])), encoding="utf-8")
+    write_json(out / "config.json", config)  # last: its format marks the folder as an export
+    return out
+
+
+def _format(folder: Path):
+    try:
+        return json.loads((folder / "config.json").read_text(encoding="utf-8")).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def model_card(config: dict, vocab_size: int) -> str:
+    """The folder's README.md: what the model is, its sizes and scores, and how to use it."""
+    d, e = config["decoder"], config["encoder"]
+    rows = "".join(f"| {where} | " + " | ".join(f"{s.get(m, float('nan')):.1f}" for m in
+                                                ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")) + " |\n"
+                   for where, s in config["scores"].items()) or "| (not scored: run `cli.py evaluate` first) |\n"
+    return f"""---
+library_name: show-attend-tell
+tags: [image-captioning, show-attend-tell, attention]
+---
+# Show, Attend and Tell captioner ({config['attention']} attention, {config['dataset']})
+
+An LSTM decoder with {config['attention']} visual attention (Xu et al. 2015, arXiv 1502.03044)
+over the {config['grid'][0]}x{config['grid'][1]}x{config['D']} {e['layer']} features of {e['name']}
+(weights: {e['weights']}, SHA-256 {e['weights_sha256'][:12]}...), trained on {config['dataset']}.
+Decoder: embedding {d['embed_dim']}, LSTM {d['hidden_dim']}, attention MLP {d['attention_dim']},
+vocabulary {vocab_size} words. Preprocessing: {config['preprocess']}.
+
+| split | BLEU-1 | BLEU-4 | METEOR | ROUGE-L | CIDEr |
+| --- | --- | --- | --- | --- | --- |
+{rows}
+## Use
+
+```python
+from pipeline import Captioner
+captioner = Captioner.from_pretrained("path/to/this/folder")   # or a Hugging Face Hub id
+print(captioner(["photo.jpg"])[0].text)
+```
+
+or `python cli.py caption photo.jpg --model path/to/this/folder`. The weights are safetensors;
+nothing in this folder is unpickled.
+"""
+
+
+def resolve_model_folder(model: str) -> Path:
+    """A local model folder, or the snapshot of Hugging Face Hub repository ``model`` (downloaded
+    once into the Hub's cache). Raises PipelineError when neither can be had."""
+    folder = Path(model).expanduser()
+    if folder.is_dir():
+        return folder
+    if folder.exists() or model.count("/") != 1 or model.startswith((".", "/")):
+        raise PipelineError(f"{model}: not a model folder (one written by `cli.py export`) nor a Hugging Face Hub id "
+                            "(owner/name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=model, allow_patterns=list(FILES)))
+    except Exception as e:  # noqa: BLE001 - the hub client raises many kinds (network, auth, not found)
+        raise PipelineError(f"{model}: could not be had from the Hugging Face Hub ({describe(e)}); pass a local "
+                            "model folder written by `cli.py export`") from None
+
+
+def load_model_folder(model: str, device: str = "cpu"):
+    """(config, encoder trunk state, decoder, vocabulary) of a model folder or Hub id.
+    Raises PipelineError for a folder that is not a complete export of this format."""
+    folder = resolve_model_folder(model)
+    missing = [name for name in FILES[:4] if not (folder / name).is_file()]
+    if missing or _format(folder) != FORMAT:
+        raise PipelineError(f"{folder}: not a model folder written by `cli.py export` (missing or foreign: "
+                            f"{', '.join(missing) or 'config.json'})")
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    try:
+        decoder = Decoder(DecoderConfig(**config["decoder"]))
+        decoder.load_state_dict(load_file(str(folder / "model.safetensors")))
+        trunk = load_file(str(folder / "encoder.safetensors"))
+    except Exception as e:  # noqa: BLE001 - safetensors and torch raise many kinds for damaged files
+        raise PipelineError(f"{folder}: its weights cannot be loaded ({describe(e)}); export it again") from None
+    vocab = Vocabulary.load(folder / "vocab.json")
+    if len(vocab) != decoder.config.vocab_size:
+        raise PipelineError(f"{folder}: vocab.json has {len(vocab)} words, the decoder {decoder.config.vocab_size}")
+    return config, trunk, decoder.to(device), vocab

@@ -1,0 +1,73 @@
+"""Watching a training run: TensorBoard scalars and attention figures, and ``curves.png``.
+
+Each epoch, :class:`Monitor` writes into ``RUN/tensorboard`` (torch.utils.tensorboard) every
+number of that epoch's metrics.jsonl line, under the tag ``train/...``, ``SPLIT/...`` or ``run/...``
+at step = epoch, and the attention figure of the first validation image as decoded after that
+epoch; and it rewrites ``RUN/curves.png`` (training loss and validation BLEU-4 by epoch) for those
+who do not run TensorBoard. ``make tensorboard RUN=...`` opens the board.
+"""
+import json
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+from PIL import Image
+
+from .encoders import Preprocess, open_rgb
+from .errors import PipelineError
+from .plots import attention_plot, training_curves
+
+TAGS = {"loss": "train/loss", "nll": "train/nll_per_caption", "doubly_stochastic": "train/doubly_stochastic",
+        "beta": "train/gating_beta", "reward_rms": "train/reinforce_reward_rms", "baseline": "train/reinforce_baseline",
+        "lr": "run/learning_rate", "captions_per_s": "run/captions_per_s", "seconds": "run/epoch_seconds"}
+
+
+def tag(name: str, split: str) -> str | None:
+    """The TensorBoard tag of a metrics.jsonl field (None for those that are not one scalar)."""
+    if name in TAGS:
+        return TAGS[name]
+    if name == f"{split}_bleu4":
+        return f"{split}/bleu4"
+    if name == "attention_entropy":
+        return f"{split}/attention_entropy_nats"
+    return None
+
+
+def figure_image(path, preprocess: dict) -> Image.Image:
+    """The image at ``path`` as the encoder saw it, or a grey square where it cannot be read
+    (features made without image files, or moved since)."""
+    try:
+        return Preprocess(**preprocess).crop()(open_rgb(path))
+    except (PipelineError, TypeError):
+        return Image.new("RGB", (224, 224), (128, 128, 128))
+
+
+class Monitor:
+    """TensorBoard (``tensorboard``: whether to write it) and curves.png of the run folder ``out``.
+
+    resume_epoch: the epochs already done; TensorBoard drops what an earlier, killed process
+    logged past them, so a resumed run's board holds each epoch once."""
+
+    def __init__(self, out: Path, split: str, tensorboard: bool, resume_epoch: int = 0):
+        self.out, self.split, self.writer = Path(out), split, None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=resume_epoch + 1)
+
+    def epoch(self, record: dict, figure: tuple | None = None) -> None:
+        """Log one epoch's metrics.jsonl ``record`` (already written) and, where given, the
+        attention ``figure`` = (image, words, alpha (T, L), grid) of its first validation image."""
+        if self.writer is not None:
+            for name, value in record.items():
+                if tag(name, self.split) and value is not None:
+                    self.writer.add_scalar(tag(name, self.split), value, record["epoch"])
+            if figure is not None:
+                self.writer.add_figure(f"{self.split}/attention_first_image", attention_plot(*figure), record["epoch"])
+            self.writer.flush()
+        records = [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines() if line]
+        training_curves(records, self.split, self.out / "curves.png")
+        plt.close("all")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
