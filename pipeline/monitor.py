@@ -16,6 +16,7 @@ from .encoders import Preprocess, open_rgb
 from .errors import PipelineError
 from .plots import attention_plot, training_curves
 
+CURVES, BOARD = "curves.png", "tensorboard"  # in the run folder
 TAGS = {"loss": "train/loss", "nll": "train/nll_per_caption", "doubly_stochastic": "train/doubly_stochastic",
         "beta": "train/gating_beta", "reward_rms": "train/reinforce_reward_rms", "baseline": "train/reinforce_baseline",
         "lr": "run/learning_rate", "captions_per_s": "run/captions_per_s", "seconds": "run/epoch_seconds"}
@@ -52,7 +53,7 @@ class Monitor:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=resume_epoch + 1)
+            self.writer = SummaryWriter(str(self.out / BOARD), purge_step=resume_epoch + 1)
 
     def epoch(self, record: dict, figure: tuple | None = None) -> None:
         """Log one epoch's metrics.jsonl ``record`` (already written) and, where given, the
@@ -65,7 +66,7 @@ class Monitor:
                 self.writer.add_figure(f"{self.split}/attention_first_image", attention_plot(*figure), record["epoch"])
             self.writer.flush()
         records = [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines() if line]
-        training_curves(records, self.split, self.out / "curves.png")
+        training_curves(records, self.split, self.out / CURVES)
         plt.close("all")
 
     def close(self) -> None:

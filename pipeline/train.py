@@ -30,7 +30,7 @@ from .errors import PipelineError
 from .folders import folder_lock
 from .memory import configure_allocator
 from .metrics import bleu
-from .monitor import Monitor, figure_image
+from .monitor import BOARD, CURVES, Monitor, figure_image
 from .model import Decoder, DecoderConfig, ObjectiveConfig, attention_entropy, objective
 from .shards import AnnotationShards, CaptionPairs
 
@@ -310,7 +310,7 @@ def _flat(config: dict) -> dict:
 
 def _check_new_run(out: Path) -> None:
     """Raise PipelineError if ``out`` holds any file a run writes (a fresh run would replace it)."""
-    found = [name for name in (LAST, BEST, METRICS) if (out / name).exists()]
+    found = [name for name in (LAST, BEST, METRICS, CURVES, BOARD) if (out / name).exists()]
     if found:
         how = "pass --resume to continue it" if LAST in found else f"it has no {LAST} to resume from, so move them away"
         raise PipelineError(f"{out} already holds a run ({', '.join(found)}); {how}, or pass another --out")

@@ -195,7 +195,7 @@ CASES = [
         r"rebuild it with: python cli.py features"), 2),
     ("train-over-an-existing-run", lambda t, r, i: (
         shutil.copytree(r / "run", t / "run") and _train(r / "features", t / "run"),
-        r"run already holds a run \(last.pt, best.pt, metrics.jsonl\); pass --resume to continue it"), 2),
+        r"run already holds a run \(last.pt, best.pt, metrics.jsonl, curves.png, tensorboard\); pass --resume"), 2),
     ("train-resume-with-another-vocabulary", lambda t, r, i: (
         _resume_with_another_vocabulary(t, r), r"vocab.json: not the vocabulary .*last.pt was trained with"), 2),
     ("train-resume-without-a-run", lambda t, r, i: (
@@ -389,7 +389,7 @@ CASES += [
         _caption_with(r, _image_copy(t, i), "--jsonl", str(t / "photo.jpg")), r"photo.jpg: is an input"), 2),
     ("train-into-a-run-with-best-but-no-last", lambda t, r, i: (
         _train(r / "features", _run_without_last(r, t)),
-        r"run already holds a run \(best.pt, metrics.jsonl\); it has no last.pt to resume from"), 2),
+        r"run already holds a run \(best.pt, metrics.jsonl, curves.png, tensorboard\); it has no last.pt to resume"), 2),
     ("synthetic-into-a-folder-of-users-images", lambda t, r, i: (
         _synthetic_folder(t, {"images/00000.jpg": b"my photo"}),
         r"data: holds files of its own, so the synthetic corpus is not generated there"), 2),

@@ -189,5 +189,6 @@ def test_training_on_a_full_disk_keeps_the_last_checkpoint(objects, tmp_path, mo
                          model=dict(embed_dim=16, hidden_dim=32, attention_dim=16))
     with pytest.raises(PipelineError, match=r"last.pt: no space left on the device while writing it; .*--resume"):
         train(config, progress=False)
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["best.pt", "last.pt", "metrics.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["best.pt", "curves.png", "last.pt", "metrics.jsonl",
+                                                                   "tensorboard"]
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["position"]["epoch"] == 1
