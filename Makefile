@@ -36,7 +36,7 @@ ALL_SPLITS = $(or $(SPLITS),$(subst $(space),$(comma),$(sort train $(VAL_SPLIT) 
 
 SOURCE = $(if $(filter karpathy,$(DATASET)),--karpathy-json $(KARPATHY_JSON) --image-dir $(IMAGE_DIR),--data-dir $(DATA_DIR))
 
-.PHONY: venv features train score caption all demo test bench serve tensorboard export
+.PHONY: venv features train score caption all demo test lint bench serve tensorboard export
 venv: $(VENV)/.complete
 
 # The hash in the path tracks requirements.txt, so the stamp needs no prerequisite.
@@ -97,6 +97,11 @@ export: venv
 
 test: venv
 	$(PY) -m pytest -q tests
+
+# ruff's lint and format checks (configured in pyproject.toml); `$(VENV)/bin/ruff format .` fixes the format.
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # Every stage measured against its limit; tables printed and written to bench/RESULTS.md.
 bench: venv

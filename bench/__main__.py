@@ -1,5 +1,6 @@
 """``python -m bench [SECTION ...]`` (``make bench``): run the benchmarks, print each table as it
 is measured, and write them all to bench/RESULTS.md with the command and the machine."""
+
 import datetime
 import os
 import subprocess
@@ -18,8 +19,13 @@ from . import beam, features, memory, reading, training
 from .common import machine
 
 SECTIONS = ("features", "training", "beam", "memory", "reading")
-TITLES = {"features": "1. Feature extraction", "training": "2. Training step", "beam": "3. Beam search",
-          "memory": "5. Memory", "reading": "4. Shard reading"}
+TITLES = {
+    "features": "1. Feature extraction",
+    "training": "2. Training step",
+    "beam": "3. Beam search",
+    "memory": "5. Memory",
+    "reading": "4. Shard reading",
+}
 
 
 def previous_sections(path: Path) -> dict[str, str]:
@@ -32,11 +38,20 @@ def previous_sections(path: Path) -> dict[str, str]:
 
 @click.command()
 @click.argument("sections", nargs=-1, type=click.Choice(SECTIONS))
-@click.option("--results", type=click.Path(dir_okay=False), default=str(Path(__file__).parent / "RESULTS.md"),
-              show_default=True, help="Markdown file the tables are written to (sections not run are kept).")
-@click.option("--device", default="cpu", show_default=True,
-              help="Torch device of the features, training and beam sections (cuda: their GPU figures, kept in "
-                   "sections of their own; memory and reading run on the CPU only).")
+@click.option(
+    "--results",
+    type=click.Path(dir_okay=False),
+    default=str(Path(__file__).parent / "RESULTS.md"),
+    show_default=True,
+    help="Markdown file the tables are written to (sections not run are kept).",
+)
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="Torch device of the features, training and beam sections (cuda: their GPU figures, kept in "
+    "sections of their own; memory and reading run on the CPU only).",
+)
 def main(sections, results, device):
     """Measure every stage against its limit (all SECTIONS by default; 'reading' also runs 'memory',
     whose 7000-image features it reads)."""
@@ -48,8 +63,10 @@ def main(sections, results, device):
         sections &= {"features", "training", "beam"}
     results = Path(results)
     if "features" in sections and sections != {"features"}:  # in a process of its own: see configure_allocator
-        subprocess.run([sys.executable, "-m", "bench", "features", "--results", os.path.relpath(results),
-                        "--device", device], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "bench", "features", "--results", os.path.relpath(results), "--device", device],
+            check=True,
+        )
         sections.discard("features")
     # as `cli.py features` or `cli.py train` sets itself up (the port's run too)
     configure_allocator(huge_pages=sections == {"features"})
@@ -58,8 +75,7 @@ def main(sections, results, device):
 
     def section(name, lines, started):
         title = TITLES[name] + (", CUDA" if on_gpu else "")
-        block = "\n".join([f"## {title}", "", f"{provenance}; {time.perf_counter() - started:.0f} s.", "",
-                           *lines, ""])
+        block = "\n".join([f"## {title}", "", f"{provenance}; {time.perf_counter() - started:.0f} s.", "", *lines, ""])
         click.echo(block)
         kept[title] = block
 

@@ -2,6 +2,7 @@
 at a time, same model (default sizes, L=196). With untrained weights no hypothesis ends early, so
 every caption runs to the 20-word limit in both modes. Also f_att's tanh (the largest cost of a
 batched step) as PyTorch's tanh kernel and as the decoder computes it, side by side."""
+
 import torch
 
 from pipeline.decode import beam_search
@@ -18,16 +19,20 @@ def run(device: str = "cpu") -> list[str]:
     decoder = Decoder(DecoderConfig(vocab_size=VOCAB, annotation_dim=512)).to(device).eval()
     annotations = torch.randn(IMAGES, 196, 512, device=device).relu()
     precisions = ["fp32", "bf16"] if native_bf16(torch.device(device)) else ["fp32"]
-    lines = ["| beam size | precision | batch of 64: images/s | one image at a time: images/s | ratio (target >= 5) |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| beam size | precision | batch of 64: images/s | one image at a time: images/s | ratio (target >= 5) |",
+        "|---|---|---|---|---|",
+    ]
     for k in (3, 5):
         for precision in precisions:
             with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                batched = seconds(lambda: beam_search(decoder, annotations, 1, 2, k, MAX_LEN))
-                single = seconds(lambda: [beam_search(decoder, annotations[i:i + 1], 1, 2, k, MAX_LEN)
-                                          for i in range(IMAGES)])
-            lines.append(f"| {k} | {precision} | {IMAGES / batched:.1f} | {IMAGES / single:.1f} | "
-                         f"**{single / batched:.1f}** |")
+                batched = seconds(lambda k=k: beam_search(decoder, annotations, 1, 2, k, MAX_LEN))
+                single = seconds(
+                    lambda k=k: [beam_search(decoder, annotations[i : i + 1], 1, 2, k, MAX_LEN) for i in range(IMAGES)]
+                )
+            lines.append(
+                f"| {k} | {precision} | {IMAGES / batched:.1f} | {IMAGES / single:.1f} | **{single / batched:.1f}** |"
+            )
     lines += ["", tanh_rates(device)]
     return lines
 
@@ -39,6 +44,8 @@ def tanh_rates(device: str, k: int = 5) -> str:
     proj, att_h = torch.randn(k, 196, 512, device=device), torch.randn(k, 512, device=device)
     kernel = seconds(lambda: (proj + att_h.unsqueeze(1)).tanh_(), repeat=50)
     ours = seconds(lambda: AttentionTanh.apply(proj, att_h), repeat=50)
-    return (f"f_att's tanh(proj + W_h h) over ({k}, 196, 512) float32, add included: torch's tanh_ "
-            f"{proj.numel() / kernel / 1e9:.2f} G values/s, AttentionTanh {proj.numel() / ours / 1e9:.2f} "
-            f"(**{kernel / ours:.1f}x**).")
+    return (
+        f"f_att's tanh(proj + W_h h) over ({k}, 196, 512) float32, add included: torch's tanh_ "
+        f"{proj.numel() / kernel / 1e9:.2f} G values/s, AttentionTanh {proj.numel() / ours / 1e9:.2f} "
+        f"(**{kernel / ours:.1f}x**)."
+    )

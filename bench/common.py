@@ -1,4 +1,5 @@
 """What every benchmark shares: timing, the machine's description, the real images, peak memory."""
+
 import os
 import platform
 import subprocess
@@ -41,8 +42,11 @@ def machine() -> str:
     """One line: CPU model, cores, torch version and thread count, accelerator if any."""
     cpu = platform.processor() or "unknown CPU"
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
@@ -82,5 +86,7 @@ def run_measuring_memory(args: list[str]) -> tuple[float, float]:
             time.sleep(0.05)
         if proc.returncode:
             log.seek(0)
-            raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n{log.read().decode(errors='replace')[-2000:]}")
+            raise RuntimeError(
+                f"{' '.join(args)} failed ({proc.returncode}):\n{log.read().decode(errors='replace')[-2000:]}"
+            )
     return time.perf_counter() - start, peak_kib / 1024

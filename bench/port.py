@@ -3,14 +3,22 @@
 training benchmark. Its cost is in the attention: ``encoder_att(encoder_out)``, the projection of
 all L annotation vectors, is recomputed at every time step, and each step runs the LSTM cell on
 a batch that shrinks as captions end (captions sorted by length, padded)."""
+
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 
 class PortDecoder(nn.Module):
-    def __init__(self, vocab_size: int, embed_dim: int = 512, decoder_dim: int = 512, attention_dim: int = 512,
-                 encoder_dim: int = 512, dropout: float = 0.5):
+    def __init__(
+        self,
+        vocab_size: int,
+        embed_dim: int = 512,
+        decoder_dim: int = 512,
+        attention_dim: int = 512,
+        encoder_dim: int = 512,
+        dropout: float = 0.5,
+    ):
         super().__init__()
         self.encoder_att = nn.Linear(encoder_dim, attention_dim)
         self.decoder_att = nn.Linear(decoder_dim, attention_dim)

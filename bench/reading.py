@@ -1,6 +1,7 @@
 """Shard reading: (annotations, caption) pairs per second read in training order (length buckets,
 shuffled: random access across the shards) with 0 and 2 DataLoader workers, against the rate at
 which a training step consumes them on the same features (default sizes, batch 64)."""
+
 import time
 from pathlib import Path
 
@@ -29,10 +30,14 @@ def run(features: Path) -> list[str]:
     batches = epoch_batches(pairs, TrainConfig(features="", out=""), 0)
     precision = "bf16" if native_bf16(torch.device("cpu")) else "fp32"
     consumed = training.measure((512, 1000, 512), shards.L, 64, "soft", precision, "cpu")["captions_s"]
-    lines = [f"Training consumes {consumed:.0f} captions/s (soft, 512/1000/512, L={shards.L}, batch 64, {precision}).", "",
-             "| workers | captions/s read | annotation MiB/s read | ratio to training's rate (must be > 1) |", "|---|---|---|---|"]
+    lines = [
+        f"Training consumes {consumed:.0f} captions/s (soft, 512/1000/512, L={shards.L}, batch 64, {precision}).",
+        "",
+        "| workers | captions/s read | annotation MiB/s read | ratio to training's rate (must be > 1) |",
+        "|---|---|---|---|",
+    ]
     for k, workers in enumerate((0, 2)):  # each reads its own batches
-        rate = read_rate(pairs, batches[k * BATCHES:(k + 1) * BATCHES], workers)
-        mib = rate * shards.L * shards.D * 2 / 2 ** 20
+        rate = read_rate(pairs, batches[k * BATCHES : (k + 1) * BATCHES], workers)
+        mib = rate * shards.L * shards.D * 2 / 2**20
         lines.append(f"| {workers} | {rate:.0f} | {mib:.0f} | **{rate / consumed:.1f}** |")
     return lines

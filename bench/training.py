@@ -2,6 +2,7 @@
 annotation vectors and captions of one length, its achieved FLOP/s as a fraction of this
 machine's measured matmul FLOP/s (same run), and a profile of where the time goes. Hard attention
 runs its default schedule past the warm-up: a sampled context on 1 - semi_sampling_p of the steps."""
+
 import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
@@ -27,24 +28,26 @@ def matmul_flops(dtype: torch.dtype, device: str) -> float:
     """Measured FLOP/s of the :func:`matmul_side` square matrix product in ``dtype`` on ``device``."""
     n = matmul_side(device)
     a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
-    return 2 * n ** 3 / seconds(lambda: a @ b, repeat=5)
+    return 2 * n**3 / seconds(lambda: a @ b, repeat=5)
 
 
 def setup(sizes: tuple[int, int, int], L: int, batch: int, attention: str, precision: str, device: str):
     embed, hidden, att = sizes
     torch.manual_seed(0)
-    decoder = Decoder(DecoderConfig(vocab_size=VOCAB, annotation_dim=512, embed_dim=embed, hidden_dim=hidden,
-                                    attention_dim=att)).to(device)
-    config = TrainConfig(features="", out="", attention=attention, batch_size=batch, precision=precision,
-                         device=device)
+    decoder = Decoder(
+        DecoderConfig(vocab_size=VOCAB, annotation_dim=512, embed_dim=embed, hidden_dim=hidden, attention_dim=att)
+    ).to(device)
+    config = TrainConfig(features="", out="", attention=attention, batch_size=batch, precision=precision, device=device)
     optimizer = torch.optim.Adam(decoder.parameters(), lr=config.lr)
     annotations = torch.randn(batch, L, 512, device=device).relu()
     captions = torch.randint(4, VOCAB, (batch, WORDS + 2), device=device)
     run = {"baseline": None}
 
     def step():
-        train_step(decoder, optimizer, annotations, captions, config, ObjectiveConfig(), run,
-                   epoch=config.soft_warmup_epochs)  # past the warm-up
+        train_step(
+            decoder, optimizer, annotations, captions, config, ObjectiveConfig(), run, epoch=config.soft_warmup_epochs
+        )  # past the warm-up
+
     return step
 
 
@@ -58,8 +61,9 @@ def port_rate(device: str, L: int = 169, batch: int = 32, steps: int = 4) -> flo
     encoder_out = torch.randn(batch, L, 512, device=device).relu()
     captions = torch.randint(4, VOCAB, (batch, WORDS + 2), device=device)
     lengths = [WORDS + 2] * batch
-    took = seconds(lambda: [port_step(decoder, optimizer, encoder_out, captions, lengths) for _ in range(steps)],
-                   repeat=3)
+    took = seconds(
+        lambda: [port_step(decoder, optimizer, encoder_out, captions, lengths) for _ in range(steps)], repeat=3
+    )
     return batch * steps / took
 
 
@@ -92,6 +96,7 @@ def top_ops(sizes, L, batch, attention, precision, device, rows: int = 8) -> lis
 
     def self_time(e):
         return e.self_device_time_total if cuda else e.self_cpu_time_total
+
     events = sorted(prof.key_averages(), key=self_time, reverse=True)
     total = sum(self_time(e) for e in events)
     return [f"{e.key[:60]} {100 * self_time(e) / total:.0f}%" for e in events[:rows]]
@@ -102,24 +107,39 @@ def run(device: str = "cpu") -> list[str]:
     peak32 = matmul_flops(torch.float32, device)
     peak16 = matmul_flops(torch.bfloat16, device) if bf16 else None
     precisions = ["fp32", "bf16"] if bf16 else ["fp32"]
-    configs = [(f"VGG-sized {a}, 512/1000/512, L=196, batch 64", ((512, 1000, 512), 196, 64, a)) for a in ("soft", "hard")]
+    configs = [
+        (f"VGG-sized {a}, 512/1000/512, L=196, batch 64", ((512, 1000, 512), 196, 64, a)) for a in ("soft", "hard")
+    ]
     configs.append(("port's sizes soft, 512/512/512, L=169, batch 32", ((512, 512, 512), 169, 32, "soft")))
     port = port_rate(device)
-    lines = [f"Measured matmul peak ({matmul_side(device)}^3): fp32 {peak32 / 1e9:.0f} GFLOP/s"
-             + (f", bf16 {peak16 / 1e9:.0f} GFLOP/s" if bf16 else "") + ". "
-             f"The port's training step (bench/port.py, fp32), measured in this run at 512/512/512, L=169, batch 32: "
-             f"{port:.0f} captions/s (the issue quotes {PORT_CAPTIONS_PER_S}).", "",
-             "| configuration | precision | captions/s | tokens/s | achieved GFLOP/s | of fp32 matmul peak "
-             "| vs the port measured here (target >= 5) | vs the quoted 39 captions/s |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Measured matmul peak ({matmul_side(device)}^3): fp32 {peak32 / 1e9:.0f} GFLOP/s"
+        + (f", bf16 {peak16 / 1e9:.0f} GFLOP/s" if bf16 else "")
+        + ". "
+        f"The port's training step (bench/port.py, fp32), measured in this run at 512/512/512, L=169, batch 32: "
+        f"{port:.0f} captions/s (the issue quotes {PORT_CAPTIONS_PER_S}).",
+        "",
+        "| configuration | precision | captions/s | tokens/s | achieved GFLOP/s | of fp32 matmul peak "
+        "| vs the port measured here (target >= 5) | vs the quoted 39 captions/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for label, args in configs:
         for precision in precisions:
             r = measure(*args, precision, device)
-            versus = (f"**{r['captions_s'] / port:.1f}x** | {r['captions_s'] / PORT_CAPTIONS_PER_S:.1f}x"
-                      if label.startswith("port") else " | ")
-            lines.append(f"| {label} | {precision} | {r['captions_s']:.0f} | {r['tokens_s']:.0f} | "
-                         f"{r['flops'] / 1e9:.0f} | {r['flops'] / peak32:.2f} | {versus} |")
+            versus = (
+                f"**{r['captions_s'] / port:.1f}x** | {r['captions_s'] / PORT_CAPTIONS_PER_S:.1f}x"
+                if label.startswith("port")
+                else " | "
+            )
+            lines.append(
+                f"| {label} | {precision} | {r['captions_s']:.0f} | {r['tokens_s']:.0f} | "
+                f"{r['flops'] / 1e9:.0f} | {r['flops'] / peak32:.2f} | {versus} |"
+            )
     best = precisions[-1]
     for label, args in configs[:2]:
-        lines += ["", f"Profile, {label}, {best} (self {'CPU' if device == 'cpu' else 'GPU'} time): "
-                  + ", ".join(top_ops(*args, best, device))]
+        lines += [
+            "",
+            f"Profile, {label}, {best} (self {'CPU' if device == 'cpu' else 'GPU'} time): "
+            + ", ".join(top_ops(*args, best, device)),
+        ]
     return lines

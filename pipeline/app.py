@@ -7,6 +7,7 @@ limited in bytes (``MAX_BYTES``, refused by Gradio itself) and in pixels (``MAX_
 the file's header before it is decoded); a file that cannot be used gets a message in the page and
 the server goes on. `cli.py serve` starts it, bound to 127.0.0.1 unless told otherwise.
 """
+
 import os
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from .captioner import Captioner
 from .errors import PipelineError
 from .plots import attention_overlay
 
-MAX_BYTES = 20 * 2 ** 20  # bytes per upload
+MAX_BYTES = 20 * 2**20  # bytes per upload
 MAX_PIXELS = 40_000_000  # width x height of an uploaded image
 IMAGE_TYPES = [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"]
 
@@ -26,7 +27,7 @@ def upload_problem(path) -> str | None:
     not an image), or None."""
     size = os.path.getsize(path)
     if size > MAX_BYTES:
-        return f"the file has {size / 2 ** 20:.1f} MiB; the limit is {MAX_BYTES / 2 ** 20:.0f} MiB"
+        return f"the file has {size / 2**20:.1f} MiB; the limit is {MAX_BYTES / 2**20:.0f} MiB"
     try:
         with Image.open(path) as image:
             width, height = image.size
@@ -53,8 +54,10 @@ def caption_upload(captioner: Captioner, path, beam_size: int):
         return "", [], [], f"**{name} could not be captioned:** {problem}."
     best = captions[0]
     rows = [[c.text, round(c.log_prob, 3)] for c in captions]
-    overlays = [(attention_overlay(best.image, best.attention[t].flatten(), best.attention.shape[1:]), word)
-                for t, word in enumerate(best.tokens)]
+    overlays = [
+        (attention_overlay(best.image, best.attention[t].flatten(), best.attention.shape[1:]), word)
+        for t, word in enumerate(best.tokens)
+    ]
     return best.text, rows, overlays, f"{name}: {len(captions)} best of beam size {int(beam_size)}."
 
 
@@ -63,8 +66,10 @@ def build_page(captioner: Captioner, examples: list[str] | None = None, title: s
     import gradio as gr
 
     with gr.Blocks(title=title) as page:
-        gr.Markdown(f"# {title}\nNeural image captioning with visual attention (Xu et al. 2015). Upload an image; "
-                    "the attention of each word of the best caption is shown over the image.")
+        gr.Markdown(
+            f"# {title}\nNeural image captioning with visual attention (Xu et al. 2015). Upload an image; "
+            "the attention of each word of the best caption is shown over the image."
+        )
         with gr.Row():
             with gr.Column():
                 upload = gr.File(label="Image", file_types=IMAGE_TYPES, type="filepath", elem_id="upload")
@@ -75,8 +80,9 @@ def build_page(captioner: Captioner, examples: list[str] | None = None, title: s
             with gr.Column():
                 status = gr.Markdown(elem_id="status")
                 best = gr.Textbox(label="Best caption", elem_id="caption", interactive=False)
-                table = gr.Dataframe(headers=["caption", "log-probability"], label="k best captions",
-                                     elem_id="n-best", interactive=False)
+                table = gr.Dataframe(
+                    headers=["caption", "log-probability"], label="k best captions", elem_id="n-best", interactive=False
+                )
                 gallery = gr.Gallery(label="Attention, word by word", columns=5, elem_id="attention")
         outputs = [best, table, gallery, status]
         button.click(lambda path, k: caption_upload(captioner, path, k), [upload, beam], outputs)
@@ -87,5 +93,6 @@ def build_page(captioner: Captioner, examples: list[str] | None = None, title: s
 def serve(captioner: Captioner, host: str = "127.0.0.1", port: int = 7860, examples: list[str] | None = None) -> None:
     """Start the page and serve it until interrupted (Ctrl-C)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the machine
-    build_page(captioner, examples).launch(server_name=host, server_port=port, max_file_size=MAX_BYTES,
-                                           show_error=True, quiet=True)
+    build_page(captioner, examples).launch(
+        server_name=host, server_port=port, max_file_size=MAX_BYTES, show_error=True, quiet=True
+    )

@@ -4,6 +4,7 @@ A reader therefore sees either the old file or the complete new one, never a par
 if the process is killed mid-write (rename is atomic on POSIX within one file system) or the disk
 fills up (then a PipelineError says so, naming the file).
 """
+
 import contextlib
 import ctypes
 import errno
@@ -60,7 +61,7 @@ def disk_full(error: Exception, folder: Path) -> bool:
     if not isinstance(error, (OSError, RuntimeError)):
         return False
     try:
-        return shutil.disk_usage(folder).free < 2 ** 20
+        return shutil.disk_usage(folder).free < 2**20
     except OSError:
         return False
 
@@ -90,8 +91,10 @@ def release_reserve(path: Path) -> None:
 
 def disk_full_message(path) -> str:
     """The one line for a write of ``path`` that failed on a full disk."""
-    return (f"{path}: no space left on the device while writing it; nothing partial was kept and finished "
-            "files are intact: free some space and run the same command again (training: with --resume)")
+    return (
+        f"{path}: no space left on the device while writing it; nothing partial was kept and finished "
+        "files are intact: free some space and run the same command again (training: with --resume)"
+    )
 
 
 def file_sha256(path) -> str:

@@ -5,6 +5,7 @@ before any work.
 Results come one image at a time, as each is done, so a caller that prints or saves them as they
 come keeps everything finished when it is interrupted.
 """
+
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,8 +30,15 @@ class ImageCaption:
 
     def to_json(self) -> str:
         """One JSON line: image, caption, log_prob (natural log), plot, error."""
-        return json.dumps({"image": str(self.path), "caption": self.caption, "log_prob": self.log_prob,
-                           "plot": str(self.plot) if self.plot else None, "error": self.error})
+        return json.dumps(
+            {
+                "image": str(self.path),
+                "caption": self.caption,
+                "log_prob": self.log_prob,
+                "plot": str(self.plot) if self.plot else None,
+                "error": self.error,
+            }
+        )
 
 
 def plot_path(pattern: Path, image: Path, many: bool) -> Path:
@@ -50,8 +58,10 @@ def plot_paths(paths: list[Path], pattern, inputs: list[Path]) -> list[Path | No
     seen = {}
     for image, plot in zip(paths, plots):
         if plot.resolve() in seen:
-            raise PipelineError(f"{plot}: the attention figures of {seen[plot.resolve()]} and {image} would share this "
-                                "name (the same file stem); caption them in separate commands")
+            raise PipelineError(
+                f"{plot}: the attention figures of {seen[plot.resolve()]} and {image} would share this "
+                "name (the same file stem); caption them in separate commands"
+            )
         seen[plot.resolve()] = image
         if plot.resolve() in taken:
             raise PipelineError(f"{plot}: is an input of this command; pass another --attention-plot")
@@ -83,8 +93,9 @@ def open_jsonl(path, inputs: list[Path], header: dict):
     return f
 
 
-def caption_images(paths, checkpoint=None, model=None, beam_size: int = 3, max_len: int = 20, plot=None,
-                   device: str = "cpu") -> Iterator[ImageCaption]:
+def caption_images(
+    paths, checkpoint=None, model=None, beam_size: int = 3, max_len: int = 20, plot=None, device: str = "cpu"
+) -> Iterator[ImageCaption]:
     """Caption each image file with the :class:`~pipeline.captioner.Captioner` of a checkpoint
     (or of a model folder or Hub id, ``model``), yielding each result as soon as it is done;
     unreadable files get an ``error`` and the others go on.

@@ -11,6 +11,7 @@ The encoder is the one the checkpoint's features were made with (same weights, c
 and the same preprocessing), and one call runs it and the batched beam search over all its images
 at once. Nothing is written unless asked.
 """
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,8 +51,16 @@ class Captioner:
     Build one with :meth:`from_checkpoint`; call it on a list of images.
     """
 
-    def __init__(self, encoder: Encoder, preprocess: Preprocess, decoder: Decoder, vocab: Vocabulary,
-                 grid: tuple[int, int], storage: torch.dtype = torch.float32, context: str = "expected"):
+    def __init__(
+        self,
+        encoder: Encoder,
+        preprocess: Preprocess,
+        decoder: Decoder,
+        vocab: Vocabulary,
+        grid: tuple[int, int],
+        storage: torch.dtype = torch.float32,
+        context: str = "expected",
+    ):
         self.encoder, self.preprocess, self.decoder, self.vocab = encoder, preprocess, decoder.eval(), vocab
         self.grid, self.storage, self.context = tuple(grid), storage, context
 
@@ -73,15 +82,26 @@ class Captioner:
         try:
             encoder = build_encoder(recorded["name"], recorded["weights"], device)
         except PipelineError as e:
-            raise PipelineError(f"{path}: its features were made with the {recorded['name']} weights "
-                                f"'{recorded['weights']}' ({sha}), which cannot be loaded now ({e}); put that file back "
-                                "where it was") from None
+            raise PipelineError(
+                f"{path}: its features were made with the {recorded['name']} weights "
+                f"'{recorded['weights']}' ({sha}), which cannot be loaded now ({e}); put that file back "
+                "where it was"
+            ) from None
         if encoder.weights_sha256 != recorded["weights_sha256"]:
-            raise PipelineError(f"{path}: the {recorded['name']} weights '{recorded['weights']}' found now differ "
-                                f"from those its features were made with ({sha})")
+            raise PipelineError(
+                f"{path}: the {recorded['name']} weights '{recorded['weights']}' found now differ "
+                f"from those its features were made with ({sha})"
+            )
         decoder, vocab = build_decoder(checkpoint, path)
-        return cls(encoder, Preprocess(**identity["preprocess"]), decoder.to(device), vocab, identity["grid"],
-                   getattr(torch, identity["dtype"]), checkpoint["train_config"]["decode_context"])
+        return cls(
+            encoder,
+            Preprocess(**identity["preprocess"]),
+            decoder.to(device),
+            vocab,
+            identity["grid"],
+            getattr(torch, identity["dtype"]),
+            checkpoint["train_config"]["decode_context"],
+        )
 
     @classmethod
     def from_pretrained(cls, model, device: str = "cpu") -> "Captioner":
@@ -97,10 +117,19 @@ class Captioner:
         recorded = config["encoder"]
         encoder = encoder_from_state(recorded["name"], trunk, recorded["weights"], device)
         if encoder.weights_sha256 != recorded["weights_sha256"]:
-            raise PipelineError(f"{model}: encoder.safetensors does not hold the {recorded['name']} weights its "
-                                f"config.json names (SHA-256 {recorded['weights_sha256'][:12]}...); export it again")
-        return cls(encoder, Preprocess(**config["preprocess"]), decoder, vocab, config["grid"],
-                   getattr(torch, config["dtype"]), config["decode_context"])
+            raise PipelineError(
+                f"{model}: encoder.safetensors does not hold the {recorded['name']} weights its "
+                f"config.json names (SHA-256 {recorded['weights_sha256'][:12]}...); export it again"
+            )
+        return cls(
+            encoder,
+            Preprocess(**config["preprocess"]),
+            decoder,
+            vocab,
+            config["grid"],
+            getattr(torch, config["dtype"]),
+            config["decode_context"],
+        )
 
     @classmethod
     def from_source(cls, checkpoint=None, model=None, device: str = "cpu") -> "Captioner":
@@ -121,11 +150,15 @@ class Captioner:
             return to_rgb(image)
         if isinstance(image, torch.Tensor):
             if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] not in (1, 3) or min(image.shape) < 1:
-                raise PipelineError(f"images[{index}]: a tensor image must be uint8 of shape (3, H, W) or (1, H, W); "
-                                    f"got {image.dtype} {tuple(image.shape)}")
+                raise PipelineError(
+                    f"images[{index}]: a tensor image must be uint8 of shape (3, H, W) or (1, H, W); "
+                    f"got {image.dtype} {tuple(image.shape)}"
+                )
             return Image.fromarray(image.expand(3, -1, -1).permute(1, 2, 0).cpu().numpy())
-        raise PipelineError(f"images[{index}]: {type(image).__name__} is not an image; pass a file path, a PIL image "
-                            "or a uint8 (3, H, W) tensor")
+        raise PipelineError(
+            f"images[{index}]: {type(image).__name__} is not an image; pass a file path, a PIL image "
+            "or a uint8 (3, H, W) tensor"
+        )
 
     def __call__(self, images: list, beam_size: int = 3, max_len: int = 20) -> list[Caption]:
         """Caption ``images`` (any mix of what :meth:`load` takes), all in one encoder batch and
@@ -151,15 +184,24 @@ class Captioner:
         batch = torch.stack([pixels(p) for p in pictures]).to(self.device)
         annotations = self.encoder(self.preprocess.normalize(batch))
         annotations = annotations.to(self.storage).float()  # as stored in the shards the decoder learnt from
-        found = n_best(self.decoder, annotations, self.vocab.start, self.vocab.end, beam_size, max_len,
-                       context=self.context, n=n or beam_size)
+        found = n_best(
+            self.decoder,
+            annotations,
+            self.vocab.start,
+            self.vocab.end,
+            beam_size,
+            max_len,
+            context=self.context,
+            n=n or beam_size,
+        )
         show = self.preprocess.crop()
-        return [[self._caption(caption, seen) for caption in captions]
-                for seen, captions in zip(map(show, pictures), found)]
+        return [
+            [self._caption(caption, seen) for caption in captions] for seen, captions in zip(map(show, pictures), found)
+        ]
 
     def _caption(self, caption, image: Image.Image) -> Caption:
         words = [self.vocab.words[t] for t in caption.tokens]
-        attention = caption.alpha[:len(words)].float().cpu().view(len(words), *self.grid)
+        attention = caption.alpha[: len(words)].float().cpu().view(len(words), *self.grid)
         return Caption(" ".join(words), words, caption.log_prob, attention, image)
 
     def attention_figure(self, caption: Caption, path) -> Path:

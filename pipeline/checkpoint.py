@@ -6,6 +6,7 @@ and read with ``torch.load(weights_only=True)``: ``model`` (the decoder's state 
 ``objective_config``, ``vocab`` (the word list), ``features`` (the identity of the features it
 was trained on: :func:`feature_identity`), ``rng``, ``position`` and ``run``.
 """
+
 from pathlib import Path
 
 import torch
@@ -30,8 +31,10 @@ def check_features(checkpoint: dict, shards: AnnotationShards, checkpoint_path) 
     trained, given = dict(checkpoint["features"], dir=""), dict(feature_identity(shards), dir="")
     if trained != given:
         differs = ", ".join(k for k in trained if trained[k] != given.get(k))
-        raise PipelineError(f"{shards.dir}: features differ from those {checkpoint_path} was trained on ({differs}); "
-                            f"extract them with the same encoder and weights")
+        raise PipelineError(
+            f"{shards.dir}: features differ from those {checkpoint_path} was trained on ({differs}); "
+            f"extract them with the same encoder and weights"
+        )
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -70,14 +73,18 @@ def build_decoder(checkpoint: dict, path) -> tuple[Decoder, Vocabulary]:
         decoder.load_state_dict(weights)
     except RuntimeError as e:  # its first line is a heading; the second names the first misfit
         detail = next((line.strip() for line in str(e).splitlines()[1:]), describe(e))[:200]
-        raise PipelineError(f"{path}: its weights do not fit its model ({detail}); the file is damaged or was "
-                            "edited: use another checkpoint") from None
+        raise PipelineError(
+            f"{path}: its weights do not fit its model ({detail}); the file is damaged or was "
+            "edited: use another checkpoint"
+        ) from None
     if not all(t.isfinite().all() for t in decoder.state_dict().values() if t.is_floating_point()):
-        raise PipelineError(f"{path}: its weights hold nan or inf values (training diverged, or the file was "
-                            "edited); use another checkpoint")
+        raise PipelineError(
+            f"{path}: its weights hold nan or inf values (training diverged, or the file was "
+            "edited); use another checkpoint"
+        )
     if len(checkpoint["vocab"]) != config.vocab_size:
-        raise PipelineError(f"{path}: its vocabulary has {len(checkpoint['vocab'])} words, its model "
-                            f"{config.vocab_size}; the file is damaged or was edited: use another checkpoint")
+        raise PipelineError(
+            f"{path}: its vocabulary has {len(checkpoint['vocab'])} words, its model "
+            f"{config.vocab_size}; the file is damaged or was edited: use another checkpoint"
+        )
     return decoder, Vocabulary(checkpoint["vocab"])
-
-

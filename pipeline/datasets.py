@@ -8,6 +8,7 @@
 - ``synthetic``: coloured shapes at known grid positions with captions from a small grammar,
   generated on demand; written as a Karpathy json so it is read by the ``karpathy`` adapter.
 """
+
 import json
 import random
 import warnings
@@ -47,8 +48,10 @@ def load_records(dataset: str, data_dir=None, karpathy_json=None, image_dir=None
         folder = Path(data_dir or f"data/{dataset}")
         json_name, images = KARPATHY_LAYOUTS[dataset]
         if not (folder / json_name).exists():
-            raise PipelineError(f"{folder / json_name}: missing; get it from {KARPATHY_URL} (it holds the Karpathy "
-                                f"splits of Flickr8k, Flickr30k and COCO) and put it there")
+            raise PipelineError(
+                f"{folder / json_name}: missing; get it from {KARPATHY_URL} (it holds the Karpathy "
+                f"splits of Flickr8k, Flickr30k and COCO) and put it there"
+            )
         return load_karpathy(folder / json_name, folder / images)
     if dataset == "synthetic":
         folder = Path(data_dir or "data/synthetic")
@@ -63,16 +66,21 @@ def load_records(dataset: str, data_dir=None, karpathy_json=None, image_dir=None
 # --- Flickr8k, official layout ---------------------------------------------------------------
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-FLICKR8K_SPLITS = {"train": "Flickr_8k.trainImages.txt", "dev": "Flickr_8k.devImages.txt",
-                   "test": "Flickr_8k.testImages.txt"}
+FLICKR8K_SPLITS = {
+    "train": "Flickr_8k.trainImages.txt",
+    "dev": "Flickr_8k.devImages.txt",
+    "test": "Flickr_8k.testImages.txt",
+}
 
 
 def _read_lines(path: Path, what: str) -> list[str]:
     try:
         return path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        raise PipelineError(f"{path}: missing {what}; point --data-dir at a folder laid out like the "
-                            "official Flickr8k release (Flickr8k_text/, Flicker8k_Dataset/)") from None
+        raise PipelineError(
+            f"{path}: missing {what}; point --data-dir at a folder laid out like the "
+            "official Flickr8k release (Flickr8k_text/, Flicker8k_Dataset/)"
+        ) from None
     except UnicodeDecodeError as e:
         raise PipelineError(f"{path}: not UTF-8 text ({e}); re-save it as UTF-8") from None
 
@@ -108,8 +116,11 @@ def load_flickr8k(data_dir) -> list[Record]:
             continue
         captions[image].append(caption.strip())
     if quirks:
-        warnings.warn(f"{token_file}: skipped {len(quirks)} caption line(s) whose image name is not an image "
-                      f"file ({'; '.join(quirks[:2])}{' ...' if len(quirks) > 2 else ''})", stacklevel=2)
+        warnings.warn(
+            f"{token_file}: skipped {len(quirks)} caption line(s) whose image name is not an image "
+            f"file ({'; '.join(quirks[:2])}{' ...' if len(quirks) > 2 else ''})",
+            stacklevel=2,
+        )
     records, listed = [], set()
     for split, fname in FLICKR8K_SPLITS.items():
         split_file = text / fname
@@ -125,8 +136,11 @@ def load_flickr8k(data_dir) -> list[Record]:
             records.append(Record(image, root / "Flicker8k_Dataset" / image, split, tuple(captions[image])))
     orphans = sorted(set(captions) - listed)
     if orphans:  # the release captions 8091 images, of which 8000 are in its splits
-        warnings.warn(f"{token_file}: {len(orphans)} captioned image(s) are in no split file and are not used "
-                      f"({', '.join(orphans[:2])}{' ...' if len(orphans) > 2 else ''})", stacklevel=2)
+        warnings.warn(
+            f"{token_file}: {len(orphans)} captioned image(s) are in no split file and are not used "
+            f"({', '.join(orphans[:2])}{' ...' if len(orphans) > 2 else ''})",
+            stacklevel=2,
+        )
     return records
 
 
@@ -161,13 +175,15 @@ def load_karpathy(json_path, image_dir) -> list[Record]:
             filename, split = entry["filename"], entry["split"]
             captions = tuple(s.get("raw") or " ".join(s["tokens"]) for s in entry["sentences"])
         except KeyError as e:
-            raise PipelineError(f"{where}: missing field {e} (each image needs filename, split, sentences with "
-                                "raw or tokens)") from None
+            raise PipelineError(
+                f"{where}: missing field {e} (each image needs filename, split, sentences with raw or tokens)"
+            ) from None
         except (TypeError, AttributeError) as e:
             raise PipelineError(f"{where}: malformed entry ({e})") from None
         if split not in KARPATHY_SPLIT_NAMES:
-            raise PipelineError(f"{where} ({filename}): unknown split {split!r}; use one of "
-                                f"{', '.join(sorted(KARPATHY_SPLIT_NAMES))}")
+            raise PipelineError(
+                f"{where} ({filename}): unknown split {split!r}; use one of {', '.join(sorted(KARPATHY_SPLIT_NAMES))}"
+            )
         split = KARPATHY_SPLIT_NAMES[split]
         if not captions or not all(c.strip() for c in captions):
             raise PipelineError(f"{where} ({filename}): has an empty caption; fix or drop that sentence")
@@ -243,11 +259,15 @@ def make_synthetic(folder, sizes: dict | None = None, seed: int = 0) -> Path:
         if made == params:
             return json_path
         what = f"generated with other settings ({made})" if made else "not a generated corpus"
-        raise PipelineError(f"{json_path}: {what}; it is left as it is: pass another --data-dir (the corpus is "
-                            "generated in a new or empty folder)")
+        raise PipelineError(
+            f"{json_path}: {what}; it is left as it is: pass another --data-dir (the corpus is "
+            "generated in a new or empty folder)"
+        )
     if folder.exists() and not marker.exists() and any(folder.iterdir()):
-        raise PipelineError(f"{folder}: holds files of its own, so the synthetic corpus is not generated there; "
-                            "pass a new or empty --data-dir")
+        raise PipelineError(
+            f"{folder}: holds files of its own, so the synthetic corpus is not generated there; "
+            "pass a new or empty --data-dir"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     write_json(marker, params)
     rng = random.Random(seed)
@@ -260,9 +280,16 @@ def make_synthetic(folder, sizes: dict | None = None, seed: int = 0) -> Path:
             filename = f"{n:05d}.jpg"
             with atomic_path(folder / "images" / filename) as tmp:
                 draw_synthetic(scene, rng).save(tmp, format="JPEG", quality=92)
-            images.append({"filepath": "images", "filename": filename, "imgid": n, "split": split,
-                           "sentences": [{"raw": c} for c in synthetic_captions(scene)],
-                           "objects": [[colour, shape, list(cell)] for colour, shape, cell in scene]})
+            images.append(
+                {
+                    "filepath": "images",
+                    "filename": filename,
+                    "imgid": n,
+                    "split": split,
+                    "sentences": [{"raw": c} for c in synthetic_captions(scene)],
+                    "objects": [[colour, shape, list(cell)] for colour, shape, cell in scene],
+                }
+            )
     write_json(json_path, {"dataset": "synthetic", "params": params, "images": images})
     marker.unlink()
     return json_path

@@ -3,6 +3,7 @@
 Both run every image of a batch at once (beam search as one (B*k)-row tensor program), through
 the decoder's own :meth:`~pipeline.model.Decoder.step` and :meth:`~pipeline.model.Decoder.output`.
 """
+
 from dataclasses import dataclass
 
 import torch
@@ -11,8 +12,9 @@ from .model import Decoder, in_autocast_dtype
 
 
 @torch.no_grad()
-def greedy_decode(decoder: Decoder, annotations: torch.Tensor, start: int, end: int, max_len: int = 20,
-                  context: str = "expected"):
+def greedy_decode(
+    decoder: Decoder, annotations: torch.Tensor, start: int, end: int, max_len: int = 20, context: str = "expected"
+):
     """Free-running decoding of a batch, the most probable word at each step.
 
     annotations: (B, L, D) float. Returns tokens: (B, T) long (T <= max_len; positions after a
@@ -50,18 +52,36 @@ class Caption:
 
 
 @torch.no_grad()
-def beam_search(decoder: Decoder, annotations: torch.Tensor, start: int, end: int, beam_size: int = 3,
-                max_len: int = 20, length_penalty: float = 0.0, context: str = "expected") -> list[Caption]:
+def beam_search(
+    decoder: Decoder,
+    annotations: torch.Tensor,
+    start: int,
+    end: int,
+    beam_size: int = 3,
+    max_len: int = 20,
+    length_penalty: float = 0.0,
+    context: str = "expected",
+) -> list[Caption]:
     """Beam search over a batch of images at once: the best caption of each image, the first of
     :func:`n_best` (which see).
     annotations: (B, L, D) float. Returns one :class:`Caption` per image."""
-    return [found[0] for found in n_best(decoder, annotations, start, end, beam_size, max_len, length_penalty,
-                                         context, 1)]
+    return [
+        found[0] for found in n_best(decoder, annotations, start, end, beam_size, max_len, length_penalty, context, 1)
+    ]
 
 
 @torch.no_grad()
-def n_best(decoder: Decoder, annotations: torch.Tensor, start: int, end: int, beam_size: int = 3, max_len: int = 20,
-           length_penalty: float = 0.0, context: str = "expected", n: int = 1) -> list[list[Caption]]:
+def n_best(
+    decoder: Decoder,
+    annotations: torch.Tensor,
+    start: int,
+    end: int,
+    beam_size: int = 3,
+    max_len: int = 20,
+    length_penalty: float = 0.0,
+    context: str = "expected",
+    n: int = 1,
+) -> list[list[Caption]]:
     """Beam search over a batch of images at once, keeping the ``n`` (<= beam_size) best captions
     of each image.
 
@@ -108,11 +128,14 @@ def _beam(decoder, annotations, start, end, beam_size, max_len, length_penalty, 
     history = torch.empty(B, k, 0, dtype=torch.long, device=device)  # (B, k, t) words
     alphas = torch.empty(B, k, 0, L, device=device)  # (B, k, t, L) attention weights
     places = torch.empty(B, k, 0, dtype=torch.long, device=device)  # (B, k, t) sampled locations
-    done = {"rank": torch.full((B, n), inf, device=device), "log_p": torch.full((B, n), inf, device=device),
-            "len": torch.zeros(B, n, dtype=torch.long, device=device),
-            "history": torch.zeros(B, n, max_len, dtype=torch.long, device=device),
-            "alphas": torch.zeros(B, n, max_len, L, device=device),
-            "places": torch.zeros(B, n, max_len, dtype=torch.long, device=device)}
+    done = {
+        "rank": torch.full((B, n), inf, device=device),
+        "log_p": torch.full((B, n), inf, device=device),
+        "len": torch.zeros(B, n, dtype=torch.long, device=device),
+        "history": torch.zeros(B, n, max_len, dtype=torch.long, device=device),
+        "alphas": torch.zeros(B, n, max_len, L, device=device),
+        "places": torch.zeros(B, n, max_len, dtype=torch.long, device=device),
+    }
     for t in range(1, max_len + 1):
         embedded = decoder.embedding(token)  # (B*k, m)
         h, c, z, alpha, _, s = decoder.step(embedded, h, c, a, proj, context)  # alpha (B*k, L); s (B*k,) or None
@@ -128,9 +151,14 @@ def _beam(decoder, annotations, start, end, beam_size, max_len, length_penalty, 
         # retire the candidates among the k best that end into each image's pool of n best
         is_end = word == end  # (B, 2k)
         ended = (is_end & torch.isfinite(top))[:, :k]  # (B, k)
-        candidates = {"rank": torch.where(ended, top[:, :k] / t ** length_penalty, inf), "log_p": top[:, :k],
-                      "len": torch.full_like(ended, t, dtype=torch.long), "history": _pad(history[:, :k], max_len),
-                      "alphas": _pad(alphas[:, :k], max_len), "places": _pad(places[:, :k], max_len)}  # (B, k, ...)
+        candidates = {
+            "rank": torch.where(ended, top[:, :k] / t**length_penalty, inf),
+            "log_p": top[:, :k],
+            "len": torch.full_like(ended, t, dtype=torch.long),
+            "history": _pad(history[:, :k], max_len),
+            "alphas": _pad(alphas[:, :k], max_len),
+            "places": _pad(places[:, :k], max_len),
+        }  # (B, k, ...)
         pooled = {key: torch.cat([done[key], candidates[key]], 1) for key in done}  # (B, n + k, ...)
         pick = pooled["rank"].topk(n, dim=1).indices  # (B, n)
         done = {key: value[rows, pick] for key, value in pooled.items()}  # (B, n, ...)
@@ -156,9 +184,17 @@ def _captions(done: dict, i: int, history, alphas, places, score, sampled: bool)
     for j in range(done["rank"].shape[1]):
         if torch.isfinite(done["rank"][i, j]):
             n = done["len"][i, j].item()
-            captions.append(Caption(done["history"][i, j, :n - 1].tolist(), done["log_p"][i, j].item(), True,
-                                    done["alphas"][i, j, :n], done["places"][i, j, :n] if sampled else None))
+            captions.append(
+                Caption(
+                    done["history"][i, j, : n - 1].tolist(),
+                    done["log_p"][i, j].item(),
+                    True,
+                    done["alphas"][i, j, :n],
+                    done["places"][i, j, :n] if sampled else None,
+                )
+            )
     if len(captions) < done["rank"].shape[1]:  # nothing (more) ended within max_len: the best live one
-        captions.append(Caption(history[i, 0].tolist(), score[i, 0].item(), False, alphas[i, 0],
-                                places[i, 0] if sampled else None))
+        captions.append(
+            Caption(history[i, 0].tolist(), score[i, 0].item(), False, alphas[i, 0], places[i, 0] if sampled else None)
+        )
     return captions

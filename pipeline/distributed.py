@@ -5,6 +5,7 @@ RANK, WORLD_SIZE and LOCAL_RANK set (and MASTER_ADDR/PORT for the rendezvous). :
 joins them in a process group (gloo on CPU, nccl on CUDA) for the length of a command; without
 torchrun it is a no-op and every helper here acts as for one process.
 """
+
 import contextlib
 import os
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ class World:
 
     def share(self, items: list) -> list:
         """This rank's items of ``items``: every size-th one, starting at its rank."""
-        return items[self.rank::self.size]
+        return items[self.rank :: self.size]
 
     def broadcast(self, obj):
         """Rank 0's ``obj`` on every rank (picklable objects)."""

@@ -10,6 +10,7 @@ feature map, read row by row: cell (r, c) of an H x W grid is a_{r*W + c}.
 | `resnet101/152` | layer4                             | 7x7x2048: L=49, D=2048    |
 | `squeezenet1_1` | the last Fire module (fire9)       | 13x13x512: L=169, D=512   |
 """
+
 import hashlib
 import math
 import socket
@@ -49,8 +50,9 @@ ENCODERS = {
     "vgg16": _Arch(models.vgg16, models.VGG16_Weights, "conv5_3 (after ReLU, before pool5)", lambda m: m.features[:30]),
     "resnet101": _Arch(models.resnet101, models.ResNet101_Weights, "layer4", _resnet_trunk),
     "resnet152": _Arch(models.resnet152, models.ResNet152_Weights, "layer4", _resnet_trunk),
-    "squeezenet1_1": _Arch(models.squeezenet1_1, models.SqueezeNet1_1_Weights, "last Fire module (fire9)",
-                           lambda m: m.features),
+    "squeezenet1_1": _Arch(
+        models.squeezenet1_1, models.SqueezeNet1_1_Weights, "last Fire module (fire9)", lambda m: m.features
+    ),
 }
 
 
@@ -121,13 +123,16 @@ def bound_aspect(image: Image.Image, ratio: float = 2.0) -> Image.Image:
 class Preprocess:
     """How an RGB image becomes the encoder's input tensor (3, image_size, image_size).
 
-    mode 'center-crop': shorter side resized to image_size * 256/224 (256 for 224), then a centre
-    crop (the paper's and torchvision's convention); 'resize': direct resize to a square (keeps
-    the whole image, squashing its aspect ratio). Then ImageNet mean/std normalisation.
+    mode 'center-crop': shorter side resized to ``resize`` pixels, then a centre crop of
+    image_size (torchvision's convention); 'resize': direct resize to a square (keeps the whole
+    image, squashing its aspect ratio). Then ImageNet mean/std normalisation.
+    resize: None for image_size * 256/224 (256 for 224: the paper's and VGG's weights'); an
+    encoder whose weights were trained otherwise gives its own (:func:`preprocess_for`).
     """
 
     mode: str = "center-crop"
     image_size: int = 224
+    resize: int | None = None
 
     def __post_init__(self):
         if self.mode not in ("center-crop", "resize"):
@@ -139,9 +144,13 @@ class Preprocess:
         the centre crop would drop anyway (:func:`bound_aspect`), so memory stays bounded whatever
         its shape."""
         if self.mode == "center-crop":
-            return transforms.Compose([transforms.Lambda(bound_aspect),
-                                       transforms.Resize(round(self.image_size * 256 / 224)),
-                                       transforms.CenterCrop(self.image_size)])
+            return transforms.Compose(
+                [
+                    transforms.Lambda(bound_aspect),
+                    transforms.Resize(self.resize or round(self.image_size * 256 / 224)),
+                    transforms.CenterCrop(self.image_size),
+                ]
+            )
         return transforms.Resize((self.image_size, self.image_size))
 
     def pixels(self):
@@ -153,8 +162,9 @@ class Preprocess:
     def normalize(images: torch.Tensor) -> torch.Tensor:
         """(..., 3, H, W) uint8 -> float32 scaled to [0, 1] and ImageNet mean/std normalised
         (done on whole batches, on the encoder's device)."""
-        return transforms.functional.normalize(transforms.functional.to_dtype(images, torch.float32, scale=True),
-                                               IMAGENET_MEAN, IMAGENET_STD)
+        return transforms.functional.normalize(
+            transforms.functional.to_dtype(images, torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD
+        )
 
     def transform(self):
         """PIL RGB image -> (3, image_size, image_size) float encoder input: ``pixels`` then ``normalize``."""
@@ -162,7 +172,20 @@ class Preprocess:
         return lambda image: self.normalize(pixels(image))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """As the manifest records it (``resize`` only where it is not the default)."""
+        return {k: v for k, v in asdict(self).items() if k != "resize" or v is not None}
+
+
+def preprocess_for(name: str, mode: str = "center-crop", image_size: int = 224) -> Preprocess:
+    """The preprocessing of encoder ``name`` at ``image_size``, its resize taken from its ImageNet
+    weights' own transforms (torchvision's ``weights.transforms()``): ResNet-101/152's default
+    weights (IMAGENET1K_V2) were trained with the shorter side at 232 for a 224 crop, VGG's and
+    SqueezeNet's at 256. Raises PipelineError for an unknown name."""
+    if name not in ENCODERS:
+        raise PipelineError(f"unknown encoder {name!r}; choose one of {', '.join(ENCODERS)}")
+    own = ENCODERS[name].weights.DEFAULT.transforms()
+    resize, crop = own.resize_size[0], own.crop_size[0]
+    return Preprocess(mode, image_size, None if resize * 224 == 256 * crop else round(image_size * resize / crop))
 
 
 class Encoder(nn.Module):
@@ -172,9 +195,12 @@ class Encoder(nn.Module):
     L = h * w is the feature grid read row by row and D the channel count.
     """
 
-    def __init__(self, name: str, trunk: nn.Module, weights: str, weights_sha256: str):
+    def __init__(self, name: str, trunk: nn.Module, weights: str, weights_sha256: str, weights_name: str | None = None):
         super().__init__()
         self.name, self.trunk, self.weights, self.weights_sha256 = name, trunk, weights, weights_sha256
+        self.weights_name = (
+            weights_name  # torchvision's name of the ImageNet weights, e.g. ResNet101_Weights.IMAGENET1K_V2
+        )
         self.requires_grad_(False).eval()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -199,8 +225,12 @@ class Encoder(nn.Module):
 
     def describe(self) -> dict:
         """What identifies these features: encoder name, layer, weights and their hash."""
-        return {"name": self.name, "layer": ENCODERS[self.name].layer, "weights": self.weights,
-                "weights_sha256": self.weights_sha256}
+        return {
+            "name": self.name,
+            "layer": ENCODERS[self.name].layer,
+            "weights": self.weights,
+            "weights_sha256": self.weights_sha256,
+        }
 
 
 def state_sha256(module: nn.Module) -> str:
@@ -253,8 +283,10 @@ def _load_state_dict_file(model: nn.Module, trunk: nn.Module, path: Path) -> Non
         raise PipelineError(f"{path}: weights do not fit this encoder ({str(e).splitlines()[-1].strip()})") from None
     missing = sorted(needed & set(result.missing_keys))
     if missing or result.unexpected_keys:
-        raise PipelineError(f"{path}: weights do not fit this encoder: missing {missing[:3]}, "
-                            f"unexpected {result.unexpected_keys[:3]}; is it the right --encoder?")
+        raise PipelineError(
+            f"{path}: weights do not fit this encoder: missing {missing[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]}; is it the right --encoder?"
+        )
 
 
 def build_encoder(name: str = "vgg19", weights: str = "imagenet", device="cpu") -> Encoder:
@@ -271,8 +303,9 @@ def build_encoder(name: str = "vgg19", weights: str = "imagenet", device="cpu") 
     if name not in ENCODERS:
         raise PipelineError(f"unknown encoder {name!r}; choose one of {', '.join(ENCODERS)}")
     arch = ENCODERS[name]
+    weights_name = None
     if weights == "imagenet":
-        model, label = _imagenet_model(name, arch), "imagenet"
+        model, label, weights_name = _imagenet_model(name, arch), "imagenet", str(arch.weights.DEFAULT)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_SEED)
@@ -283,7 +316,8 @@ def build_encoder(name: str = "vgg19", weights: str = "imagenet", device="cpu") 
             _load_state_dict_file(model, arch.cut(model), path)
             label = str(path)
     trunk = arch.cut(model)
-    return Encoder(name, trunk, label, state_sha256(trunk)).to(device, memory_format=torch.channels_last)
+    encoder = Encoder(name, trunk, label, state_sha256(trunk), weights_name)
+    return encoder.to(device, memory_format=torch.channels_last)
 
 
 def encoder_from_state(name: str, state: dict, label: str, device="cpu") -> Encoder:

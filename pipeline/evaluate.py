@@ -10,6 +10,7 @@ that changes them, ``NAME-SPLIT-beamK[-lenN][-lpP][-features-HASH]``:
   (:func:`pipeline.folders.write_owned`): a rerun with the same settings replaces only files
   an earlier run wrote and nobody edited since, never a file of the user's.
 """
+
 import hashlib
 import json
 from pathlib import Path
@@ -17,17 +18,25 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from .checkpoint import build_decoder, check_features, load_checkpoint
 from .decode import beam_search
 from .folders import check_owned, check_writable, write_owned
 from .metrics import coco_id, coco_references, score_captions
 from .shards import AnnotationShards
-from .checkpoint import build_decoder, check_features, load_checkpoint
 
 MAX_LEN = 20  # words; the default of evaluate and caption
 
 
-def output_names(checkpoint_path: Path, split: str, beam_size: int, max_len: int, length_penalty: float,
-                 features, trained_on: str, out_dir) -> dict:
+def output_names(
+    checkpoint_path: Path,
+    split: str,
+    beam_size: int,
+    max_len: int,
+    length_penalty: float,
+    features,
+    trained_on: str,
+    out_dir,
+) -> dict:
     """{'captions', 'references', 'scores'} -> the paths this evaluation writes: settings left at
     their defaults (max_len 20, no length penalty, the features the checkpoint was trained on) add
     nothing to the name, others a suffix each, so evaluations with other settings never collide."""
@@ -42,9 +51,18 @@ def output_names(checkpoint_path: Path, split: str, beam_size: int, max_len: int
     return {kind: folder / f"{name}.{kind}.json" for kind in ("captions", "references", "scores")}
 
 
-def evaluate(checkpoint_path, split: str = "test", beam_size: int = 3, max_len: int = MAX_LEN,
-             length_penalty: float = 0.0, features=None, batch_size: int = 50, device: str = "cpu",
-             progress: bool = True, out_dir=None) -> dict:
+def evaluate(
+    checkpoint_path,
+    split: str = "test",
+    beam_size: int = 3,
+    max_len: int = MAX_LEN,
+    length_penalty: float = 0.0,
+    features=None,
+    batch_size: int = 50,
+    device: str = "cpu",
+    progress: bool = True,
+    out_dir=None,
+) -> dict:
     """Decode ``split`` with beam search and score it against its reference captions.
 
     features: the features folder (default: the one recorded in the checkpoint).
@@ -70,20 +88,38 @@ def evaluate(checkpoint_path, split: str = "test", beam_size: int = 3, max_len: 
     captions = []
     loader = DataLoader(shards, batch_size=batch_size)
     for annotations in tqdm(loader, desc=f"decoding {split}", unit="batch", disable=not progress):
-        captions += beam_search(decoder, annotations.to(device), vocab.start, vocab.end, beam_size, max_len,
-                                length_penalty, context)
+        captions += beam_search(
+            decoder, annotations.to(device), vocab.start, vocab.end, beam_size, max_len, length_penalty, context
+        )
     hypotheses = {i: " ".join(vocab.words[t] for t in c.tokens) for i, c in zip(shards.image_ids, captions)}
     references = dict(zip(shards.image_ids, shards.references))
     scores, notes = score_captions(hypotheses, references)
     results = [{"image_id": coco_id(i), "caption": c} for i, c in hypotheses.items()]
     annotation = coco_references(references, f"{shards.manifest['dataset']} {split} references")
-    write_owned(files["scores"],
-                {files["captions"]: _json(results), files["references"]: _json(annotation)},
-                {"checkpoint": str(checkpoint_path), "features": str(shards.dir), "split": split,
-                 "images": len(captions), "beam_size": beam_size, "max_len": max_len,
-                 "length_penalty": length_penalty, "scores": scores, "notes": notes})
-    return {"scores": scores, "notes": notes, "captions": files["captions"], "scores_file": files["scores"],
-            "references": files["references"], "images": len(captions), "examples": list(hypotheses.items())[:3]}
+    write_owned(
+        files["scores"],
+        {files["captions"]: _json(results), files["references"]: _json(annotation)},
+        {
+            "checkpoint": str(checkpoint_path),
+            "features": str(shards.dir),
+            "split": split,
+            "images": len(captions),
+            "beam_size": beam_size,
+            "max_len": max_len,
+            "length_penalty": length_penalty,
+            "scores": scores,
+            "notes": notes,
+        },
+    )
+    return {
+        "scores": scores,
+        "notes": notes,
+        "captions": files["captions"],
+        "scores_file": files["scores"],
+        "references": files["references"],
+        "images": len(captions),
+        "examples": list(hypotheses.items())[:3],
+    }
 
 
 def _json(obj) -> str:

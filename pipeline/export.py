@@ -14,6 +14,7 @@
 :func:`load_model_folder` reads it back (``Captioner.from_pretrained``), from a local folder or a
 Hugging Face Hub repository holding the same files.
 """
+
 import json
 from pathlib import Path
 
@@ -56,13 +57,24 @@ def export_model(checkpoint_path, out) -> Path:
     captioner = Captioner.from_checkpoint(checkpoint_path)
     decoder, _ = build_decoder(checkpoint, checkpoint_path)
     identity = checkpoint["features"]
-    config = {"format": FORMAT, "decoder": decoder.config.to_dict(),
-              "decode_context": checkpoint["train_config"]["decode_context"], "attention": checkpoint["train_config"]
-              ["attention"], "encoder": identity["encoder"], "preprocess": identity["preprocess"],
-              "grid": identity["grid"], "L": identity["L"], "D": identity["D"], "dtype": identity["dtype"],
-              "dataset": identity["dataset"], "scores": _scores(checkpoint_path)}
-    for name, state in (("model.safetensors", decoder.state_dict()),
-                        ("encoder.safetensors", captioner.encoder.trunk.state_dict())):
+    config = {
+        "format": FORMAT,
+        "decoder": decoder.config.to_dict(),
+        "decode_context": checkpoint["train_config"]["decode_context"],
+        "attention": checkpoint["train_config"]["attention"],
+        "encoder": identity["encoder"],
+        "preprocess": identity["preprocess"],
+        "grid": identity["grid"],
+        "L": identity["L"],
+        "D": identity["D"],
+        "dtype": identity["dtype"],
+        "dataset": identity["dataset"],
+        "scores": _scores(checkpoint_path),
+    }
+    for name, state in (
+        ("model.safetensors", decoder.state_dict()),
+        ("encoder.safetensors", captioner.encoder.trunk.state_dict()),
+    ):
         with atomic_path(out / name) as tmp:
             save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
     Vocabulary(checkpoint["vocab"]).save(out / "vocab.json")
@@ -82,20 +94,26 @@ def _format(folder: Path):
 def model_card(config: dict, vocab_size: int) -> str:
     """The folder's README.md: what the model is, its sizes and scores, and how to use it."""
     d, e = config["decoder"], config["encoder"]
-    rows = "".join(f"| {where} | " + " | ".join(f"{s.get(m, float('nan')):.1f}" for m in
-                                                ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")) + " |\n"
-                   for where, s in config["scores"].items()) or "| (not scored: run `cli.py evaluate` first) |\n"
+    rows = (
+        "".join(
+            f"| {where} | "
+            + " | ".join(f"{s.get(m, float('nan')):.1f}" for m in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"))
+            + " |\n"
+            for where, s in config["scores"].items()
+        )
+        or "| (not scored: run `cli.py evaluate` first) |\n"
+    )
     return f"""---
 library_name: show-attend-tell
 tags: [image-captioning, show-attend-tell, attention]
 ---
-# Show, Attend and Tell captioner ({config['attention']} attention, {config['dataset']})
+# Show, Attend and Tell captioner ({config["attention"]} attention, {config["dataset"]})
 
-An LSTM decoder with {config['attention']} visual attention (Xu et al. 2015, arXiv 1502.03044)
-over the {config['grid'][0]}x{config['grid'][1]}x{config['D']} {e['layer']} features of {e['name']}
-(weights: {e['weights']}, SHA-256 {e['weights_sha256'][:12]}...), trained on {config['dataset']}.
-Decoder: embedding {d['embed_dim']}, LSTM {d['hidden_dim']}, attention MLP {d['attention_dim']},
-vocabulary {vocab_size} words. Preprocessing: {config['preprocess']}.
+An LSTM decoder with {config["attention"]} visual attention (Xu et al. 2015, arXiv 1502.03044)
+over the {config["grid"][0]}x{config["grid"][1]}x{config["D"]} {e["layer"]} features of {e["name"]}
+(weights: {e["weights"]}, SHA-256 {e["weights_sha256"][:12]}...), trained on {config["dataset"]}.
+Decoder: embedding {d["embed_dim"]}, LSTM {d["hidden_dim"]}, attention MLP {d["attention_dim"]},
+vocabulary {vocab_size} words. Preprocessing: {config["preprocess"]}.
 
 | split | BLEU-1 | BLEU-4 | METEOR | ROUGE-L | CIDEr |
 | --- | --- | --- | --- | --- | --- |
@@ -120,15 +138,18 @@ def resolve_model_folder(model: str) -> Path:
     if folder.is_dir():
         return folder
     if folder.exists() or model.count("/") != 1 or model.startswith((".", "/")):
-        raise PipelineError(f"{model}: not a model folder (one written by `cli.py export`) nor a Hugging Face Hub id "
-                            "(owner/name)")
+        raise PipelineError(
+            f"{model}: not a model folder (one written by `cli.py export`) nor a Hugging Face Hub id (owner/name)"
+        )
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(repo_id=model, allow_patterns=list(FILES)))
     except Exception as e:  # noqa: BLE001 - the hub client raises many kinds (network, auth, not found)
-        raise PipelineError(f"{model}: could not be had from the Hugging Face Hub ({describe(e)}); pass a local "
-                            "model folder written by `cli.py export`") from None
+        raise PipelineError(
+            f"{model}: could not be had from the Hugging Face Hub ({describe(e)}); pass a local "
+            "model folder written by `cli.py export`"
+        ) from None
 
 
 def load_model_folder(model: str, device: str = "cpu"):
@@ -137,8 +158,10 @@ def load_model_folder(model: str, device: str = "cpu"):
     folder = resolve_model_folder(model)
     missing = [name for name in FILES[:4] if not (folder / name).is_file()]
     if missing or _format(folder) != FORMAT:
-        raise PipelineError(f"{folder}: not a model folder written by `cli.py export` (missing or foreign: "
-                            f"{', '.join(missing) or 'config.json'})")
+        raise PipelineError(
+            f"{folder}: not a model folder written by `cli.py export` (missing or foreign: "
+            f"{', '.join(missing) or 'config.json'})"
+        )
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     try:
         decoder = Decoder(DecoderConfig(**config["decoder"]))

@@ -6,6 +6,7 @@ forward pass. The work is planned in shards of ``shard_size`` images; a rerun sk
 already on disk, so a killed run resumes where it stopped and gives the same values as an
 uninterrupted one.
 """
+
 import contextlib
 import hashlib
 import os
@@ -22,14 +23,16 @@ from tqdm import tqdm
 
 from . import distributed, shards
 from .atomic import file_sha256, remove_stale_temps, write_json
+from .config import FeatureConfig
 from .datasets import Record
-from .encoders import ImageError, Preprocess, build_encoder, open_rgb
+from .encoders import ImageError, build_encoder, open_rgb, preprocess_for
 from .errors import PipelineError
 from .folders import folder_lock
 from .memory import configure_allocator
+from .options import write_toml
 from .text import Vocabulary, tokenize
 
-
+CONFIG = "config.toml"
 PRECISIONS = {"auto": None, "fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -40,34 +43,6 @@ def compute_precision(config: "FeatureConfig", device: torch.device) -> str:
     if config.precision != "auto":
         return config.precision
     return "fp16" if device.type == "cuda" and config.dtype == "float16" else "fp32"
-
-
-@dataclass
-class FeatureConfig:
-    """Options of feature extraction (units in the names or comments)."""
-
-    encoder: str = "vgg19"
-    weights: str = "imagenet"  # 'imagenet' | 'random' | path to a state dict
-    preprocess: str = "center-crop"  # 'center-crop' | 'resize'
-    image_size: int = 224  # pixels, square encoder input
-    dtype: str = "float16"  # storage dtype of the annotation vectors: float16 | float32
-    shard_size: int = 2000  # images per shard
-    batch_size: int = 32  # images per forward pass
-    num_workers: int | None = None  # image-decoding processes; None: see decoding_workers
-    device: str = "cpu"
-    precision: str = "auto"  # encoder arithmetic: 'fp32' | 'fp16' | 'bf16' (autocast) | 'auto' (see compute_precision)
-    min_count: int = 5  # vocabulary: minimum count of a word in the training captions
-
-    def __post_init__(self):
-        if self.dtype not in ("float16", "float32"):
-            raise PipelineError(f"--dtype must be float16 or float32, not {self.dtype!r}")
-        if self.precision not in PRECISIONS:
-            raise PipelineError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
-        for name in ("shard_size", "batch_size", "image_size", "min_count"):
-            if getattr(self, name) < 1:
-                raise PipelineError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.num_workers is not None and self.num_workers < 0:
-            raise PipelineError("--workers must be 0 or more")
 
 
 def decoding_workers(config: FeatureConfig, device: torch.device) -> int:
@@ -94,8 +69,10 @@ class FeatureSummary:
     def line(self) -> str:
         rate = self.images / self.seconds if self.seconds else 0.0
         splits = ", ".join(f"{n} {s}" for s, n in self.per_split.items())
-        return (f"features: {self.images} images extracted in {self.seconds:.1f} s ({rate:.1f} images/s); "
-                f"folder holds {splits}; {len(self.failures)} failed -> {self.out}")
+        return (
+            f"features: {self.images} images extracted in {self.seconds:.1f} s ({rate:.1f} images/s); "
+            f"folder holds {splits}; {len(self.failures)} failed -> {self.out}"
+        )
 
 
 class ImageFiles(Dataset):
@@ -162,22 +139,35 @@ def write_text(records: list[Record], out: Path, min_count: int) -> Vocabulary:
     vocab = Vocabulary.build(train, min_count)
     captions = {}
     for r in records:
-        captions.setdefault(r.split, {})[r.image_id] = {"raw": list(r.captions), "tokens": tokens[r.image_id],
-                                                       "path": str(r.image_path) if r.image_path else None}
+        captions.setdefault(r.split, {})[r.image_id] = {
+            "raw": list(r.captions),
+            "tokens": tokens[r.image_id],
+            "path": str(r.image_path) if r.image_path else None,
+        }
     write_json(out / shards.CAPTIONS, captions)
     vocab.save(out / shards.VOCAB)
     return vocab
 
 
-def extract_features(records: list[Record], out, config: FeatureConfig, dataset: str,
-                     splits: list[str] | None = None, progress: bool = True, command: str | None = None) -> FeatureSummary:
+def extract_features(
+    records: list[Record],
+    out,
+    config: FeatureConfig,
+    dataset: str,
+    splits: list[str] | None = None,
+    progress: bool = True,
+    command: str | None = None,
+    options: dict | None = None,
+) -> FeatureSummary:
     """Run the encoder over ``records`` (optionally only ``splits``) into shards under ``out``.
 
     Resumes: shards already complete in ``out`` are kept and not recomputed; a shard that is
     truncated or altered (its SHA-256 differs from the manifest's) is extracted again. ``command``
     (the command line of this run) is recorded in the manifest, to be shown as the way to
-    rebuild damaged shards. Bad images are skipped and listed in ``out/bad_images.tsv`` and in the
-    returned summary (the caller decides whether that is an error).
+    rebuild damaged shards; ``options`` (the command's options by name), where given, in
+    ``out/config.toml``, which ``cli.py features --config`` reads back. Bad images are skipped
+    and listed in ``out/bad_images.tsv`` and in the returned summary (the caller decides whether
+    that is an error).
     Under torchrun (:mod:`pipeline.distributed`) rank 0 plans the shards, every rank encodes and
     writes every WORLD_SIZE-th of them, and rank 0 writes the one manifest; the shards are the
     same files as one process writes. The summary is the whole run's on every rank.
@@ -195,16 +185,28 @@ def extract_features(records: list[Record], out, config: FeatureConfig, dataset:
     configure_allocator(huge_pages=True)
     with distributed.session(config.device) as world, contextlib.ExitStack() as held:
         encoder = build_encoder(config.encoder, config.weights, world.device)
-        preprocess = Preprocess(config.preprocess, config.image_size)
+        preprocess = preprocess_for(config.encoder, config.preprocess, config.image_size)
         h, w, D = encoder.grid(config.image_size)
-        setup = {"format": shards.FORMAT, "dataset": dataset, "encoder": encoder.describe(),
-                 "preprocess": preprocess.to_dict(), "grid": [h, w], "L": h * w, "D": D, "dtype": config.dtype,
-                 "precision": compute_precision(config, encoder.device), "shard_size": config.shard_size}
+        setup = {
+            "format": shards.FORMAT,
+            "dataset": dataset,
+            "encoder": encoder.describe(),
+            "preprocess": preprocess.to_dict(),
+            "grid": [h, w],
+            "L": h * w,
+            "D": D,
+            "dtype": config.dtype,
+            "precision": compute_precision(config, encoder.device),
+            "shard_size": config.shard_size,
+            "weights_name": encoder.weights_name,  # torchvision's weights enum, for 'imagenet'
+        }
         plan = None
         if world.main:  # rank 0 holds the folder's lock for the whole job
             try:
                 held.enter_context(folder_lock(out, "--out"))
                 plan = _plan(records, out, config, setup, splits, command)
+                if options is not None:
+                    write_toml(out / CONFIG, options, "the options of these features (cli.py features --config FILE)")
             except PipelineError as e:
                 plan = e
         plan = world.broadcast(plan)  # the other ranks raise rank 0's error too
@@ -214,8 +216,13 @@ def extract_features(records: list[Record], out, config: FeatureConfig, dataset:
         start = time.perf_counter()
         mine = world.share(todo)
         flat = [r for _, _, recs in mine for r in recs]
-        written = _run_encoder(encoder, flat, mine, out, config, preprocess, manifest, setup,
-                               progress and world.main, world.main) if flat else 0
+        written = (
+            _run_encoder(
+                encoder, flat, mine, out, config, preprocess, manifest, setup, progress and world.main, world.main
+            )
+            if flat
+            else 0
+        )
         world.barrier()
         if world.main and world.size > 1:  # add the shards the other ranks wrote
             for split, k, _ in todo:
@@ -236,17 +243,22 @@ def extract_features(records: list[Record], out, config: FeatureConfig, dataset:
     return summary
 
 
-def _plan(records: list[Record], out: Path, config: FeatureConfig, setup: dict, splits: list[str],
-          command: str | None) -> tuple[dict, list]:
+def _plan(
+    records: list[Record], out: Path, config: FeatureConfig, setup: dict, splits: list[str], command: str | None
+) -> tuple[dict, list]:
     """Prepare ``out`` for a run: the manifest to continue (damaged shards dropped from it and
     deleted), the text files, and the shards still to write: (manifest, [(split, k, records)])."""
     remove_stale_temps(out)  # a manifest or text file being written when a run was killed
     if not (out / shards.MANIFEST).exists():
         foreign = sorted(p.name for p in out.iterdir())
         if foreign:
-            raise PipelineError(f"{out}: holds files that `cli.py features` did not write ({', '.join(foreign[:3])}"
-                                f"{', ...' if len(foreign) > 3 else ''}) and no manifest; pass a new or empty --out")
-        shards.save_manifest(out, dict(setup, splits={}))  # first, so that the folder is known as ours from its first file
+            raise PipelineError(
+                f"{out}: holds files that `cli.py features` did not write ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}) and no manifest; pass a new or empty --out"
+            )
+        shards.save_manifest(
+            out, dict(setup, splits={})
+        )  # first, so that the folder is known as ours from its first file
     manifest = _resume_manifest(out, setup)
     manifest["command"] = command or manifest.get("command")
     by_split = {s: [r for r in records if r.split == s] for s in splits}
@@ -255,15 +267,17 @@ def _plan(records: list[Record], out: Path, config: FeatureConfig, setup: dict, 
         fp = _fingerprint(recs)
         old = manifest["splits"].get(split)
         if old and old["fingerprint"] != fp:
-            raise PipelineError(f"{out}: the {split} shards were made from a different image list; "
-                                f"use another --out or delete {out / split}")
+            raise PipelineError(
+                f"{out}: the {split} shards were made from a different image list; "
+                f"use another --out or delete {out / split}"
+            )
         entries = {}
         for entry in (old or {}).get("shards", []):
             problem = shards.shard_problem(out, entry, manifest)
             if problem is None:
                 entries[entry["file"]] = entry
             elif problem != "missing":
-                warnings.warn(f"{out / entry['file']}: {problem}; extracting it again")
+                warnings.warn(f"{out / entry['file']}: {problem}; extracting it again", stacklevel=2)
                 (out / entry["file"]).unlink()
         (out / split).mkdir(exist_ok=True)
         remove_stale_temps(out / split)
@@ -272,9 +286,13 @@ def _plan(records: list[Record], out: Path, config: FeatureConfig, setup: dict, 
             if name not in entries and (out / name).exists():  # renamed, but the manifest not yet written
                 entries[name] = shards.shard_entry(out, name)
             if name not in entries:
-                todo.append((split, k, recs[k * config.shard_size:(k + 1) * config.shard_size]))
-        manifest["splits"][split] = {"images": None, "planned": len(recs), "fingerprint": fp,
-                                     "shards": list(entries.values())}
+                todo.append((split, k, recs[k * config.shard_size : (k + 1) * config.shard_size]))
+        manifest["splits"][split] = {
+            "images": None,
+            "planned": len(recs),
+            "fingerprint": fp,
+            "shards": list(entries.values()),
+        }
     manifest["vocab_size"] = len(write_text(records, out, config.min_count))  # only once the folder fits
     manifest["text"] = {name: file_sha256(out / name) for name in (shards.CAPTIONS, shards.VOCAB)}
     shards.save_manifest(out, manifest)
@@ -285,11 +303,14 @@ def _resume_manifest(out: Path, setup: dict) -> dict:
     """The manifest to continue from: the existing one if it matches ``setup``, else a new one."""
     if not (out / shards.MANIFEST).exists():
         return dict(setup, splits={})
-    old = dict({"precision": "fp32"}, **shards.load_manifest(out))  # the key came after fp32-only manifests
+    # keys that came later: fp32 was the only precision, and the weights' name went unrecorded
+    old = dict({"precision": "fp32", "weights_name": setup["weights_name"]}, **shards.load_manifest(out))
     differs = [k for k in setup if old.get(k) != setup[k]]
     if differs:
-        raise PipelineError(f"{out} holds features made with a different {', '.join(differs)} "
-                            f"({', '.join(f'{k}={old.get(k)}' for k in differs)}); use another --out or delete it")
+        raise PipelineError(
+            f"{out} holds features made with a different {', '.join(differs)} "
+            f"({', '.join(f'{k}={old.get(k)}' for k in differs)}); use another --out or delete it"
+        )
     return dict(old, **setup)
 
 
@@ -299,15 +320,22 @@ def _run_encoder(encoder, flat, todo, out, config, preprocess, manifest, setup, 
     written if ``save_manifest`` (rank 0's job)."""
     batches, offset = [], 0
     for _, _, recs in todo:  # batches never cross a shard, so shard k is the same whatever was done before
-        batches += [list(range(offset + i, offset + min(i + config.batch_size, len(recs))))
-                    for i in range(0, len(recs), config.batch_size)]
+        batches += [
+            list(range(offset + i, offset + min(i + config.batch_size, len(recs))))
+            for i in range(0, len(recs), config.batch_size)
+        ]
         offset += len(recs)
     workers = decoding_workers(config, encoder.device)
-    loader = DataLoader(ImageFiles(flat, preprocess.pixels()), batch_sampler=batches,
-                        num_workers=workers, collate_fn=_collate,
-                        pin_memory=encoder.device.type == "cuda",
-                        persistent_workers=False, prefetch_factor=4 if workers else None,
-                        worker_init_fn=_lower_priority)
+    loader = DataLoader(
+        ImageFiles(flat, preprocess.pixels()),
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=encoder.device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+        worker_init_fn=_lower_priority,
+    )
     written, batch_iter = 0, iter(loader)
     half = PRECISIONS[setup["precision"]]
     bar = tqdm(total=len(flat), unit="img", desc="features", disable=not progress, dynamic_ncols=True)
@@ -324,8 +352,9 @@ def _run_encoder(encoder, flat, todo, out, config, preprocess, manifest, setup, 
                             annotations = encoder(preprocess.normalize(images.to(encoder.device, non_blocking=True)))
                         shard.add([flat[i].image_id for i in indices], annotations)
                     for i, reason in bad:
-                        shard.failures.append({"image_id": flat[i].image_id, "path": str(flat[i].image_path),
-                                               "reason": reason})
+                        shard.failures.append(
+                            {"image_id": flat[i].image_id, "path": str(flat[i].image_path), "reason": reason}
+                        )
                         if shown_failures < 20:
                             bar.write(f"skipped {flat[i].image_path}: {reason}")
                         shown_failures += 1
@@ -344,4 +373,3 @@ def _run_encoder(encoder, flat, todo, out, config, preprocess, manifest, setup, 
 def failure_counts(failures: list[dict]) -> Counter:
     """How many failures of each kind (the reason's first words)."""
     return Counter(f["reason"].split(" (")[0] for f in failures)
-

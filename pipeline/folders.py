@@ -12,6 +12,7 @@ before any work, and files that were not written by this pipeline never replaced
   of their own (a COCO results list), a record of what was written and its SHA-256.
 - :func:`os_error_message` words any OSError that reaches the command line as one line.
 """
+
 import contextlib
 import errno
 import fcntl
@@ -62,8 +63,9 @@ def folder_lock(folder, flag: str = "--out", hold: bool = True):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise PipelineError(f"{folder}: in use by {lock_holder(folder)}; wait for it to finish, or pass another "
-                                f"{flag}") from None
+            raise PipelineError(
+                f"{folder}: in use by {lock_holder(folder)}; wait for it to finish, or pass another {flag}"
+            ) from None
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -79,14 +81,16 @@ def check_writable(folder, flag: str) -> None:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
             pass
     except OSError as e:
-        raise PipelineError(f"{folder}: cannot write there ({e.strerror or e}); pass another {flag} or make it "
-                            "writable") from None
+        raise PipelineError(
+            f"{folder}: cannot write there ({e.strerror or e}); pass another {flag} or make it writable"
+        ) from None
 
 
 def refuse_foreign(path, what: str, flag: str) -> None:
     """Raise the PipelineError for an output ``path`` that holds a file not written by ``what``."""
-    raise PipelineError(f"{path}: exists and was not written by {what}, so it is left as it is; move it away or "
-                        f"pass another {flag}")
+    raise PipelineError(
+        f"{path}: exists and was not written by {what}, so it is left as it is; move it away or pass another {flag}"
+    )
 
 
 def os_error_message(error: OSError) -> str:

@@ -1,5 +1,6 @@
 """How the process gets its memory: glibc's malloc keeps freed memory; feature extraction's large
 CPU tensors sit on transparent huge pages."""
+
 import os
 
 from .atomic import LIBC

@@ -6,6 +6,7 @@ Official numbers tokenise with coco-caption's PTBTokenizer and score METEOR with
 need Java. Without Java the pipeline's own tokeniser is used, METEOR and SPICE are left out, and a
 note says so. Validation during training uses :func:`bleu` on the pipeline's tokens.
 """
+
 import shutil
 from pathlib import Path
 
@@ -15,8 +16,10 @@ from pycocoevalcap.rouge.rouge import Rouge
 
 from .text import tokenize
 
-SPICE_NOTE = ("SPICE not computed: it needs Stanford CoreNLP 3.6.0 in pycocoevalcap/spice/lib, which pycocoevalcap "
-              "downloads on first use (get_stanford_models); fetch it there on a machine with internet")
+SPICE_NOTE = (
+    "SPICE not computed: it needs Stanford CoreNLP 3.6.0 in pycocoevalcap/spice/lib, which pycocoevalcap "
+    "downloads on first use (get_stanford_models); fetch it there on a machine with internet"
+)
 
 
 def bleu(hypotheses: list[list[str]], references: list[list[list[str]]]) -> list[float]:
@@ -32,6 +35,7 @@ def bleu(hypotheses: list[list[str]], references: list[list[list[str]]]) -> list
 
 def _spice_ready() -> bool:
     import pycocoevalcap.spice as spice
+
     return any((Path(spice.__file__).parent / "lib").glob("stanford-corenlp-3.6.0*.jar"))
 
 
@@ -47,19 +51,23 @@ def score_captions(hypotheses: dict, references: dict, java: bool | None = None)
     notes = []
     if java:
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
         tokenizer = PTBTokenizer()
         gts = tokenizer.tokenize({i: [{"caption": c} for c in refs] for i, refs in references.items()})
         res = tokenizer.tokenize({i: [{"caption": hypotheses[i]}] for i in references})
     else:
-        notes.append("Java not found: METEOR and SPICE left out, and captions tokenised by the pipeline's tokeniser "
-                     "instead of coco-caption's PTBTokenizer; install a Java runtime (e.g. apt-get install "
-                     "default-jre) for official numbers")
+        notes.append(
+            "Java not found: METEOR and SPICE left out, and captions tokenised by the pipeline's tokeniser "
+            "instead of coco-caption's PTBTokenizer; install a Java runtime (e.g. apt-get install "
+            "default-jre) for official numbers"
+        )
         gts = {i: [" ".join(tokenize(c)) for c in refs] for i, refs in references.items()}
         res = {i: [" ".join(tokenize(hypotheses[i]))] for i in references}
     scores = dict(zip(("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4"), Bleu(4).compute_score(gts, res, verbose=0)[0]))
     if java:
         try:
             from pycocoevalcap.meteor.meteor import Meteor
+
             scores["METEOR"] = Meteor().compute_score(gts, res)[0]
         except (OSError, ValueError, BrokenPipeError) as e:
             notes.append(f"METEOR failed ({type(e).__name__}: {e}); its Java process needs about 2 GB of memory")
@@ -67,6 +75,7 @@ def score_captions(hypotheses: dict, references: dict, java: bool | None = None)
     scores["CIDEr"] = Cider().compute_score(gts, res)[0]
     if java and _spice_ready():
         from pycocoevalcap.spice.spice import Spice
+
         scores["SPICE"] = Spice().compute_score(gts, res)[0]
     elif java:
         notes.append(SPICE_NOTE)
@@ -84,7 +93,14 @@ def coco_references(references: dict, description: str) -> dict:
     ``{"info", "licenses", "type": "captions", "images": [{"id"}], "annotations": [{"image_id",
     "id", "caption"}]}``, so that a results file with the same ids can be scored by the official
     coco-caption code for any dataset. references: image id -> list of caption str."""
-    annotations = [{"image_id": coco_id(i), "id": n, "caption": c}
-                   for n, (i, c) in enumerate((i, c) for i, refs in references.items() for c in refs)]
-    return {"info": {"description": description}, "licenses": [], "type": "captions",
-            "images": [{"id": coco_id(i)} for i in references], "annotations": annotations}
+    annotations = [
+        {"image_id": coco_id(i), "id": n, "caption": c}
+        for n, (i, c) in enumerate((i, c) for i, refs in references.items() for c in refs)
+    ]
+    return {
+        "info": {"description": description},
+        "licenses": [],
+        "type": "captions",
+        "images": [{"id": coco_id(i)} for i in references],
+        "annotations": annotations,
+    }

@@ -18,16 +18,15 @@ Initial state (section 3.1.2): h_0 = tanh(f_init,h(mean_i a_i)), c_0 = tanh(f_in
 Speed: W_a a_i is computed once per caption, not at every step, and the output layer runs once
 over all steps after the recurrence.
 """
-from dataclasses import asdict, dataclass
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import CONTEXTS, DecoderConfig, ObjectiveConfig
 from .errors import PipelineError
-
-CONTEXTS = ("expected", "sample", "argmax")
-BASELINES = ("batch", "moving")
 
 
 def attention_entropy(alpha: torch.Tensor) -> torch.Tensor:
@@ -66,30 +65,6 @@ class AttentionTanh(torch.autograd.Function):
 
 
 @dataclass
-class DecoderConfig:
-    """Sizes and switches of the decoder. Defaults are the paper's / the authors' values."""
-
-    vocab_size: int
-    annotation_dim: int  # D, from the features manifest
-    embed_dim: int = 512  # m, word embedding size
-    hidden_dim: int = 1000  # n, LSTM size (authors: 1000; 1800 in their COCO config)
-    attention_dim: int = 512  # hidden size of the attention MLP f_att
-    attention_layers: int = 1  # 1: eq. 4; 2: the authors' COCO config (n_layers_att=2)
-    dropout: float = 0.5  # on h_t and on the deep output layer (authors: 0.5)
-    gating: bool = True  # the gating scalar beta_t (section 4.2.1)
-    prev2out: bool = True  # E y_{t-1} in the deep output (eq. 7)
-    ctx2out: bool = True  # L_z z_t in the deep output (eq. 7)
-    output_tanh: bool = False  # the authors' code puts tanh before L_o; the paper does not
-    # f_att sees a_i / attention_input_scale (training given 0 sets it to the RMS of the training
-    # annotation vectors): unscaled, SqueezeNet's (RMS 11, 93% zeros) put 66% of tanh's inputs past
-    # |2| at initialisation, where the attention MLP learns slowly
-    attention_input_scale: float = 1.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
 class DecoderOutput:
     """What a teacher-forced pass returns (B captions, T predicted steps, L locations).
 
@@ -117,7 +92,9 @@ class Decoder(nn.Module):
         self.att_annotation = nn.Linear(D, A)  # W_a a_i + b
         # h_{t-1} feeds three things at once: the LSTM gates (W_hh), f_att (W_h) and beta
         self.hidden_proj = nn.Linear(n, 4 * n + A + 1)
-        self.att_extra = nn.Sequential(*[m for _ in range(c.attention_layers - 1) for m in (nn.Linear(A, A), nn.Tanh())])
+        self.att_extra = nn.Sequential(
+            *[m for _ in range(c.attention_layers - 1) for m in (nn.Linear(A, A), nn.Tanh())]
+        )
         self.att_score = nn.Linear(A, 1)  # w
         self.input_embed = nn.Linear(m, 4 * n, bias=False)  # W_e
         self.input_context = nn.Linear(D, 4 * n, bias=False)  # W_z
@@ -126,7 +103,7 @@ class Decoder(nn.Module):
         self.out_vocab = nn.Linear(m, c.vocab_size)  # L_o
         self.drop = nn.Dropout(c.dropout)
         with torch.no_grad():  # LSTM forget-gate bias 1 (Jozefowicz et al. 2015)
-            self.hidden_proj.bias[n:2 * n].fill_(1.0)
+            self.hidden_proj.bias[n : 2 * n].fill_(1.0)
 
     # -- the pieces -------------------------------------------------------------------------------
 
@@ -152,7 +129,7 @@ class Decoder(nn.Module):
         """
         n, A = self.config.hidden_dim, self.config.attention_dim
         hp = self.hidden_proj(h)
-        gates_h, att_h, beta_logit = hp[:, :4 * n], hp[:, 4 * n:4 * n + A], hp[:, -1]
+        gates_h, att_h, beta_logit = hp[:, : 4 * n], hp[:, 4 * n : 4 * n + A], hp[:, -1]
         if torch.is_grad_enabled() or proj.device.type != "cpu":
             e = self.energies(proj, att_h)
         else:  # decoding on a CPU: blocks of rows whose (rows, L, A) sum stays in cache (about 2 MiB);
@@ -223,23 +200,13 @@ class Decoder(nn.Module):
         return DecoderOutput(logits, torch.stack(alphas, 1), torch.stack(betas, 1), log_p_s, entropy)
 
 
-@dataclass
-class ObjectiveConfig:
-    """Weights of the training objective's terms."""
-
-    alpha_c: float = 1.0  # lambda of the doubly stochastic regularisation (eq. 14)
-    reinforce_scale: float = 0.1  # lambda_r of eq. 12 (authors scale the reward by 1/10)
-    entropy_c: float = 0.002  # lambda_e of eq. 12 (authors' alpha_entropy_c)
-    baseline: str = "batch"  # REINFORCE baseline: 'batch' (leave-one-out minibatch mean) | 'moving' (eq. 12's b_k)
-    baseline_decay: float = 0.9  # 'moving': b_k = decay * b_{k-1} + (1 - decay) * log p(y|s_k, a)
-
-    def __post_init__(self):
-        if self.baseline not in BASELINES:
-            raise PipelineError(f"--baseline must be one of {', '.join(BASELINES)}")
-
-
-def objective(out: DecoderOutput, captions: torch.Tensor, cfg: ObjectiveConfig, sampled: bool = False,
-              baseline: float | None = None):
+def objective(
+    out: DecoderOutput,
+    captions: torch.Tensor,
+    cfg: ObjectiveConfig,
+    sampled: bool = False,
+    baseline: float | None = None,
+):
     """The loss to minimise and its parts.
 
     Soft attention / expected context (eq. 14): the summed NLL of each caption, averaged over the
@@ -271,8 +238,12 @@ def objective(out: DecoderOutput, captions: torch.Tensor, cfg: ObjectiveConfig, 
         else:
             reward = log_p_y - (log_p_y.mean() if baseline is None else baseline)
         loss = loss - cfg.reinforce_scale * reward * out.log_p_s - cfg.entropy_c * out.entropy
-    stats = {"nll": nll.mean().item(), "log_p_y": log_p_y.mean().item(),
-             "doubly_stochastic": doubly_stochastic.mean().item(), "beta": out.beta.float().mean().item()}
+    stats = {
+        "nll": nll.mean().item(),
+        "log_p_y": log_p_y.mean().item(),
+        "doubly_stochastic": doubly_stochastic.mean().item(),
+        "beta": out.beta.float().mean().item(),
+    }
     if sampled:
         stats.update(reward_rms=reward.pow(2).mean().sqrt().item(), baseline=(log_p_y - reward).mean().item())
     return loss.mean(), stats

@@ -6,6 +6,7 @@ at step = epoch, and the attention figure of the first validation image as decod
 epoch; and it rewrites ``RUN/curves.png`` (training loss and validation BLEU-4 by epoch) for those
 who do not run TensorBoard. ``make tensorboard RUN=...`` opens the board.
 """
+
 import json
 from pathlib import Path
 
@@ -17,9 +18,17 @@ from .errors import PipelineError
 from .plots import attention_plot, training_curves
 
 CURVES, BOARD = "curves.png", "tensorboard"  # in the run folder
-TAGS = {"loss": "train/loss", "nll": "train/nll_per_caption", "doubly_stochastic": "train/doubly_stochastic",
-        "beta": "train/gating_beta", "reward_rms": "train/reinforce_reward_rms", "baseline": "train/reinforce_baseline",
-        "lr": "run/learning_rate", "captions_per_s": "run/captions_per_s", "seconds": "run/epoch_seconds"}
+TAGS = {
+    "loss": "train/loss",
+    "nll": "train/nll_per_caption",
+    "doubly_stochastic": "train/doubly_stochastic",
+    "beta": "train/gating_beta",
+    "reward_rms": "train/reinforce_reward_rms",
+    "baseline": "train/reinforce_baseline",
+    "lr": "run/learning_rate",
+    "captions_per_s": "run/captions_per_s",
+    "seconds": "run/epoch_seconds",
+}
 
 
 def tag(name: str, split: str) -> str | None:

@@ -1,6 +1,7 @@
 """Where things are by default, relative to the folder commands run in (the repository root, as
 the Makefile runs them): corpora in ``data/DATASET``, features in ``data/features``, training
 runs in ``data/runs``. The commands fall back on these when a path option is left out."""
+
 from pathlib import Path
 
 from .errors import PipelineError
@@ -27,10 +28,14 @@ def default_features() -> tuple[Path, str | None]:
     if len(found) == 1:
         return found[0], f"using the features in {found[0]} (the only features folder under {FEATURES})"
     if not found:
-        raise PipelineError(f"no features under {FEATURES}: run `make features DATASET=flickr8k` (or `python cli.py "
-                            "features`) first, or pass --features DIR")
-    raise PipelineError(f"{len(found)} features folders under {FEATURES} ({', '.join(p.name for p in found)}) and none "
-                        f"is {DEFAULT_FEATURES.name}: choose one with --features DIR")
+        raise PipelineError(
+            f"no features under {FEATURES}: run `make features DATASET=flickr8k` (or `python cli.py "
+            "features`) first, or pass --features DIR"
+        )
+    raise PipelineError(
+        f"{len(found)} features folders under {FEATURES} ({', '.join(p.name for p in found)}) and none "
+        f"is {DEFAULT_FEATURES.name}: choose one with --features DIR"
+    )
 
 
 def newest_checkpoint() -> tuple[Path, str]:
@@ -38,6 +43,8 @@ def newest_checkpoint() -> tuple[Path, str]:
     Raises PipelineError when there is none."""
     found = sorted(RUNS.glob("**/best.pt"), key=lambda p: p.stat().st_mtime)
     if not found:
-        raise PipelineError(f"no trained checkpoint under {RUNS}: train one with `python cli.py train` (or `make "
-                            "train`), or pass --checkpoint FILE")
+        raise PipelineError(
+            f"no trained checkpoint under {RUNS}: train one with `python cli.py train` (or `make "
+            "train`), or pass --checkpoint FILE"
+        )
     return found[-1], f"using {found[-1]} (the newest best.pt under {RUNS})"

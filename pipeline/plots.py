@@ -1,5 +1,6 @@
 """The attention figure of the paper's Figures 2 and 3: the image, then one panel per word with
 its attention weights alpha_t upsampled to the image, the unattended regions darkened."""
+
 import math
 import textwrap
 
@@ -10,7 +11,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
 from PIL import Image  # noqa: E402
 
 from .atomic import atomic_path  # noqa: E402

@@ -13,6 +13,7 @@ Shard k of a split covers the split's images [k * shard_size, (k + 1) * shard_si
 A shard file is written under a temporary name and renamed when complete, so a file with the final
 name is always whole; it also carries its own failures, so the manifest can be rebuilt from it.
 """
+
 import contextlib
 import json
 import os
@@ -48,8 +49,9 @@ class _ShardRows:
 
     def __init__(self, f: h5py.File, L: int, D: int, dtype: str):
         self.f = f
-        self.annotations = f.create_dataset("annotations", shape=(0, L, D), maxshape=(None, L, D),
-                                            dtype=dtype, chunks=(1, L, D))
+        self.annotations = f.create_dataset(
+            "annotations", shape=(0, L, D), maxshape=(None, L, D), dtype=dtype, chunks=(1, L, D)
+        )
         self.image_ids = f.create_dataset("image_ids", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype())
 
     def add(self, image_ids: list[str], annotations: torch.Tensor) -> None:
@@ -138,8 +140,10 @@ def text_problems(features_dir: Path, manifest: dict) -> list[str]:
         if not path.is_file():
             problems.append(f"{path}: missing")
         elif name in manifest.get("text", {}) and file_sha256(path) != manifest["text"][name]:
-            problems.append(f"{path}: not the file written with these shards (its SHA-256 differs from the "
-                            "manifest's; copied from another folder, or edited)")
+            problems.append(
+                f"{path}: not the file written with these shards (its SHA-256 differs from the "
+                "manifest's; copied from another folder, or edited)"
+            )
     return problems
 
 
@@ -149,7 +153,7 @@ def nonfinite_rows(path: Path, block: int = 256) -> list[tuple[int, str]]:
     with h5py.File(path, "r") as f:
         annotations, ids = f["annotations"], f["image_ids"]
         for start in range(0, len(annotations), block):
-            finite = np.isfinite(annotations[start:start + block]).all(axis=(1, 2))
+            finite = np.isfinite(annotations[start : start + block]).all(axis=(1, 2))
             bad += [(start + r, _text(ids[start + r])) for r in np.flatnonzero(~finite)]
     return bad
 
@@ -169,9 +173,11 @@ def check_shards(features_dir, manifest: dict, splits=None, values: bool = False
             if reason:
                 problems.append(f"{features_dir / shard['file']}: {reason}; rebuild it with: {hint}")
             elif values:
-                problems += [f"{features_dir / shard['file']}: image {image_id} (row {row}) has non-finite annotation "
-                             f"values (nan or inf); delete the shard and rebuild it with: {hint}"
-                             for row, image_id in nonfinite_rows(features_dir / shard["file"])]
+                problems += [
+                    f"{features_dir / shard['file']}: image {image_id} (row {row}) has non-finite annotation "
+                    f"values (nan or inf); delete the shard and rebuild it with: {hint}"
+                    for row, image_id in nonfinite_rows(features_dir / shard["file"])
+                ]
     return problems
 
 
@@ -182,17 +188,23 @@ def load_manifest(features_dir) -> dict:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise PipelineError(f"{path}: no features manifest here; run `python cli.py features --out "
-                            f"{features_dir}` (or `make features`) first") from None
+        raise PipelineError(
+            f"{path}: no features manifest here; run `python cli.py features --out "
+            f"{features_dir}` (or `make features`) first"
+        ) from None
     except (ValueError, UnicodeDecodeError) as e:
-        raise PipelineError(f"{path}: corrupt manifest ({e}); rerun `python cli.py features` into this folder") from None
+        raise PipelineError(
+            f"{path}: corrupt manifest ({e}); rerun `python cli.py features` into this folder"
+        ) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise PipelineError(f"{path}: format {found!r} is not {FORMAT!r}; re-extract the features")
     problem = manifest_problem(manifest)
     if problem:
-        raise PipelineError(f"{path}: {problem}; the manifest is damaged: restore the folder, or extract the "
-                            "features again into a new --out")
+        raise PipelineError(
+            f"{path}: {problem}; the manifest is damaged: restore the folder, or extract the "
+            "features again into a new --out"
+        )
     return manifest
 
 
@@ -203,16 +215,26 @@ def manifest_problem(manifest: dict) -> str | None:
     """What is missing or malformed in a manifest (None if nothing): every key that training,
     scoring and captioning read, of its type, and each shard file named ``SPLIT/shard-NNNNN.h5``,
     so that no path read from a manifest leads outside its folder."""
+
     def fits(key, kind, test=lambda v: True):
         return isinstance(manifest.get(key), kind) and test(manifest[key])
 
-    checks = {"dataset": fits("dataset", str), "encoder": fits("encoder", dict),
-              "preprocess": fits("preprocess", dict),
-              "grid": fits("grid", list, lambda g: len(g) == 2 and all(isinstance(n, int) and n > 0 for n in g)),
-              "L": fits("L", int, lambda n: fits("grid", list) and len(manifest["grid"]) == 2
-                        and n == manifest["grid"][0] * manifest["grid"][1]),
-              "D": fits("D", int, lambda n: n > 0), "dtype": fits("dtype", str, lambda d: d in ("float16", "float32")),
-              "splits": fits("splits", dict)}
+    checks = {
+        "dataset": fits("dataset", str),
+        "encoder": fits("encoder", dict),
+        "preprocess": fits("preprocess", dict),
+        "grid": fits("grid", list, lambda g: len(g) == 2 and all(isinstance(n, int) and n > 0 for n in g)),
+        "L": fits(
+            "L",
+            int,
+            lambda n: (
+                fits("grid", list) and len(manifest["grid"]) == 2 and n == manifest["grid"][0] * manifest["grid"][1]
+            ),
+        ),
+        "D": fits("D", int, lambda n: n > 0),
+        "dtype": fits("dtype", str, lambda d: d in ("float16", "float32")),
+        "splits": fits("splits", dict),
+    }
     bad = [key for key, ok in checks.items() if not ok]
     if bad:
         return f"missing or malformed {', '.join(repr(k) for k in bad)}"
@@ -256,9 +278,16 @@ class AnnotationShards(Dataset):
         self.manifest = load_manifest(self.dir)
         splits = self.manifest["splits"]
         if split not in splits:
-            raise PipelineError(f"{self.dir}: no features for split {split!r} (have: {', '.join(splits) or 'none'}); "
-                                f"extract it with `python cli.py features --splits {split}`")
-        self.split, self.L, self.D, self.grid = split, self.manifest["L"], self.manifest["D"], tuple(self.manifest["grid"])
+            raise PipelineError(
+                f"{self.dir}: no features for split {split!r} (have: {', '.join(splits) or 'none'}); "
+                f"extract it with `python cli.py features --splits {split}`"
+            )
+        self.split, self.L, self.D, self.grid = (
+            split,
+            self.manifest["L"],
+            self.manifest["D"],
+            tuple(self.manifest["grid"]),
+        )
         problems = check_shards(self.dir, self.manifest, [split])
         if problems:
             raise PipelineError("; ".join(problems))
@@ -295,8 +324,10 @@ class AnnotationShards(Dataset):
         name, row = self.rows[i]
         values = self._file(name)["annotations"][row].astype(np.float32)
         if not np.isfinite(values).all():
-            raise PipelineError(f"{self.dir / name}: image {self.image_ids[i]} (row {row}) has non-finite annotation "
-                                f"values (nan or inf); run `python cli.py verify {self.dir}` for what to do")
+            raise PipelineError(
+                f"{self.dir / name}: image {self.image_ids[i]} (row {row}) has non-finite annotation "
+                f"values (nan or inf); run `python cli.py verify {self.dir}` for what to do"
+            )
         return torch.from_numpy(values)
 
 
@@ -310,13 +341,16 @@ def _split_captions(features_dir: Path, split: str, image_ids: list[str], hint: 
     path = features_dir / CAPTIONS
     try:
         text = json.loads(path.read_text(encoding="utf-8")).get(split, {})
-        missing = next((i for i in image_ids if not isinstance(text.get(i), dict) or
-                        not {"raw", "tokens"} <= text[i].keys()), None)
+        missing = next(
+            (i for i in image_ids if not isinstance(text.get(i), dict) or not {"raw", "tokens"} <= text[i].keys()), None
+        )
     except (OSError, ValueError, AttributeError) as e:
         raise PipelineError(f"{path}: not readable ({describe(e)}); rebuild it with: {hint}") from None
     if missing is not None:
-        raise PipelineError(f"{path}: no captions of image {missing} of the {split} shards (the file belongs to "
-                            f"another folder, or was edited); rebuild it with: {hint}")
+        raise PipelineError(
+            f"{path}: no captions of image {missing} of the {split} shards (the file belongs to "
+            f"another folder, or was edited); rebuild it with: {hint}"
+        )
     return text
 
 
@@ -343,6 +377,7 @@ class CaptionPairs(Dataset):
 def write_bad_image_report(path: Path, failures: list[dict]) -> None:
     """Write the failed images as TSV (split, image_id, path, reason), atomically."""
     lines = ["split\timage_id\tpath\treason"] + [
-        "\t".join(str(f[k]).replace("\t", " ") for k in ("split", "image_id", "path", "reason")) for f in failures]
+        "\t".join(str(f[k]).replace("\t", " ") for k in ("split", "image_id", "path", "reason")) for f in failures
+    ]
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -4,6 +4,7 @@ Tokenisation follows common captioning practice (Karpathy's preprocessing): lowe
 Treebank word tokenisation (nltk's ``TreebankWordTokenizer``, rule-based, so no ``punkt`` data is
 needed), and punctuation-only tokens dropped.
 """
+
 import json
 from collections import Counter
 from pathlib import Path

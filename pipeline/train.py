@@ -8,12 +8,13 @@ improve. ``last.pt`` is written every epoch (and every ``checkpoint_every`` step
 when BLEU-4 improves, atomically; ``resume`` continues a killed run from ``last.pt`` and gives the
 same weights as an uninterrupted run (on CPU, for a given seed).
 """
+
 import contextlib
 import json
 import math
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -25,66 +26,19 @@ from tqdm import tqdm
 from . import distributed
 from .atomic import atomic_path
 from .checkpoint import check_features, feature_identity, load_checkpoint, save_checkpoint
+from .config import DecoderConfig, ObjectiveConfig, TrainConfig
 from .decode import beam_search
 from .errors import PipelineError
 from .folders import folder_lock
 from .memory import configure_allocator
 from .metrics import bleu
+from .model import Decoder, attention_entropy, objective
 from .monitor import BOARD, CURVES, Monitor, figure_image
-from .model import Decoder, DecoderConfig, ObjectiveConfig, attention_entropy, objective
+from .options import specs, write_toml
 from .shards import AnnotationShards, CaptionPairs
 
-LAST, BEST, METRICS = "last.pt", "best.pt", "metrics.jsonl"
+LAST, BEST, METRICS, CONFIG = "last.pt", "best.pt", "metrics.jsonl", "config.toml"
 RESUMABLE = ("epochs", "patience", "checkpoint_every", "workers", "tensorboard")  # options a --resume may change
-
-
-@dataclass
-class TrainConfig:
-    """Options of a training run (units in the comments). Model sizes live in DecoderConfig."""
-
-    features: str  # features folder written by stage one
-    out: str  # run folder: checkpoints and metrics
-    attention: str = "soft"  # 'soft' | 'hard'
-    optimizer: str = "adam"  # 'adam' | 'rmsprop'
-    lr: float = 4e-4  # initial learning rate (authors: Adam 2e-4, constant; with lr_decay 4e-4 scored higher)
-    batch_size: int = 64  # captions per minibatch (at most; a length bucket's last batch is smaller)
-    epochs: int = 20  # maximum number of epochs
-    patience: int = 5  # stop after this many epochs without a better validation BLEU-4 (0: never)
-    lr_decay: float = 0.5  # multiply the learning rate by this after lr_patience + 1 epochs without a better BLEU-4
-    lr_patience: int = 0  # epochs without a better validation BLEU-4 tolerated before each decay
-    clip: float = 5.0  # gradient-norm clipping threshold (0: off)
-    ema_decay: float = 0.999  # validate, keep and score an exponential moving average of the weights (0: off)
-    seed: int = 0
-    device: str = "cpu"
-    val_split: str = ""  # '' picks 'dev' or 'val', whichever the features have
-    val_images: int = 0  # validate on the first N images of the split (0: all)
-    val_beam_size: int = 3  # beam size of validation decoding (1: greedy)
-    max_len: int = 20  # longest caption decoded in validation, in words
-    decode_context: str = "expected"  # hard attention at validation: 'expected' | 'sample' | 'argmax'
-    semi_sampling_p: float = 0.75  # hard attention: chance a minibatch uses the expected context (paper: 0.5)
-    soft_warmup_epochs: int = 2  # hard attention: first epochs trained on the expected context only
-    checkpoint_every: int = 0  # also write last.pt every N steps (0: at epoch ends only)
-    workers: int = 0  # DataLoader processes reading shards (0: in the training process)
-    precision: str = "auto"  # 'fp32', 'bf16' (autocast; fp32 weights), or 'auto': bf16 where the hardware has it
-    tensorboard: bool = True  # write RUN/tensorboard (curves.png is written either way)
-    model: dict = field(default_factory=dict)  # DecoderConfig overrides: embed_dim, hidden_dim, ...
-    objective: dict = field(default_factory=dict)  # ObjectiveConfig overrides: alpha_c, ...
-
-    def __post_init__(self):
-        choices = {"attention": ("soft", "hard"), "optimizer": ("adam", "rmsprop"), "precision": ("auto", "fp32", "bf16"),
-                   "decode_context": ("expected", "sample", "argmax")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise PipelineError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}")
-        if self.batch_size < 1 or self.epochs < 1 or self.val_beam_size < 1 or self.lr <= 0:
-            raise PipelineError("--batch-size, --epochs and --val-beam-size must be at least 1 and --lr positive")
-        if not 0 < self.lr_decay <= 1:
-            raise PipelineError("--lr-decay must be in (0, 1] (1: keep the learning rate)")
-        if not 0 <= self.ema_decay < 1:
-            raise PipelineError("--ema-decay must be in [0, 1) (0: no weight averaging)")
-        if not 0 <= self.semi_sampling_p <= 1 or self.soft_warmup_epochs < 0:
-            raise PipelineError("--semi-sampling-p must be in [0, 1] (1: never sample) and --soft-warmup-epochs "
-                                "at least 0")
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -119,13 +73,15 @@ def bucket_batches(lengths: list[int], batch_size: int, generator: torch.Generat
     for n in sorted(by_length):
         idx = by_length[n]
         idx = [idx[p] for p in torch.randperm(len(idx), generator=generator).tolist()]
-        batches += [idx[k:k + batch_size] for k in range(0, len(idx), batch_size)]
+        batches += [idx[k : k + batch_size] for k in range(0, len(idx), batch_size)]
     return [batches[p] for p in torch.randperm(len(batches), generator=generator).tolist()]
 
 
 def epoch_batches(pairs: CaptionPairs, config: TrainConfig, epoch: int) -> list[list[int]]:
     """The minibatches of ``epoch``, the same on every run with the same seed."""
-    return bucket_batches(pairs.lengths(), config.batch_size, torch.Generator().manual_seed(config.seed * 100003 + epoch))
+    return bucket_batches(
+        pairs.lengths(), config.batch_size, torch.Generator().manual_seed(config.seed * 100003 + epoch)
+    )
 
 
 def validate(decoder: Decoder, shards: AnnotationShards, config: TrainConfig, device) -> dict:
@@ -138,19 +94,31 @@ def validate(decoder: Decoder, shards: AnnotationShards, config: TrainConfig, de
     decoder.eval()
     n = config.val_images or len(shards)
     hyps, entropies, alphas = [], [], []
-    loader = DataLoader(torch.utils.data.Subset(shards, range(min(n, len(shards)))), batch_size=100,
-                        num_workers=config.workers)
+    loader = DataLoader(
+        torch.utils.data.Subset(shards, range(min(n, len(shards)))), batch_size=100, num_workers=config.workers
+    )
     vocab = shards.vocab
     for annotations in loader:
         with autocast(config, device):
-            captions = beam_search(decoder, annotations.to(device), vocab.start, vocab.end, config.val_beam_size,
-                                   config.max_len, context=config.decode_context)
+            captions = beam_search(
+                decoder,
+                annotations.to(device),
+                vocab.start,
+                vocab.end,
+                config.val_beam_size,
+                config.max_len,
+                context=config.decode_context,
+            )
         hyps += [vocab.decode(c.tokens) for c in captions]
         entropies += [attention_entropy(c.alpha).mean().item() for c in captions]
         alphas = alphas or [captions[0].alpha.float().cpu()]
-    refs = [[vocab.decode(c) for c in caps] for caps in shards.captions[:len(hyps)]]
-    return {"bleu": [100 * b for b in bleu(hyps, refs)], "captions": hyps,
-            "attention_entropy": sum(entropies) / max(len(entropies), 1), "first_alpha": alphas[0]}
+    refs = [[vocab.decode(c) for c in caps] for caps in shards.captions[: len(hyps)]]
+    return {
+        "bleu": [100 * b for b in bleu(hyps, refs)],
+        "captions": hyps,
+        "attention_entropy": sum(entropies) / max(len(entropies), 1),
+        "first_alpha": alphas[0],
+    }
 
 
 def annotation_rms(shards: AnnotationShards, images: int = 256) -> float:
@@ -215,8 +183,16 @@ class NonFinite(PipelineError):
     """A training step met a nan or inf loss or gradient; the weights were not updated."""
 
 
-def train_step(decoder: Decoder, optimizer, annotations: torch.Tensor, captions: torch.Tensor, config: TrainConfig,
-               objective_config: ObjectiveConfig, run: dict, epoch: int):
+def train_step(
+    decoder: Decoder,
+    optimizer,
+    annotations: torch.Tensor,
+    captions: torch.Tensor,
+    config: TrainConfig,
+    objective_config: ObjectiveConfig,
+    run: dict,
+    epoch: int,
+):
     """One minibatch update: forward (soft, or for hard attention a sampled or, with chance
     ``semi_sampling_p``, expected context; expected only in the first ``soft_warmup_epochs``
     epochs, counted from 0 by ``epoch``), the objective, backward, clipping, optimizer step.
@@ -227,8 +203,11 @@ def train_step(decoder: Decoder, optimizer, annotations: torch.Tensor, captions:
     Returns (loss: 0-dim tensor, stats: dict of floats) as :func:`pipeline.model.objective`.
     Raises NonFinite, before the optimizer step, if the loss or the gradient norm is nan or inf.
     """
-    sampled = (config.attention == "hard" and epoch >= config.soft_warmup_epochs
-               and torch.rand(()).item() >= config.semi_sampling_p)
+    sampled = (
+        config.attention == "hard"
+        and epoch >= config.soft_warmup_epochs
+        and torch.rand(()).item() >= config.semi_sampling_p
+    )
     with autocast(config, annotations.device):
         result = decoder(annotations, captions, "sample" if sampled else "expected")
         loss, stats = objective(result, captions, objective_config, sampled, run["baseline"])
@@ -291,11 +270,14 @@ def resumed_config(saved: dict, config: TrainConfig, given: set[str], checkpoint
     new, old = _flat(asdict(config)), _flat(saved)
     refused = sorted(k for k in given if k not in (*RESUMABLE, "features", "out") and new.get(k) != old.get(k))
     if refused:
-        flags = ", ".join(f"--{k.split('.')[-1].replace('_', '-')} (the run has {old.get(k)}, given {new.get(k)})"
-                          for k in refused)
-        raise PipelineError(f"{checkpoint_path}: a resumed run keeps its options, so {flags} cannot be used; drop "
-                            f"the flag, or start a new run in another --out (a resume may change "
-                            f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE)})")
+        flags = ", ".join(
+            f"--{k.split('.')[-1].replace('_', '-')} (the run has {old.get(k)}, given {new.get(k)})" for k in refused
+        )
+        raise PipelineError(
+            f"{checkpoint_path}: a resumed run keeps its options, so {flags} cannot be used; drop "
+            f"the flag, or start a new run in another --out (a resume may change "
+            f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE)})"
+        )
     changed = {k: new[k] for k in RESUMABLE if k in given}
     return TrainConfig(**dict(saved, features=config.features or saved["features"], out=config.out, **changed))
 
@@ -308,9 +290,18 @@ def _flat(config: dict) -> dict:
     return flat
 
 
+def write_config(config: TrainConfig) -> None:
+    """Record the run's resolved options as ``OUT/config.toml``: one flat table of option names
+    (the model's and objective's defaults filled in), so ``cli.py train --config`` repeats it."""
+    values = {k: v for k, v in asdict(config).items() if k not in ("model", "objective")}
+    for cls, given in ((DecoderConfig, config.model), (ObjectiveConfig, config.objective)):
+        values.update({k: default for k, (default, spec) in specs(cls).items()}, **given)
+    write_toml(Path(config.out) / CONFIG, values, "the options of this run (cli.py train --config FILE repeats it)")
+
+
 def _check_new_run(out: Path) -> None:
     """Raise PipelineError if ``out`` holds any file a run writes (a fresh run would replace it)."""
-    found = [name for name in (LAST, BEST, METRICS, CURVES, BOARD) if (out / name).exists()]
+    found = [name for name in (LAST, BEST, METRICS, CURVES, BOARD, CONFIG) if (out / name).exists()]
     if found:
         how = "pass --resume to continue it" if LAST in found else f"it has no {LAST} to resume from, so move them away"
         raise PipelineError(f"{out} already holds a run ({', '.join(found)}); {how}, or pass another --out")
@@ -323,8 +314,10 @@ def _train(config: TrainConfig, resume: bool, progress: bool, world: distributed
         config = resumed_config(state["train_config"], config, given, out / LAST)
         if len(state["rng"]["cpu"]) != world.size:
             n = len(state["rng"]["cpu"])
-            raise PipelineError(f"{out / LAST}: written by a run of {n} process(es); resume it with as many "
-                                f"(torchrun --nproc-per-node {n}; no torchrun for 1)")
+            raise PipelineError(
+                f"{out / LAST}: written by a run of {n} process(es); resume it with as many "
+                f"(torchrun --nproc-per-node {n}; no torchrun for 1)"
+            )
         if world.main:
             print(f"resuming {out / LAST}: epoch {state['position']['epoch'] + 1}, step {state['position']['step']}")
     else:
@@ -356,9 +349,11 @@ def _train(config: TrainConfig, resume: bool, progress: bool, world: distributed
     if resume:
         check_features(state, train_shards, out / LAST)
         if state["vocab"] != train_shards.vocab.words:
-            raise PipelineError(f"{train_shards.dir / 'vocab.json'}: not the vocabulary {out / LAST} was trained with "
-                                f"({len(train_shards.vocab)} words, it has {len(state['vocab'])}); resume on the "
-                                "features the run started from")
+            raise PipelineError(
+                f"{train_shards.dir / 'vocab.json'}: not the vocabulary {out / LAST} was trained with "
+                f"({len(train_shards.vocab)} words, it has {len(state['vocab'])}); resume on the "
+                "features the run started from"
+            )
         decoder.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if ema is not None:
@@ -371,22 +366,33 @@ def _train(config: TrainConfig, resume: bool, progress: bool, world: distributed
             _truncate_log(out, position["epoch"])
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
+        write_config(config)
 
     def checkpoint(path: Path) -> dict:
         """The training state, with every rank's random state; rank 0 writes it to ``path``
         (never with a non-finite weight: PipelineError instead)."""
         weights = [decoder.state_dict()] + ([ema.state_dict()] if ema is not None else [])
         if not all(t.isfinite().all() for sd in weights for t in sd.values() if t.is_floating_point()):
-            raise PipelineError(f"{path}: not written: the weights hold nan or inf values at epoch "
-                                f"{position['epoch'] + 1}, step {position['step']}; the file keeps its last whole "
-                                "state: start a new run with a lower --lr or a --clip")
+            raise PipelineError(
+                f"{path}: not written: the weights hold nan or inf values at epoch "
+                f"{position['epoch'] + 1}, step {position['step']}; the file keeps its last whole "
+                "state: start a new run with a lower --lr or a --clip"
+            )
         rng = {"cpu": world.gather(torch.get_rng_state())}
         if device.type == "cuda":
             rng["cuda"] = world.gather(torch.cuda.get_rng_state(device))
-        state = {"model": decoder.state_dict(), "optimizer": optimizer.state_dict(),
-                 "model_config": model_config.to_dict(), "train_config": asdict(config),
-                 "objective_config": asdict(objective_config), "vocab": train_shards.vocab.words,
-                 "features": features, "rng": rng, "position": dict(position), "run": dict(run)}
+        state = {
+            "model": decoder.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "model_config": model_config.to_dict(),
+            "train_config": asdict(config),
+            "objective_config": asdict(objective_config),
+            "vocab": train_shards.vocab.words,
+            "features": features,
+            "rng": rng,
+            "position": dict(position),
+            "run": dict(run),
+        }
         if ema is not None:
             state["ema"] = ema.state_dict()
         if world.main:
@@ -400,11 +406,23 @@ def _train(config: TrainConfig, resume: bool, progress: bool, world: distributed
         if config.patience and run["stale_epochs"] >= config.patience:
             break
         batches = epoch_batches(pairs, config, epoch)
-        batches = world.share(batches[:len(batches) - len(batches) % world.size])
-        loader = DataLoader(pairs, batch_sampler=batches[position["batch"]:], num_workers=config.workers,
-                            generator=torch.Generator(), pin_memory=device.type == "cuda")
-        bar = tqdm(loader, total=len(batches), initial=position["batch"], desc=f"epoch {epoch + 1}/{config.epochs}",
-                   unit="batch", disable=not progress, dynamic_ncols=True)
+        batches = world.share(batches[: len(batches) - len(batches) % world.size])
+        loader = DataLoader(
+            pairs,
+            batch_sampler=batches[position["batch"] :],
+            num_workers=config.workers,
+            generator=torch.Generator(),
+            pin_memory=device.type == "cuda",
+        )
+        bar = tqdm(
+            loader,
+            total=len(batches),
+            initial=position["batch"],
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            unit="batch",
+            disable=not progress,
+            dynamic_ncols=True,
+        )
         model.train()
         start, captions_seen = time.perf_counter(), 0
         for annotations, captions, images in bar:
@@ -413,9 +431,11 @@ def _train(config: TrainConfig, resume: bool, progress: bool, world: distributed
                 loss, stats = train_step(model, optimizer, annotations, captions, config, objective_config, run, epoch)
             except NonFinite as e:
                 names = ", ".join(train_shards.image_ids[i] for i in images.unique()[:3].tolist())
-                raise PipelineError(f"{out}: epoch {epoch + 1}, step {position['step'] + 1}: {e} (minibatch of "
-                                    f"images {names}, ...); training stopped, no checkpoint holds these values: "
-                                    "start a new run with a lower --lr or a --clip") from None
+                raise PipelineError(
+                    f"{out}: epoch {epoch + 1}, step {position['step'] + 1}: {e} (minibatch of "
+                    f"images {names}, ...); training stopped, no checkpoint holds these values: "
+                    "start a new run with a lower --lr or a --clip"
+                ) from None
             if ema is not None:
                 ema.update_parameters(decoder)
             position["batch"] += 1
@@ -427,21 +447,32 @@ def _train(config: TrainConfig, resume: bool, progress: bool, world: distributed
                 checkpoint(out / LAST)
         bar.close()
         seconds = time.perf_counter() - start
-        val = world.broadcast(validate(decoder if ema is None else ema.module, val_shards, config, device)
-                              if world.main else None)
+        val = world.broadcast(
+            validate(decoder if ema is None else ema.module, val_shards, config, device) if world.main else None
+        )
         bleu4 = val["bleu"][3]
         improved = bleu4 > run["best_bleu4"]
-        run.update(best_bleu4=max(bleu4, run["best_bleu4"]), best_epoch=epoch + 1 if improved else run["best_epoch"],
-                   stale_epochs=0 if improved else run["stale_epochs"] + 1)
+        run.update(
+            best_bleu4=max(bleu4, run["best_bleu4"]),
+            best_epoch=epoch + 1 if improved else run["best_epoch"],
+            stale_epochs=0 if improved else run["stale_epochs"] + 1,
+        )
         lr = optimizer.param_groups[0]["lr"]
         if not improved and run["stale_epochs"] % (config.lr_patience + 1) == 0:
             for group in optimizer.param_groups:  # the optimizer's state_dict carries it into last.pt
                 group["lr"] *= config.lr_decay
         seen = sum(world.gather(captions_seen))
-        record = {"epoch": epoch + 1, "step": position["step"], **_means(world.gather(position["sums"])),
-                  f"{val_split}_bleu": [round(b, 2) for b in val["bleu"]], f"{val_split}_bleu4": round(bleu4, 2),
-                  "attention_entropy": round(val["attention_entropy"], 3), "lr": lr, "seconds": round(seconds, 1),
-                  "captions_per_s": round(seen / seconds, 1) if seconds else None}
+        record = {
+            "epoch": epoch + 1,
+            "step": position["step"],
+            **_means(world.gather(position["sums"])),
+            f"{val_split}_bleu": [round(b, 2) for b in val["bleu"]],
+            f"{val_split}_bleu4": round(bleu4, 2),
+            "attention_entropy": round(val["attention_entropy"], 3),
+            "lr": lr,
+            "seconds": round(seconds, 1),
+            "captions_per_s": round(seen / seconds, 1) if seconds else None,
+        }
         position.update(epoch=epoch + 1, batch=0, sums={})
         if world.main:  # logged before last.pt: a resume drops log lines past its checkpoint, never misses one
             _log(out, record)
@@ -451,10 +482,13 @@ def _train(config: TrainConfig, resume: bool, progress: bool, world: distributed
             continue
         if improved:
             save_checkpoint(out / BEST, state)
-        print(f"epoch {epoch + 1}: loss {record['loss']:.3f}, {val_split} BLEU-4 {bleu4:.2f} "
-              f"(best {run['best_bleu4']:.2f} at epoch {run['best_epoch']}), attention entropy "
-              f"{val['attention_entropy']:.2f} nats (uniform {math.log(val_shards.L):.2f}), lr {lr:.2g}, {seconds:.0f} s, "
-              f"{record['captions_per_s']} captions/s; e.g. \"{' '.join(val['captions'][0])}\"")
+        print(
+            f"epoch {epoch + 1}: loss {record['loss']:.3f}, {val_split} BLEU-4 {bleu4:.2f} "
+            f"(best {run['best_bleu4']:.2f} at epoch {run['best_epoch']}), attention entropy "
+            f"{val['attention_entropy']:.2f} nats (uniform {math.log(val_shards.L):.2f}), lr {lr:.2g}, "
+            f"{seconds:.0f} s, "
+            f'{record["captions_per_s"]} captions/s; e.g. "{" ".join(val["captions"][0])}"'
+        )
     if monitor is not None:
         monitor.close()
     return state or checkpoint(out / LAST)

@@ -1,5 +1,6 @@
 """Shared fixtures: the real data in ../shared/data (skipped where absent), a small generated corpus,
 its features with a decoder trained on them, and builders of tiny corpora in the adapters' formats."""
+
 import json
 import os
 import subprocess
@@ -17,8 +18,14 @@ SQUEEZENET_WEIGHTS = SHARED / "weights" / "squeezenet1_1-imagenet-features.pth"
 
 def run_cli(*args, **kwargs) -> subprocess.Popen:
     """``python cli.py ARGS`` started from the repository root, its output as text pipes."""
-    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "cli.py"), *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
 
 
 def need_shared(path: Path) -> Path:
@@ -47,10 +54,22 @@ def trained_run(small_corpus, tmp_path_factory):
 
     json_path, root = small_corpus
     out = tmp_path_factory.mktemp("run")
-    extract_features(load_karpathy(json_path, root), out / "features",
-                     FeatureConfig(encoder="squeezenet1_1", weights="random", num_workers=0), "synthetic", progress=False)
-    train(TrainConfig(features=str(out / "features"), out=str(out / "run"), epochs=1,
-                      model=dict(embed_dim=16, hidden_dim=32, attention_dim=16)), progress=False)
+    extract_features(
+        load_karpathy(json_path, root),
+        out / "features",
+        FeatureConfig(encoder="squeezenet1_1", weights="random", num_workers=0),
+        "synthetic",
+        progress=False,
+    )
+    train(
+        TrainConfig(
+            features=str(out / "features"),
+            out=str(out / "run"),
+            epochs=1,
+            model=dict(embed_dim=16, hidden_dim=32, attention_dim=16),
+        ),
+        progress=False,
+    )
     return out, root
 
 

@@ -1,5 +1,6 @@
 """The captioner in a person's hands: the three commands as written in a fresh copy of the
 repository, and the Python API."""
+
 import os
 import random
 import shutil
@@ -10,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import ROOT
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
@@ -18,6 +18,8 @@ import cli
 from pipeline import Captioner
 from pipeline.datasets import draw_synthetic, synthetic_captions, synthetic_scene
 from pipeline.errors import PipelineError
+
+from conftest import ROOT
 
 
 def _images(root, n=3):
@@ -46,15 +48,22 @@ def test_a_mixed_batch_captions_as_one_image_at_a_time_and_as_the_command(traine
     assert Image.open(figure).size[0] > 300
 
 
-@pytest.mark.parametrize("images, kwargs, message", [
-    ("photo.jpg", {}, r"pass a list of images, even for one"),
-    ([torch.zeros(3, 8, 8)], {}, r"images\[0\]: a tensor image must be uint8 of shape \(3, H, W\).*got torch.float32"),
-    ([torch.zeros(8, 8, dtype=torch.uint8)], {}, r"images\[0\]: a tensor image must be uint8"),
-    ([3.5], {}, r"images\[0\]: float is not an image; pass a file path, a PIL image or a uint8"),
-    (["absent.jpg"], {}, r"absent.jpg: missing"),
-    ([Image.new("RGB", (8, 8))], {"beam_size": 0}, r"beam_size must be an integer from 1 to 100, not 0"),
-    ([Image.new("RGB", (8, 8))], {"max_len": 1.5}, r"max_len must be an integer from 1 to 200"),
-])
+@pytest.mark.parametrize(
+    "images, kwargs, message",
+    [
+        ("photo.jpg", {}, r"pass a list of images, even for one"),
+        (
+            [torch.zeros(3, 8, 8)],
+            {},
+            r"images\[0\]: a tensor image must be uint8 of shape \(3, H, W\).*got torch.float32",
+        ),
+        ([torch.zeros(8, 8, dtype=torch.uint8)], {}, r"images\[0\]: a tensor image must be uint8"),
+        ([3.5], {}, r"images\[0\]: float is not an image; pass a file path, a PIL image or a uint8"),
+        (["absent.jpg"], {}, r"absent.jpg: missing"),
+        ([Image.new("RGB", (8, 8))], {"beam_size": 0}, r"beam_size must be an integer from 1 to 100, not 0"),
+        ([Image.new("RGB", (8, 8))], {"max_len": 1.5}, r"max_len must be an integer from 1 to 200"),
+    ],
+)
 def test_bad_inputs_raise_one_documented_error(trained_run, images, kwargs, message):
     captioner = Captioner.from_checkpoint(trained_run[0] / "run" / "best.pt")
     with pytest.raises(PipelineError, match=message):
@@ -71,8 +80,13 @@ def test_from_checkpoint_refuses_other_encoder_weights(trained_run, tmp_path):
 
 def _fresh_copy(folder: Path) -> Path:
     """The repository's files (tracked, and new ones git does not ignore) copied into ``folder``."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, text=True, check=True).stdout.splitlines()
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     for name in listed:
         if (ROOT / name).is_file():
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
@@ -117,8 +131,22 @@ def test_the_three_commands_as_written(tmp_path):
 
     run("make", "features", "DATASET=flickr8k")
     assert (repo / "data" / "features" / "flickr8k-vgg19" / "manifest.json").is_file()
-    run(sys.executable, "cli.py", "train", "--attention", "hard", "--epochs", "1", "--embed-dim", "16",
-        "--hidden-dim", "32", "--attention-dim", "16", "--no-progress")
+    run(
+        sys.executable,
+        "cli.py",
+        "train",
+        "--attention",
+        "hard",
+        "--epochs",
+        "1",
+        "--embed-dim",
+        "16",
+        "--hidden-dim",
+        "32",
+        "--attention-dim",
+        "16",
+        "--no-progress",
+    )
     caption = run(sys.executable, "cli.py", "caption", "img.jpg")
     assert caption.stdout.startswith("img.jpg: ") and len(caption.stdout.split()) >= 2
     assert "using data/runs/hard/best.pt (the newest best.pt under data/runs)" in caption.stderr
@@ -130,8 +158,13 @@ def test_export_then_from_pretrained_captions_as_the_checkpoint(trained_run, tmp
     result = CliRunner().invoke(cli.main, ["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "model")])
     assert result.exit_code == 0, result.output
     model = tmp_path / "model"
-    assert sorted(p.name for p in model.iterdir()) == ["README.md", "config.json", "encoder.safetensors",
-                                                       "model.safetensors", "vocab.json"]
+    assert sorted(p.name for p in model.iterdir()) == [
+        "README.md",
+        "config.json",
+        "encoder.safetensors",
+        "model.safetensors",
+        "vocab.json",
+    ]
     for path in model.iterdir():  # no pickle: safetensors, JSON and Markdown only
         head = path.read_bytes()[:2]
         assert head not in (b"\x80\x02", b"\x80\x04", b"PK"), path

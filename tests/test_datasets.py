@@ -2,10 +2,11 @@ import json
 import warnings
 
 import pytest
-from conftest import FLICKR8K, karpathy_json, need_shared, tiny_flickr8k
 
 from pipeline.datasets import load_flickr8k, load_karpathy, load_records, make_synthetic, synthetic_captions
 from pipeline.errors import PipelineError
+
+from conftest import FLICKR8K, karpathy_json, need_shared, tiny_flickr8k
 
 
 def test_flickr8k_real_release_files():
@@ -24,32 +25,53 @@ def test_flickr8k_real_release_files():
 
 
 def test_flickr8k_groups_captions_and_skips_orphans(tmp_path):
-    root = tiny_flickr8k(tmp_path, ["a.jpg#0\tA dog .", "a.jpg#1\tA cat .", "b.jpg#0\tSnow .",
-                                     "a.jpg.1#0\tquirk line", "c.jpg#0\tin no split"])
+    root = tiny_flickr8k(
+        tmp_path,
+        ["a.jpg#0\tA dog .", "a.jpg#1\tA cat .", "b.jpg#0\tSnow .", "a.jpg.1#0\tquirk line", "c.jpg#0\tin no split"],
+    )
     with pytest.warns(UserWarning) as caught:
         records = load_flickr8k(root)
     assert "line 4: a.jpg.1" in str(caught[0].message) and "(c.jpg)" in str(caught[1].message)
     assert [(r.image_id, r.split, r.captions) for r in records] == [
-        ("a.jpg", "train", ("A dog .", "A cat .")), ("b.jpg", "dev", ("Snow .",))]
+        ("a.jpg", "train", ("A dog .", "A cat .")),
+        ("b.jpg", "dev", ("Snow .",)),
+    ]
 
 
 def test_karpathy_json(tmp_path):
-    path = karpathy_json(tmp_path, [
-        {"filepath": "val2014", "filename": "x.jpg", "cocoid": 7, "split": "restval",
-         "sentences": [{"raw": "A man.", "tokens": ["a", "man"]}, {"tokens": ["two", "men"]}]},
-        {"filename": "y.jpg", "imgid": 3, "split": "test", "sentences": [{"raw": "Snow."}]},
-    ])
+    path = karpathy_json(
+        tmp_path,
+        [
+            {
+                "filepath": "val2014",
+                "filename": "x.jpg",
+                "cocoid": 7,
+                "split": "restval",
+                "sentences": [{"raw": "A man.", "tokens": ["a", "man"]}, {"tokens": ["two", "men"]}],
+            },
+            {"filename": "y.jpg", "imgid": 3, "split": "test", "sentences": [{"raw": "Snow."}]},
+        ],
+    )
     records = load_karpathy(path, tmp_path / "images")
     assert [(r.image_id, r.split, r.captions, r.image_path) for r in records] == [
         ("7", "train", ("A man.", "two men"), tmp_path / "images" / "val2014" / "x.jpg"),
-        ("3", "test", ("Snow.",), tmp_path / "images" / "y.jpg")]
+        ("3", "test", ("Snow.",), tmp_path / "images" / "y.jpg"),
+    ]
 
 
-@pytest.mark.parametrize("dataset, json_name, image_folder, entry, image_id", [
-    ("flickr30k", "dataset_flickr30k.json", "flickr30k-images", {"filename": "1000092795.jpg", "imgid": 7}, "7"),
-    ("coco", "dataset_coco.json", "val2014",
-     {"filepath": "val2014", "filename": "COCO_val2014_000000391895.jpg", "imgid": 7, "cocoid": 391895}, "391895"),
-])
+@pytest.mark.parametrize(
+    "dataset, json_name, image_folder, entry, image_id",
+    [
+        ("flickr30k", "dataset_flickr30k.json", "flickr30k-images", {"filename": "1000092795.jpg", "imgid": 7}, "7"),
+        (
+            "coco",
+            "dataset_coco.json",
+            "val2014",
+            {"filepath": "val2014", "filename": "COCO_val2014_000000391895.jpg", "imgid": 7, "cocoid": 391895},
+            "391895",
+        ),
+    ],
+)
 def test_flickr30k_and_coco_in_their_usual_layout(tmp_path, dataset, json_name, image_folder, entry, image_id):
     sentences = [{"tokens": ["a", "man", "rides"], "raw": "A man rides.", "imgid": 0, "sentid": 0}]
     karpathy_json(tmp_path, [dict(entry, split="restval", sentences=sentences, sentids=[0])], json_name)
@@ -57,8 +79,9 @@ def test_flickr30k_and_coco_in_their_usual_layout(tmp_path, dataset, json_name, 
     assert record.image_id == image_id
     assert record.image_path == tmp_path / image_folder / entry["filename"]
     assert (record.split, record.captions) == ("train", ("A man rides.",))
-    with pytest.raises(PipelineError, match=f"{json_name}: missing; get it from https://cs.stanford.edu/.*"
-                                            "caption_datasets.zip"):
+    with pytest.raises(
+        PipelineError, match=f"{json_name}: missing; get it from https://cs.stanford.edu/.*caption_datasets.zip"
+    ):
         load_records(dataset, tmp_path / "elsewhere")
 
 
@@ -72,6 +95,7 @@ def test_synthetic_captions_name_the_drawn_objects(small_corpus):
         assert record.captions == synthetic_captions(scene)
         assert record.image_path.exists()
     from PIL import Image
+
     # the drawn colour is at the named cell: e.g. 'red' at the top left means a red-dominant pixel there
     colour, _, (row, col) = scene[0]
     img = Image.open(records[-1].image_path).convert("RGB")

@@ -1,12 +1,13 @@
 import pytest
 import torch
-from object_features import write_object_features
 
+from pipeline.checkpoint import build_decoder, load_checkpoint
 from pipeline.decode import beam_search, greedy_decode
 from pipeline.model import Decoder, DecoderConfig
 from pipeline.shards import AnnotationShards
-from pipeline.checkpoint import build_decoder, load_checkpoint
 from pipeline.train import TrainConfig, train
+
+from object_features import write_object_features
 
 
 @pytest.fixture(scope="module")
@@ -14,8 +15,18 @@ def trained(tmp_path_factory):
     """A briefly trained (imperfect, so beams matter) soft decoder and held-out annotations."""
     out = tmp_path_factory.mktemp("decode")
     write_object_features(out / "features", sizes={"train": 300, "val": 20, "test": 64})
-    train(TrainConfig(features=str(out / "features"), out=str(out / "run"), epochs=2, lr=3e-3, batch_size=32,
-                      ema_decay=0.0, model=dict(embed_dim=16, hidden_dim=32, attention_dim=16)), progress=False)
+    train(
+        TrainConfig(
+            features=str(out / "features"),
+            out=str(out / "run"),
+            epochs=2,
+            lr=3e-3,
+            batch_size=32,
+            ema_decay=0.0,
+            model=dict(embed_dim=16, hidden_dim=32, attention_dim=16),
+        ),
+        progress=False,
+    )
     decoder, vocab = build_decoder(load_checkpoint(out / "run" / "last.pt"), "last.pt")
     test = AnnotationShards(out / "features", "test")
     return decoder.eval(), vocab, torch.stack([test[i] for i in range(len(test))])
@@ -36,7 +47,7 @@ def test_beam_size_1_is_greedy(trained):
         greedy = tokens[i].tolist()
         n = greedy.index(vocab.end) if vocab.end in greedy else len(greedy)
         assert caption.tokens == greedy[:n]
-        torch.testing.assert_close(caption.alpha, alpha[i, :n + 1])
+        torch.testing.assert_close(caption.alpha, alpha[i, : n + 1])
 
 
 def test_larger_beams_never_score_below_greedy(trained):
@@ -57,7 +68,7 @@ def test_batched_equals_one_image_at_a_time(trained):
     decoder, vocab, a = trained
     batched = beam_search(decoder, a[:6], vocab.start, vocab.end, beam_size=3)
     for i in range(6):
-        single = beam_search(decoder, a[i:i + 1], vocab.start, vocab.end, beam_size=3)[0]
+        single = beam_search(decoder, a[i : i + 1], vocab.start, vocab.end, beam_size=3)[0]
         assert single.tokens == batched[i].tokens and single.log_prob == pytest.approx(batched[i].log_prob, abs=1e-5)
 
 
@@ -70,8 +81,10 @@ def test_a_model_that_never_ends_gives_max_length_captions():
     for k in (1, 3):
         captions = beam_search(decoder, a, 1, 2, beam_size=k, max_len=7)
         assert all(len(c.tokens) == 7 and not c.ended and c.alpha.shape == (7, 5) for c in captions)
-        assert all(c.log_prob == pytest.approx(sequence_log_prob(decoder, x, c.tokens, _Vocab, ended=False), abs=1e-4)
-                   for c, x in zip(captions, a))
+        assert all(
+            c.log_prob == pytest.approx(sequence_log_prob(decoder, x, c.tokens, _Vocab, ended=False), abs=1e-4)
+            for c, x in zip(captions, a)
+        )
 
 
 class _Vocab:

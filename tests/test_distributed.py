@@ -1,6 +1,7 @@
 """torchrun with 2 CPU processes (gloo): features from 2 ranks equal features from 1; 2-rank
 DistributedDataParallel training runs, checkpoints on rank 0, and resumes after a SIGKILL to the
 weights of an uninterrupted 2-rank run."""
+
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from conftest import ROOT
 from object_features import write_object_features
 from test_faults import assert_same_features
@@ -23,9 +25,27 @@ def _run(args, **kwargs):
 
 def test_features_from_two_ranks_equal_features_from_one(small_corpus, tmp_path):
     json_path, root = small_corpus
-    args = ["cli.py", "features", "--dataset", "karpathy", "--karpathy-json", str(json_path), "--image-dir", str(root),
-            "--encoder", "squeezenet1_1", "--weights", "random", "--shard-size", "8", "--batch-size", "4",
-            "--workers", "1", "--no-progress"]
+    args = [
+        "cli.py",
+        "features",
+        "--dataset",
+        "karpathy",
+        "--karpathy-json",
+        str(json_path),
+        "--image-dir",
+        str(root),
+        "--encoder",
+        "squeezenet1_1",
+        "--weights",
+        "random",
+        "--shard-size",
+        "8",
+        "--batch-size",
+        "4",
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
     # torchrun gives each rank one thread; the encoder's convolutions can differ in the last bits
     # between thread counts, so the one-process run gets one thread too, for bitwise equality
     one = _run([sys.executable, *args, "--out", str(tmp_path / "one")], env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -36,9 +56,28 @@ def test_features_from_two_ranks_equal_features_from_one(small_corpus, tmp_path)
 
 
 def _train(out, *extra):
-    return ["cli.py", "train", "--features", str(out.parent / "objects"), "--out", str(out), "--epochs", "2",
-            "--batch-size", "16", "--checkpoint-every", "5", "--no-progress", "--embed-dim", "16", "--hidden-dim",
-            "32", "--attention-dim", "16", *extra]
+    return [
+        "cli.py",
+        "train",
+        "--features",
+        str(out.parent / "objects"),
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--checkpoint-every",
+        "5",
+        "--no-progress",
+        "--embed-dim",
+        "16",
+        "--hidden-dim",
+        "32",
+        "--attention-dim",
+        "16",
+        *extra,
+    ]
 
 
 def test_two_rank_training_checkpoints_and_resumes(tmp_path):
@@ -52,8 +91,13 @@ def test_two_rank_training_checkpoints_and_resumes(tmp_path):
     assert [r["epoch"] for r in log] == [1, 2] and len(single["rng"]["cpu"]) == 2
     assert log[0]["step"] <= -(-pairs // 16) // 2 + 6  # each rank takes about half the minibatches
 
-    killed = subprocess.Popen([*TORCHRUN, *_train(tmp_path / "run")], cwd=ROOT, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+    killed = subprocess.Popen(
+        [*TORCHRUN, *_train(tmp_path / "run")],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     last, deadline = tmp_path / "run" / "last.pt", time.time() + 120
     while time.time() < deadline and killed.poll() is None:
         if last.exists() and 10 <= torch.load(last, weights_only=True)["position"]["step"] < log[1]["step"]:

@@ -4,11 +4,12 @@ import socket
 import numpy as np
 import pytest
 import torch
-from conftest import SQUEEZENET_WEIGHTS, need_shared
 from PIL import Image
 
 from pipeline.encoders import ImageError, Preprocess, build_encoder, open_rgb, state_sha256
 from pipeline.errors import PipelineError
+
+from conftest import SQUEEZENET_WEIGHTS, need_shared
 
 
 def _jpeg(path, size=(64, 48), colour=(200, 30, 30), mode="RGB"):
@@ -16,12 +17,15 @@ def _jpeg(path, size=(64, 48), colour=(200, 30, 30), mode="RGB"):
     return path
 
 
-@pytest.mark.parametrize("make, reason", [
-    (lambda p: p.write_bytes(b""), "empty file (0 bytes)"),
-    (lambda p: p.write_text("this is a caption, not a picture\n"), "not an image"),
-    (lambda p: None, "missing"),
-    (lambda p: p.write_bytes(_jpeg(p, (300, 200)).read_bytes()[:1500]), "truncated or corrupt"),
-])
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda p: p.write_bytes(b""), "empty file (0 bytes)"),
+        (lambda p: p.write_text("this is a caption, not a picture\n"), "not an image"),
+        (lambda p: None, "missing"),
+        (lambda p: p.write_bytes(_jpeg(p, (300, 200)).read_bytes()[:1500]), "truncated or corrupt"),
+    ],
+)
 def test_unusable_images_raise_with_reason(tmp_path, make, reason):
     path = tmp_path / "bad.jpg"
     make(path)
@@ -82,8 +86,10 @@ def test_center_crop_keeps_the_middle_and_resize_keeps_the_borders():
     assert crop[0, :, 0].mean() < 0 < squash[0, :, 0].mean()
 
 
-@pytest.mark.parametrize("name, grid", [("squeezenet1_1", (13, 13, 512)), ("vgg19", (14, 14, 512)),
-                                        ("vgg16", (14, 14, 512)), ("resnet101", (7, 7, 2048))])
+@pytest.mark.parametrize(
+    "name, grid",
+    [("squeezenet1_1", (13, 13, 512)), ("vgg19", (14, 14, 512)), ("vgg16", (14, 14, 512)), ("resnet101", (7, 7, 2048))],
+)
 def test_encoder_grids(name, grid):
     encoder = build_encoder(name, "random")
     assert encoder.grid(224) == grid
@@ -101,7 +107,9 @@ def test_annotations_are_the_feature_map_read_row_by_row():
 
 
 def test_random_weights_are_seeded():
-    assert state_sha256(build_encoder("squeezenet1_1", "random")) == state_sha256(build_encoder("squeezenet1_1", "random"))
+    assert state_sha256(build_encoder("squeezenet1_1", "random")) == state_sha256(
+        build_encoder("squeezenet1_1", "random")
+    )
 
 
 def test_weights_file_with_features_keys_only():
@@ -115,6 +123,7 @@ def test_weights_file_with_features_keys_only():
 
 def test_whole_model_state_dict_and_bad_weight_files(tmp_path):
     from torchvision import models
+
     torch.save(models.squeezenet1_1().state_dict(), tmp_path / "whole.pth")
     build_encoder("squeezenet1_1", str(tmp_path / "whole.pth"))
     torch.save(models.squeezenet1_1().state_dict(), tmp_path / "wrong.pth")
@@ -143,3 +152,15 @@ def test_imagenet_without_network_or_cache_says_how_to_proceed(tmp_path, monkeyp
     monkeypatch.setattr(socket, "create_connection", refuse)
     with pytest.raises(PipelineError, match=r"ImageNet weights for squeezenet1_1 are not cached at .*--weights random"):
         build_encoder("squeezenet1_1", "imagenet")
+
+
+@pytest.mark.parametrize("name", ["vgg19", "resnet101", "squeezenet1_1"])
+def test_preprocessing_is_the_weights_own(name):
+    """The encoder's input is what its ImageNet weights were trained on: torchvision's own
+    transforms of the default weights (ResNet's IMAGENET1K_V2 resizes to 232, not 256)."""
+    from pipeline.encoders import ENCODERS, preprocess_for
+
+    image = Image.effect_noise((300, 260), 60).convert("RGB")
+    ours = preprocess_for(name).transform()(image)
+    theirs = ENCODERS[name].weights.DEFAULT.transforms()(image)
+    assert torch.allclose(ours, theirs, atol=1e-5)

@@ -4,12 +4,13 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
 from PIL import Image
 
 from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate
 from pipeline.metrics import score_captions
+
+from conftest import ROOT
 
 REFS = {"a": ["a dog runs on the grass .", "A dog is running."], "b": ["Two men talk on a bench", "two men talking"]}
 
@@ -43,8 +44,10 @@ def test_evaluate_writes_coco_results_scores_and_references(trained_run):
     assert sorted(i["id"] for i in coco["images"]) == sorted(c["image_id"] for c in captions)
     assert all(isinstance(c["image_id"], int) for c in captions)  # the synthetic corpus's imgid
     assert len({a["id"] for a in coco["annotations"]}) == len(coco["annotations"])
-    truth = {str(e["imgid"]): [s["raw"] for s in e["sentences"]]
-             for e in json.loads((root / "dataset_synthetic.json").read_text())["images"]}
+    truth = {
+        str(e["imgid"]): [s["raw"] for s in e["sentences"]]
+        for e in json.loads((root / "dataset_synthetic.json").read_text())["images"]
+    }
     for image in coco["images"]:
         assert [a["caption"] for a in coco["annotations"] if a["image_id"] == image["id"]] == truth[str(image["id"])]
     with pytest.raises(PipelineError, match="no features for split 'dev'"):
@@ -57,9 +60,23 @@ def test_caption_cli_with_attention_plots_and_a_bad_file(trained_run, tmp_path):
     bad.write_text("not an image")
     big = tmp_path / "big.png"
     Image.open(root / "images" / "00003.jpg").resize((640, 300)).convert("RGBA").save(big)
-    proc = subprocess.run([sys.executable, str(ROOT / "cli.py"), "caption", str(root / "images" / "00001.jpg"), str(bad),
-                           str(big), "--checkpoint", str(out / "run" / "best.pt"), "--attention-plot",
-                           str(tmp_path / "att.png")], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "cli.py"),
+            "caption",
+            str(root / "images" / "00001.jpg"),
+            str(bad),
+            str(big),
+            "--checkpoint",
+            str(out / "run" / "best.pt"),
+            "--attention-plot",
+            str(tmp_path / "att.png"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 1
     assert f"{bad}: error: not an image" in proc.stderr and "Traceback" not in proc.stderr
     lines = proc.stdout.splitlines()

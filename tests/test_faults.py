@@ -1,6 +1,7 @@
 """Faults: SIGKILL at random moments, then a rerun (features) or --resume (training) must finish
 with outputs equal to an uninterrupted run's; a full disk leaves no partial file that looks
 finished and says what happened."""
+
 import errno
 import json
 import os
@@ -14,13 +15,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import ROOT, run_cli
-from object_features import write_object_features
 
 import cli
 from pipeline import atomic, shards
 from pipeline.errors import PipelineError
 from pipeline.train import TrainConfig, train
+
+from conftest import ROOT, run_cli
+from object_features import write_object_features
 
 
 def _kill_at_random_moment(args, seconds, seed):
@@ -47,11 +49,31 @@ def _timed(args):
 
 # -- features ---------------------------------------------------------------------------------------
 
+
 def _features_args(small_corpus, out):
     json_path, root = small_corpus
-    return ["features", "--dataset", "karpathy", "--karpathy-json", str(json_path), "--image-dir", str(root),
-            "--encoder", "squeezenet1_1", "--weights", "random", "--out", str(out), "--no-progress",
-            "--shard-size", "4", "--batch-size", "3", "--workers", "1"]
+    return [
+        "features",
+        "--dataset",
+        "karpathy",
+        "--karpathy-json",
+        str(json_path),
+        "--image-dir",
+        str(root),
+        "--encoder",
+        "squeezenet1_1",
+        "--weights",
+        "random",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--shard-size",
+        "4",
+        "--batch-size",
+        "3",
+        "--workers",
+        "1",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +157,7 @@ def test_features_on_a_real_full_file_system(small_corpus, tmp_path):
 
 # -- training ---# -- training ---------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def objects(tmp_path_factory):
     out = tmp_path_factory.mktemp("objects")
@@ -143,21 +166,45 @@ def objects(tmp_path_factory):
 
 
 def _train_args(features, out, *extra):
-    return ["train", "--features", str(features), "--out", str(out), "--epochs", "2", "--batch-size", "16",
-            "--checkpoint-every", "7", "--no-progress", "--embed-dim", "16", "--hidden-dim", "32",
-            "--attention-dim", "16", *extra]
+    return [
+        "train",
+        "--features",
+        str(features),
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--checkpoint-every",
+        "7",
+        "--no-progress",
+        "--embed-dim",
+        "16",
+        "--hidden-dim",
+        "32",
+        "--attention-dim",
+        "16",
+        *extra,
+    ]
 
 
-@pytest.mark.parametrize("options, seed", [(("--attention", "soft", "--ema-decay", "0"), 0),
-                                           (("--attention", "hard", "--soft-warmup-epochs", "1"), 1),
-                                           (("--ema-decay", "0.9"), 2)])
+@pytest.mark.parametrize(
+    "options, seed",
+    [
+        (("--attention", "soft", "--ema-decay", "0"), 0),
+        (("--attention", "hard", "--soft-warmup-epochs", "1"), 1),
+        (("--ema-decay", "0.9"), 2),
+    ],
+)
 def test_training_killed_at_a_random_moment_then_resumed(objects, tmp_path, options, seed):
     seconds, _ = _timed(_train_args(objects, tmp_path / "ref", *options))
     args = _train_args(objects, tmp_path / "run", *options)
     delay = _kill_at_random_moment(args, seconds, seed)
     resume = ["--resume"] if (tmp_path / "run" / "last.pt").exists() else []  # killed before the first checkpoint
-    finished = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args, *resume], cwd=ROOT, capture_output=True,
-                              text=True)
+    finished = subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), *args, *resume], cwd=ROOT, capture_output=True, text=True
+    )
     assert finished.returncode == 0, f"killed after {delay} s: {finished.stderr}"
     a = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
@@ -165,8 +212,13 @@ def test_training_killed_at_a_random_moment_then_resumed(objects, tmp_path, opti
     for part in ("model", "ema") if "ema" in a else ("model",):
         for key in a[part]:
             assert torch.equal(a[part][key], b[part][key]), (part, key, f"killed after {delay} s")
-    logs = [[{k: v for k, v in json.loads(line).items() if k not in ("seconds", "captions_per_s")}
-             for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("ref", "run")]
+    logs = [
+        [
+            {k: v for k, v in json.loads(line).items() if k not in ("seconds", "captions_per_s")}
+            for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        ]
+        for run in ("ref", "run")
+    ]
     assert logs[0] == logs[1] and len(logs[0]) == 2
     assert not list((tmp_path / "run").glob(f"*{atomic.TMP_MARK}*"))
 
@@ -185,10 +237,21 @@ def test_training_on_a_full_disk_keeps_the_last_checkpoint(objects, tmp_path, mo
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
 
     monkeypatch.setattr(torch, "save", save_until_full)
-    config = TrainConfig(features=str(objects), out=str(tmp_path / "run"), epochs=2, batch_size=16, val_beam_size=1,
-                         model=dict(embed_dim=16, hidden_dim=32, attention_dim=16))
+    config = TrainConfig(
+        features=str(objects),
+        out=str(tmp_path / "run"),
+        epochs=2,
+        batch_size=16,
+        val_beam_size=1,
+        model=dict(embed_dim=16, hidden_dim=32, attention_dim=16),
+    )
     with pytest.raises(PipelineError, match=r"last.pt: no space left on the device while writing it; .*--resume"):
         train(config, progress=False)
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["best.pt", "curves.png", "last.pt", "metrics.jsonl",
-                                                                   "tensorboard"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "best.pt",
+        "curves.png",
+        "last.pt",
+        "metrics.jsonl",
+        "tensorboard",
+    ]
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["position"]["epoch"] == 1

@@ -7,7 +7,6 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import FLICKR8K, ROOT, need_shared, run_cli
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -16,6 +15,8 @@ from pipeline.datasets import load_karpathy
 from pipeline.encoders import Preprocess, build_encoder, open_rgb
 from pipeline.errors import PipelineError
 from pipeline.features import FeatureConfig, decoding_workers, extract_features
+
+from conftest import FLICKR8K, ROOT, need_shared, run_cli
 
 FAST = dict(encoder="squeezenet1_1", weights="random", shard_size=16, batch_size=5, num_workers=2)
 
@@ -30,8 +31,16 @@ def corpus_with_bad_images(small_corpus, tmp_path_factory):
     (bad / "text.jpg").write_text("hello\n")
     (bad / "trunc.jpg").write_bytes((root / "images" / "00000.jpg").read_bytes()[:2000])
     for n, name in enumerate(["zero.jpg", "text.jpg", "trunc.jpg", "missing.jpg"]):
-        data["images"].insert(3 + 5 * n, {"filepath": str(bad), "filename": name, "imgid": 1000 + n, "split": "train",
-                                          "sentences": [{"raw": "a red circle at the top left"}]})
+        data["images"].insert(
+            3 + 5 * n,
+            {
+                "filepath": str(bad),
+                "filename": name,
+                "imgid": 1000 + n,
+                "split": "train",
+                "sentences": [{"raw": "a red circle at the top left"}],
+            },
+        )
     path = bad / "dataset_with_bad.json"
     path.write_text(json.dumps(data))
     return path, root
@@ -60,7 +69,9 @@ def test_shards_manifest_and_text(extracted):
         with h5py.File(out / entry["file"]) as f:
             assert f["annotations"].dtype == np.float16 and f["annotations"].shape[1:] == (169, 512)
             ids += [s.decode() for s in f["image_ids"][:]]
-    assert ids == [r.image_id for r in records if r.split == "train" and r.image_id not in ("1000", "1001", "1002", "1003")]
+    assert ids == [
+        r.image_id for r in records if r.split == "train" and r.image_id not in ("1000", "1001", "1002", "1003")
+    ]
     captions = json.loads((out / shards.CAPTIONS).read_text())
     assert captions["val"][records[-11].image_id]["tokens"][0][:2] == ["a", records[-11].captions[0].split()[1]]
     assert json.loads((out / shards.VOCAB).read_text())["words"][:4] == ["<pad>", "<start>", "<end>", "<unk>"]
@@ -98,7 +109,7 @@ def test_reader_with_two_workers(extracted):
     batches = list(DataLoader(data, batch_size=7, num_workers=2))
     read = torch.cat(batches)
     n0 = len(h5py.File(out / "train/shard-00000.h5")["image_ids"])
-    torch.testing.assert_close(read[n0:n0 + len(direct)], direct, rtol=0, atol=0)
+    torch.testing.assert_close(read[n0 : n0 + len(direct)], direct, rtol=0, atol=0)
     pairs = shards.CaptionPairs(data)
     assert len(pairs) == 80 and set(pairs.lengths()) <= set(range(6, 30))
     a, caption, i = pairs[3]
@@ -115,8 +126,9 @@ def test_in_process_decoding_threads_write_the_same_shards(extracted, tmp_path):
     assert decoding_workers(FeatureConfig(), torch.device("cpu")) == 0
     assert decoding_workers(FeatureConfig(num_workers=3), torch.device("cpu")) == 3
     assert decoding_workers(FeatureConfig(), torch.device("cuda")) == min(8, os.cpu_count())
-    again = extract_features(records, tmp_path, FeatureConfig(**dict(FAST, num_workers=None)), "synthetic",
-                             progress=False)
+    again = extract_features(
+        records, tmp_path, FeatureConfig(**dict(FAST, num_workers=None)), "synthetic", progress=False
+    )
     assert again.images == summary.images and again.failures == summary.failures
     for split in ("train", "val", "test"):
         a, b = shards.AnnotationShards(out, split), shards.AnnotationShards(tmp_path, split)
@@ -142,11 +154,16 @@ def test_rerun_skips_finished_shards_and_refuses_other_settings(extracted, corpu
         extract_features(records, out, FeatureConfig(**FAST), "synthetic", ["train", "dev"])
 
 
-@pytest.mark.parametrize("device, precision, recorded", [
-    ("cpu", "bf16", "bf16"),
-    pytest.param("cuda", "auto", "fp16", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))])
-def test_autocast_features_are_recorded_and_close_to_fp32(extracted, small_corpus, tmp_path, device, precision,
-                                                          recorded):
+@pytest.mark.parametrize(
+    "device, precision, recorded",
+    [
+        ("cpu", "bf16", "bf16"),
+        pytest.param("cuda", "auto", "fp16", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")),
+    ],
+)
+def test_autocast_features_are_recorded_and_close_to_fp32(
+    extracted, small_corpus, tmp_path, device, precision, recorded
+):
     """--precision autocasts the encoder (CUDA's default with float16 storage is fp16): values
     within 2% of fp32 (and not equal to them), the precision in the manifest."""
     records = load_karpathy(*small_corpus)
@@ -160,8 +177,23 @@ def test_autocast_features_are_recorded_and_close_to_fp32(extracted, small_corpu
 
 
 def _features_args(json_path, root, out, *extra):
-    return ["features", "--dataset", "karpathy", "--karpathy-json", str(json_path), "--image-dir", str(root),
-            "--encoder", "squeezenet1_1", "--weights", "random", "--out", str(out), "--no-progress", *extra]
+    return [
+        "features",
+        "--dataset",
+        "karpathy",
+        "--karpathy-json",
+        str(json_path),
+        "--image-dir",
+        str(root),
+        "--encoder",
+        "squeezenet1_1",
+        "--weights",
+        "random",
+        "--out",
+        str(out),
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_cli_exit_status_with_bad_images(corpus_with_bad_images, tmp_path):
@@ -192,11 +224,16 @@ def test_vgg19_on_full_size_originals(tmp_path):
     names = sorted(p.name for p in originals.glob("*.jpg"))[:4]
     assert any(Image.open(originals / n).size != (224, 224) for n in names)
     path = tmp_path / "originals.json"
-    path.write_text(json.dumps({"images": [{"filename": n, "split": "train", "sentences": [{"raw": "a photo"}]}
-                                           for n in names]}))
-    summary = extract_features(load_karpathy(path, originals), tmp_path / "f",
-                               FeatureConfig(encoder="vgg19", weights="random", batch_size=2, num_workers=0),
-                               "karpathy", progress=False, )
+    path.write_text(
+        json.dumps({"images": [{"filename": n, "split": "train", "sentences": [{"raw": "a photo"}]} for n in names]})
+    )
+    summary = extract_features(
+        load_karpathy(path, originals),
+        tmp_path / "f",
+        FeatureConfig(encoder="vgg19", weights="random", batch_size=2, num_workers=0),
+        "karpathy",
+        progress=False,
+    )
     data = shards.AnnotationShards(tmp_path / "f", "train")
     assert summary.images == 4 and data[3].shape == (196, 512) and data.grid == (14, 14)
 
@@ -214,7 +251,7 @@ def test_damaged_shard_is_named_refused_and_rebuilt(small_corpus, tmp_path, dama
     shard = tmp_path / "f" / "train" / "shard-00001.h5"
     data = bytearray(shard.read_bytes())
     if damage == "truncate":
-        data = data[:len(data) // 2]
+        data = data[: len(data) // 2]
     else:
         data[len(data) // 2] ^= 0xFF  # one byte in the middle of the annotations
     shard.write_bytes(bytes(data))
@@ -228,8 +265,13 @@ def test_damaged_shard_is_named_refused_and_rebuilt(small_corpus, tmp_path, dama
         shards.AnnotationShards(tmp_path / "f", "train")
     assert str(refused.value) == err.strip()
 
-    rebuild = subprocess.run(manifest["command"].replace("python ", f"{sys.executable} ", 1), shell=True, cwd=ROOT,
-                             capture_output=True, text=True)
+    rebuild = subprocess.run(
+        manifest["command"].replace("python ", f"{sys.executable} ", 1),
+        shell=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert rebuild.returncode == 0, rebuild.stderr
     assert "features: 16 images extracted" in rebuild.stdout and "extracting it again" in rebuild.stderr
     proc = run_cli("verify", str(tmp_path / "f"))

@@ -32,8 +32,14 @@ def faults(mode: str, blocks: int, mib: int) -> int:
     """Page faults of 3 steps of the probe in a fresh process: 'default', 'heap'
     (configure_allocator without huge pages) or 'huge pages'."""
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    run = subprocess.run([sys.executable, "-c", PROBE.format(blocks=blocks, mib=mib), mode], capture_output=True,
-                         text=True, cwd=ROOT, env=env, check=True)
+    run = subprocess.run(
+        [sys.executable, "-c", PROBE.format(blocks=blocks, mib=mib), mode],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        check=True,
+    )
     return int(run.stdout)
 
 

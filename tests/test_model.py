@@ -42,8 +42,13 @@ def _path_log_probs(decoder, a, captions, L, T):
     paths = torch.tensor(list(itertools.product(range(L), repeat=T)))
     out = decoder(a.expand(len(paths), -1, -1), captions.expand(len(paths), -1), paths)
     _, parts = objective(out, captions.expand(len(paths), -1), ObjectiveConfig(alpha_c=0.0))
-    nll = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), captions[:, 1:].expand(len(paths), -1).flatten(),
-                                            reduction="none").view(len(paths), T).sum(1)
+    nll = (
+        torch.nn.functional.cross_entropy(
+            out.logits.flatten(0, 1), captions[:, 1:].expand(len(paths), -1).flatten(), reduction="none"
+        )
+        .view(len(paths), T)
+        .sum(1)
+    )
     return out.log_p_s, -nll
 
 
@@ -73,8 +78,9 @@ def test_reinforce_estimator_matches_the_exact_gradient(baseline, attention_erro
     estimate = torch.autograd.grad(-loss, params, allow_unused=True)
 
     def flat(grads, only_attention=False):
-        return torch.cat([g.flatten() for g, att in zip(grads, attention)
-                          if g is not None and (att or not only_attention)])
+        return torch.cat(
+            [g.flatten() for g, att in zip(grads, attention) if g is not None and (att or not only_attention)]
+        )
 
     def relative_error(grads, only_attention=False):
         x = flat(exact, only_attention)
@@ -102,8 +108,9 @@ def test_decoding_in_blocks_of_rows_gives_the_training_step():
     """Without autograd on a CPU the attention energies go through in blocks of rows (here 40 rows
     of (64, 512) in blocks of 16, the last one short); the step must not change."""
     torch.manual_seed(0)
-    decoder = Decoder(DecoderConfig(vocab_size=9, annotation_dim=8, embed_dim=6, hidden_dim=10, attention_dim=512,
-                                    dropout=0.0)).eval()
+    decoder = Decoder(
+        DecoderConfig(vocab_size=9, annotation_dim=8, embed_dim=6, hidden_dim=10, attention_dim=512, dropout=0.0)
+    ).eval()
     a = torch.randn(40, 64, 8).relu()
     h, c, proj = decoder.init_state(a)
     embedded = decoder.embedding(torch.randint(0, 9, (40,)))
@@ -119,7 +126,7 @@ def test_attention_tanh_is_tanh_with_tanh_gradient():
     gradients are those of torch.tanh(proj + att_h), in float64, float32 and bfloat16 (within
     1 ulp of bfloat16's 8-bit significand)."""
     torch.manual_seed(0)
-    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 3e-7), (torch.bfloat16, 2 ** -8)):
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 3e-7), (torch.bfloat16, 2**-8)):
         proj = (3 * torch.randn(4, 7, 5, dtype=torch.float64)).to(dtype).requires_grad_()
         att_h = torch.randn(4, 5, dtype=torch.float64).to(dtype).requires_grad_()
         grad = torch.randn(4, 7, 5, dtype=torch.float64).to(dtype)
@@ -131,8 +138,9 @@ def test_attention_tanh_is_tanh_with_tanh_gradient():
         exact = grad.double() * (1 - y.detach().double() ** 2)
         torch.testing.assert_close(got[0].double(), exact, rtol=0, atol=tol * 8)
         torch.testing.assert_close(got[1].double(), exact.sum(1), rtol=0, atol=tol * 64)
-    assert torch.autograd.gradcheck(AttentionTanh.apply, (proj.detach().double().requires_grad_(),
-                                                          att_h.detach().double().requires_grad_()))
+    assert torch.autograd.gradcheck(
+        AttentionTanh.apply, (proj.detach().double().requires_grad_(), att_h.detach().double().requires_grad_())
+    )
 
 
 def test_bf16_teacher_forcing_casts_the_annotations_once():
@@ -145,8 +153,10 @@ def test_bf16_teacher_forcing_casts_the_annotations_once():
     captions = torch.tensor([[1, 4, 5, 6, 3, 2]] * 3)
     with torch.no_grad():
         reference = decoder(a, captions).logits
-        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof, \
-                torch.autocast("cpu", dtype=torch.bfloat16):
+        with (
+            profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof,
+            torch.autocast("cpu", dtype=torch.bfloat16),
+        ):
             logits = decoder(a, captions).logits
 
     def callers(event):
@@ -154,7 +164,9 @@ def test_bf16_teacher_forcing_casts_the_annotations_once():
             event = event.cpu_parent
             yield event.name
 
-    casts = [list(callers(e)) for e in prof.events() if e.name == "aten::_to_copy" and e.input_shapes[:1] == [[3, 6, 8]]]
+    casts = [
+        list(callers(e)) for e in prof.events() if e.name == "aten::_to_copy" and e.input_shapes[:1] == [[3, 6, 8]]
+    ]
     # one cast of the pass's own; mean(1) of the initial state accumulates bf16 in float32 inside
     assert [c for c in casts if "aten::mean" not in c] == [["aten::to"]]
     torch.testing.assert_close(logits.float(), reference, atol=0.05, rtol=0.05)

@@ -1,13 +1,15 @@
 """Watching training: TensorBoard scalars equal to metrics.jsonl, an attention figure and
 curves.png each epoch."""
+
 import json
 
 import pytest
-from object_features import write_object_features
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pipeline import monitor
 from pipeline.train import TrainConfig, train
+
+from object_features import write_object_features
 
 
 @pytest.fixture(scope="module")
@@ -21,9 +23,17 @@ def objects(tmp_path_factory):
 def test_tensorboard_holds_what_metrics_jsonl_holds(objects, tmp_path, monkeypatch, attention):
     curves, drawn = monitor.training_curves, []
     monkeypatch.setattr(monitor, "training_curves", lambda *args: drawn.append(1) or curves(*args))
-    config = TrainConfig(features=str(objects), out=str(tmp_path / "run"), epochs=3, batch_size=16, val_beam_size=1,
-                         attention=attention, soft_warmup_epochs=1, semi_sampling_p=0.0,
-                         model=dict(embed_dim=16, hidden_dim=32, attention_dim=16))
+    config = TrainConfig(
+        features=str(objects),
+        out=str(tmp_path / "run"),
+        epochs=3,
+        batch_size=16,
+        val_beam_size=1,
+        attention=attention,
+        soft_warmup_epochs=1,
+        semi_sampling_p=0.0,
+        model=dict(embed_dim=16, hidden_dim=32, attention_dim=16),
+    )
     train(config, progress=False)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     board = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
@@ -44,7 +54,14 @@ def test_tensorboard_holds_what_metrics_jsonl_holds(objects, tmp_path, monkeypat
 
 
 def test_no_tensorboard_writes_only_the_curves(objects, tmp_path):
-    config = TrainConfig(features=str(objects), out=str(tmp_path / "run"), epochs=1, batch_size=16, val_beam_size=1,
-                         tensorboard=False, model=dict(embed_dim=16, hidden_dim=32, attention_dim=16))
+    config = TrainConfig(
+        features=str(objects),
+        out=str(tmp_path / "run"),
+        epochs=1,
+        batch_size=16,
+        val_beam_size=1,
+        tensorboard=False,
+        model=dict(embed_dim=16, hidden_dim=32, attention_dim=16),
+    )
     train(config, progress=False)
     assert not (tmp_path / "run" / "tensorboard").exists() and (tmp_path / "run" / "curves.png").exists()

@@ -1,5 +1,6 @@
 """The web page in a real browser: `cli.py serve` on a free loopback port, driven through Debian's
 headless Chromium by Selenium (browser downloads are not reachable here)."""
+
 import shutil
 import socket
 import subprocess
@@ -8,6 +9,7 @@ import time
 import urllib.request
 
 import pytest
+
 from conftest import ROOT, run_cli
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -24,8 +26,9 @@ def page(trained_run):
     """The URL of a page serving the trained run's best.pt; the server is stopped afterwards."""
     out, root = trained_run
     port = _free_port()
-    server = run_cli("serve", "--checkpoint", str(out / "run" / "best.pt"), "--port", str(port), "--examples",
-                     str(root / "images"))
+    server = run_cli(
+        "serve", "--checkpoint", str(out / "run" / "best.pt"), "--port", str(port), "--examples", str(root / "images")
+    )
     url, deadline = f"http://127.0.0.1:{port}/", time.monotonic() + 180
     while True:
         assert server.poll() is None, server.communicate()
@@ -43,8 +46,10 @@ def page(trained_run):
 @pytest.fixture
 def browser():
     if not (CHROMIUM and DRIVER):
-        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver; .ci/run "
-                    "installs them)")
+        pytest.skip(
+            "needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver; .ci/run "
+            "installs them)"
+        )
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -86,8 +91,12 @@ def test_the_page_captions_an_upload_as_the_command_does(page, browser, trained_
     url, server = page
     out, root = trained_run
     image = sorted((root / "images").glob("*.jpg"))[0]
-    command = subprocess.run([sys.executable, str(ROOT / "cli.py"), "caption", str(image), "--checkpoint",
-                              str(out / "run" / "best.pt")], cwd=ROOT, capture_output=True, text=True)
+    command = subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), "caption", str(image), "--checkpoint", str(out / "run" / "best.pt")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert command.returncode == 0, command.stderr
     assert _upload(browser, url, image, _caption) == command.stdout.split(": ", 1)[1].strip()
     browser.save_screenshot(str(tmp_path / "page.png"))

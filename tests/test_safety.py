@@ -1,6 +1,7 @@
 """What is safe: one command per output folder at a time, readers of a checkpoint being rewritten,
 non-finite values stopped before they reach a checkpoint, captions kept as they come, what a
 resume may change, and outputs whose ownership survives a kill at any moment."""
+
 import fcntl
 import json
 import os
@@ -14,16 +15,17 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import run_cli
-from object_features import write_object_features
 from PIL import Image
 
 import cli
 from pipeline import atomic, folders, shards
+from pipeline.checkpoint import save_checkpoint
 from pipeline.encoders import Preprocess, bound_aspect
 from pipeline.errors import PipelineError
-from pipeline.checkpoint import save_checkpoint
 from pipeline.train import LAST, TrainConfig, train
+
+from conftest import run_cli
+from object_features import write_object_features
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +57,25 @@ def _wait_until_locked(folder, proc, seconds=120):
 
 
 def _train_args(features, out, *extra):
-    return ["train", "--features", str(features), "--out", str(out), "--batch-size", "16", "--no-progress",
-            "--embed-dim", "16", "--hidden-dim", "32", "--attention-dim", "16", "--val-beam-size", "1", *extra]
+    return [
+        "train",
+        "--features",
+        str(features),
+        "--out",
+        str(out),
+        "--batch-size",
+        "16",
+        "--no-progress",
+        "--embed-dim",
+        "16",
+        "--hidden-dim",
+        "32",
+        "--attention-dim",
+        "16",
+        "--val-beam-size",
+        "1",
+        *extra,
+    ]
 
 
 def _only_line(result) -> str:
@@ -81,8 +100,23 @@ def test_a_second_train_on_a_held_run_folder_stops_at_once(objects, tmp_path):
 
 def _features_args(small_corpus, out, *extra):
     json_path, root = small_corpus
-    return ["features", "--dataset", "karpathy", "--karpathy-json", str(json_path), "--image-dir", str(root),
-            "--weights", "random", "--out", str(out), "--no-progress", "--workers", "0", *extra]
+    return [
+        "features",
+        "--dataset",
+        "karpathy",
+        "--karpathy-json",
+        str(json_path),
+        "--image-dir",
+        str(root),
+        "--weights",
+        "random",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--workers",
+        "0",
+        *extra,
+    ]
 
 
 def test_a_second_features_on_a_held_folder_stops_at_once(small_corpus, tmp_path):
@@ -91,8 +125,10 @@ def test_a_second_features_on_a_held_folder_stops_at_once(small_corpus, tmp_path
     out = tmp_path / "out"
     first = run_cli(*_features_args(small_corpus, out, "--encoder", "vgg19", "--batch-size", "1", "--shard-size", "8"))
     _wait_until_locked(out, first)
-    for extra in (("--encoder", "vgg19", "--batch-size", "1", "--shard-size", "8"),
-                  ("--encoder", "squeezenet1_1", "--dtype", "float32")):
+    for extra in (
+        ("--encoder", "vgg19", "--batch-size", "1", "--shard-size", "8"),
+        ("--encoder", "squeezenet1_1", "--dtype", "float32"),
+    ):
         second = CliRunner().invoke(cli.main, _features_args(small_corpus, out, *extra))
         assert second.exit_code == 2 and f"out: in use by PID {first.pid} (" in _only_line(second)
     assert first.wait(timeout=600) == 0, first.communicate()
@@ -112,8 +148,9 @@ def test_the_lock_of_a_killed_command_is_free_at_once(objects, tmp_path):
 
 def _captions_of(checkpoint, folder):
     result = CliRunner(env={"PATH": "/nonexistent"}).invoke(
-        cli.main, ["evaluate", "--checkpoint", str(checkpoint), "--split", "val", "--no-progress", "--out-dir",
-                   str(folder)])
+        cli.main,
+        ["evaluate", "--checkpoint", str(checkpoint), "--split", "val", "--no-progress", "--out-dir", str(folder)],
+    )
     assert result.exit_code == 0, result.output
     return [c["caption"] for c in json.loads(next(folder.glob("*.captions.json")).read_text())]
 
@@ -131,8 +168,10 @@ def test_evaluate_and_caption_on_a_checkpoint_being_rewritten(trained_run, tmp_p
     expected = [_captions_of(tmp_path / s / LAST, tmp_path / s) for s in ("a", "b")]
     assert expected[0] != expected[1]
     image = sorted((root / "images").glob("*.jpg"))[0]
-    by_state = [CliRunner().invoke(cli.main, ["caption", str(image), "--checkpoint", str(tmp_path / s / LAST)]).output
-                for s in ("a", "b")]
+    by_state = [
+        CliRunner().invoke(cli.main, ["caption", str(image), "--checkpoint", str(tmp_path / s / LAST)]).output
+        for s in ("a", "b")
+    ]
     target, stop = tmp_path / "run" / LAST, threading.Event()
     target.parent.mkdir()
     save_checkpoint(target, a)
@@ -174,8 +213,9 @@ def test_nan_annotations_are_named_by_verify_and_stop_training(trained_run, tmp_
     verify = CliRunner().invoke(cli.main, ["verify", str(features)])
     assert verify.exit_code == 1
     assert f"train/shard-00000.h5: image {image_id} (row 3) has non-finite annotation values" in _only_line(verify)
-    result = CliRunner().invoke(cli.main, _train_args(features, tmp_path / "run", "--epochs", "2",
-                                                      "--checkpoint-every", "1"))
+    result = CliRunner().invoke(
+        cli.main, _train_args(features, tmp_path / "run", "--epochs", "2", "--checkpoint-every", "1")
+    )
     assert result.exit_code == 2
     assert f"image {image_id} (row 3) has non-finite annotation values" in _only_line(result)
     assert not (tmp_path / "run" / "best.pt").exists()
@@ -194,10 +234,19 @@ def test_a_non_finite_loss_stops_training_before_the_weights_change(objects, tmp
         return (loss * float("nan"), stats) if len(calls) == 3 else (loss, stats)
 
     monkeypatch.setattr(training, "objective", diverging)
-    config = TrainConfig(features=str(objects), out=str(tmp_path / "run"), epochs=1, batch_size=16, checkpoint_every=1,
-                         model=dict(embed_dim=16, hidden_dim=32, attention_dim=16))
-    with pytest.raises(PipelineError, match=r"epoch 1, step 3: the loss \(nan\) or the gradient norm .* is not finite "
-                                            r"\(minibatch of images "):
+    config = TrainConfig(
+        features=str(objects),
+        out=str(tmp_path / "run"),
+        epochs=1,
+        batch_size=16,
+        checkpoint_every=1,
+        model=dict(embed_dim=16, hidden_dim=32, attention_dim=16),
+    )
+    with pytest.raises(
+        PipelineError,
+        match=r"epoch 1, step 3: the loss \(nan\) or the gradient norm .* is not finite "
+        r"\(minibatch of images ",
+    ):
         train(config, progress=False)
     state = torch.load(tmp_path / "run" / LAST, weights_only=True)
     assert state["position"]["step"] == 2
@@ -209,8 +258,9 @@ def test_caption_prints_each_image_as_soon_as_it_is_done(trained_run, tmp_path):
     line, and the JSON lines file holds them too."""
     out, root = trained_run
     image = str(sorted((root / "images").glob("*.jpg"))[0])
-    proc = run_cli("caption", *[image] * 300, "--checkpoint", str(out / "run" / "best.pt"), "--jsonl",
-                   str(tmp_path / "c.jsonl"))
+    proc = run_cli(
+        "caption", *[image] * 300, "--checkpoint", str(out / "run" / "best.pt"), "--jsonl", str(tmp_path / "c.jsonl")
+    )
     first = proc.stdout.readline()
     assert first.startswith(f"{image}: ") and proc.poll() is None  # printed while the others are still to do
     proc.send_signal(signal.SIGINT)
@@ -221,7 +271,9 @@ def test_caption_prints_each_image_as_soon_as_it_is_done(trained_run, tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]
     assert lines[0]["written_by"] == folders.OWNER and len(lines) >= len(printed)  # the last one may be cut short
     assert all(f"{r['image']}: {r['caption']}" == printed[0] for r in lines[1:])
-    rerun = run_cli("caption", image, "--checkpoint", str(out / "run" / "best.pt"), "--jsonl", str(tmp_path / "c.jsonl"))
+    rerun = run_cli(
+        "caption", image, "--checkpoint", str(out / "run" / "best.pt"), "--jsonl", str(tmp_path / "c.jsonl")
+    )
     assert rerun.wait(timeout=120) == 0  # its own earlier file may be replaced
 
 

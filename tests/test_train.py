@@ -3,14 +3,15 @@ import math
 
 import pytest
 import torch
-from object_features import write_object_features
 
+from pipeline.checkpoint import build_decoder, load_checkpoint
 from pipeline.decode import greedy_decode
 from pipeline.errors import PipelineError
 from pipeline.metrics import bleu
 from pipeline.shards import AnnotationShards
-from pipeline.checkpoint import build_decoder, load_checkpoint
 from pipeline.train import TrainConfig, bucket_batches, train
+
+from object_features import write_object_features
 
 TINY = dict(embed_dim=32, hidden_dim=64, attention_dim=32, dropout=0.0)
 
@@ -39,8 +40,11 @@ def held_out_scores(run, features, scenes, context="expected"):
     annotations = torch.stack([test[i] for i in range(len(test))])
     tokens, alpha = greedy_decode(decoder.eval(), annotations, vocab.start, vocab.end, 20, context)
     hyps = [vocab.decode(t) for t in tokens.tolist()]
-    masses = [alpha[i, hyps[i].index(obj), cell].item() if obj in hyps[i] else 0.0
-              for i, scene in enumerate(scenes) for obj, cell in scene]
+    masses = [
+        alpha[i, hyps[i].index(obj), cell].item() if obj in hyps[i] else 0.0
+        for i, scene in enumerate(scenes)
+        for obj, cell in scene
+    ]
     return bleu(hyps, [[vocab.decode(c) for c in caps] for caps in test.captions])[3], torch.tensor(masses)
 
 
@@ -50,9 +54,19 @@ def test_learns_to_caption_and_attend_held_out_scenes(objects, tmp_path, attenti
     the object it names can caption unseen scenes exactly. The doubly stochastic term is off here:
     with T = 6 steps over L = 16 cells it pushes every cell toward the same total attention."""
     features, scenes = objects
-    config = TrainConfig(features=str(features), out=str(tmp_path / attention), attention=attention, lr=3e-3,
-                         epochs=epochs, batch_size=32, patience=0, ema_decay=0.0, model=TINY,
-                         objective={"alpha_c": 0.0}, soft_warmup_epochs=0)  # hard: sampled from the first step
+    config = TrainConfig(
+        features=str(features),
+        out=str(tmp_path / attention),
+        attention=attention,
+        lr=3e-3,
+        epochs=epochs,
+        batch_size=32,
+        patience=0,
+        ema_decay=0.0,
+        model=TINY,
+        objective={"alpha_c": 0.0},
+        soft_warmup_epochs=0,
+    )  # hard: sampled from the first step
     state = train(config, progress=False)
     assert state["run"]["best_bleu4"] >= 95
     last = json.loads((tmp_path / attention / "metrics.jsonl").read_text().splitlines()[-1])
@@ -66,16 +80,32 @@ def test_hard_attention_samples_only_after_the_soft_warmup(objects, tmp_path, mo
     """The first soft_warmup_epochs epochs train on the expected context only; after them about
     1 - semi_sampling_p of the minibatches sample their locations."""
     from pipeline.model import Decoder
+
     features, _ = objects
     contexts, forward = [], Decoder.forward
-    monkeypatch.setattr(Decoder, "forward", lambda self, a, c, context="expected": (
-        contexts.append(context) if self.training else None, forward(self, a, c, context))[1])
-    config = TrainConfig(features=str(features), out=str(tmp_path / "r"), attention="hard", epochs=3, batch_size=16,
-                         soft_warmup_epochs=2, val_images=5, val_beam_size=1, model=TINY)
+    monkeypatch.setattr(
+        Decoder,
+        "forward",
+        lambda self, a, c, context="expected": (
+            contexts.append(context) if self.training else None,
+            forward(self, a, c, context),
+        )[1],
+    )
+    config = TrainConfig(
+        features=str(features),
+        out=str(tmp_path / "r"),
+        attention="hard",
+        epochs=3,
+        batch_size=16,
+        soft_warmup_epochs=2,
+        val_images=5,
+        val_beam_size=1,
+        model=TINY,
+    )
     train(config, progress=False)
     steps = len(contexts) // 3  # 1500 captions of one length: 94 minibatches per epoch
-    assert steps == 94 and set(contexts[:2 * steps]) == {"expected"}
-    sampled = contexts[2 * steps:].count("sample") / steps  # binomial, standard deviation 0.045 at p = 0.75
+    assert steps == 94 and set(contexts[: 2 * steps]) == {"expected"}
+    sampled = contexts[2 * steps :].count("sample") / steps  # binomial, standard deviation 0.045 at p = 0.75
     assert abs(sampled - (1 - config.semi_sampling_p)) < 0.15, sampled
 
 
@@ -84,8 +114,20 @@ def test_doubly_stochastic_term_spreads_attention(objects, tmp_path):
     coverage = {}
     for alpha_c in (0.0, 1.0):
         out = tmp_path / f"ac{alpha_c}"
-        train(TrainConfig(features=str(features), out=str(out), lr=3e-3, epochs=4, batch_size=32, patience=0,
-                          ema_decay=0.0, model=TINY, objective={"alpha_c": alpha_c}), progress=False)
+        train(
+            TrainConfig(
+                features=str(features),
+                out=str(out),
+                lr=3e-3,
+                epochs=4,
+                batch_size=32,
+                patience=0,
+                ema_decay=0.0,
+                model=TINY,
+                objective={"alpha_c": alpha_c},
+            ),
+            progress=False,
+        )
         decoder, vocab = build_decoder(load_checkpoint(out / "last.pt"), "last.pt")
         test = AnnotationShards(features, "test")
         captions = torch.tensor([c[0] for c in test.captions])
@@ -99,7 +141,16 @@ def test_checkpoint_contents_and_refusals(objects, tmp_path):
     config = TrainConfig(features=str(features), out=str(tmp_path / "run"), epochs=1, batch_size=64, model=TINY)
     train(config, progress=False)
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
-    assert {"model", "optimizer", "model_config", "train_config", "vocab", "features", "rng", "position"} <= state.keys()
+    assert {
+        "model",
+        "optimizer",
+        "model_config",
+        "train_config",
+        "vocab",
+        "features",
+        "rng",
+        "position",
+    } <= state.keys()
     assert state["features"]["L"] == 16 and state["vocab"][:4] == ["<pad>", "<start>", "<end>", "<unk>"]
     assert state["position"]["epoch"] == 1 and state["position"]["step"] == 24  # 1500 captions of one length / 64
     log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -113,6 +164,7 @@ def test_checkpoint_contents_and_refusals(objects, tmp_path):
 def test_validation_is_free_running_beam_search(objects, tmp_path):
     from pipeline.decode import beam_search
     from pipeline.train import autocast, validate
+
     features, _ = objects  # fp32: under bf16, ties among the logits break differently in the two decoders
     config = TrainConfig(features=str(features), out=str(tmp_path / "r"), epochs=1, model=TINY, precision="fp32")
     train(config, progress=False)
@@ -133,8 +185,17 @@ def test_learning_rate_decays_when_validation_bleu_stalls(objects, tmp_path, lr_
     so the rate halves after every epoch (lr_patience 0) or every second one (1); the log shows
     the rate each epoch ran with, and last.pt carries the rate for the next epoch to a resume."""
     features, _ = objects
-    config = TrainConfig(features=str(features), out=str(tmp_path / "r"), epochs=4, lr=8e-9, lr_patience=lr_patience,
-                         patience=0, val_images=20, val_beam_size=1, model=TINY)
+    config = TrainConfig(
+        features=str(features),
+        out=str(tmp_path / "r"),
+        epochs=4,
+        lr=8e-9,
+        lr_patience=lr_patience,
+        patience=0,
+        val_images=20,
+        val_beam_size=1,
+        model=TINY,
+    )
     state = train(config, progress=False)
     log = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert len({entry["val_bleu4"] for entry in log}) == 1
@@ -145,9 +206,18 @@ def test_learning_rate_decays_when_validation_bleu_stalls(objects, tmp_path, lr_
 
 def test_weight_average_is_what_is_validated_and_loaded(objects, tmp_path):
     from pipeline.train import validate
+
     features, _ = objects
-    config = TrainConfig(features=str(features), out=str(tmp_path / "r"), epochs=2, lr=3e-3, ema_decay=0.9,
-                         val_beam_size=1, model=dict(TINY, attention_input_scale=0), precision="fp32")
+    config = TrainConfig(
+        features=str(features),
+        out=str(tmp_path / "r"),
+        epochs=2,
+        lr=3e-3,
+        ema_decay=0.9,
+        val_beam_size=1,
+        model=dict(TINY, attention_input_scale=0),
+        precision="fp32",
+    )
     state = train(config, progress=False)
     train_shards = AnnotationShards(features, "train")
     rms = torch.stack([train_shards[i] for i in range(len(train_shards))][:256]).pow(2).mean().sqrt().item()
@@ -158,4 +228,6 @@ def test_weight_average_is_what_is_validated_and_loaded(objects, tmp_path):
     assert all(torch.equal(averaged[k], state["ema"][f"module.{k}"]) for k in averaged)
     assert not all(torch.equal(averaged[k], raw[k]) for k in raw)
     logged = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])["val_bleu4"]
-    assert round(validate(decoder, AnnotationShards(features, "val"), config, torch.device("cpu"))["bleu"][3], 2) == logged
+    assert (
+        round(validate(decoder, AnnotationShards(features, "val"), config, torch.device("cpu"))["bleu"][3], 2) == logged
+    )

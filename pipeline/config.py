@@ -1,0 +1,209 @@
+"""The configurations of the two stages, in one light module (no torch), as nanoGPT keeps its
+config: FeatureConfig (stage one), TrainConfig with DecoderConfig and ObjectiveConfig (stage two).
+
+Each option is defined once, here: its default, help, unit, choices and range are the field's
+(:func:`pipeline.options.option`); `cli.py` generates its command-line options from them, and
+building a configuration in Python checks the same ranges (:func:`pipeline.options.check_config`).
+"""
+
+from dataclasses import asdict, dataclass, field
+
+from .options import check_config, option
+
+ENCODER_NAMES = ("vgg19", "vgg16", "resnet101", "resnet152", "squeezenet1_1")  # pipeline.encoders.ENCODERS
+ENCODER_PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # the encoder's arithmetic (pipeline.features)
+CONTEXTS = ("expected", "sample", "argmax")  # how a step's context vector is formed (pipeline.model.Decoder.step)
+BASELINES = ("batch", "moving")  # REINFORCE baselines (pipeline.model.objective)
+
+
+@dataclass
+class FeatureConfig:
+    """Options of feature extraction; each field's help, unit and range are its command-line
+    option's (:mod:`pipeline.options`)."""
+
+    encoder: str = option(
+        "vgg19", "Frozen CNN; vgg19 gives conv5_4: 14x14x512 (L=196, D=512) at 224 px.", choices=ENCODER_NAMES
+    )
+    weights: str = option(
+        "imagenet",
+        "'imagenet' (torchvision's weights, cached or downloaded), 'random' (seeded, "
+        "untrained; for tests), or a state-dict file.",
+    )
+    preprocess: str = option(
+        "center-crop",
+        "center-crop: shorter side to 256 (232 for ResNet's weights) then a 224 "
+        "centre crop, as the weights were trained; resize: squash to 224x224.",
+        choices=("center-crop", "resize"),
+    )
+    image_size: int = option(224, "Encoder input side.", unit="pixels", low=32, high=1024)
+    dtype: str = option("float16", "Storage type of the annotation vectors.", choices=("float16", "float32"))
+    shard_size: int = option(2000, "Images per HDF5 shard (the unit of resume).", unit="images", low=1)
+    batch_size: int = option(32, "Images per encoder forward pass.", unit="images", low=1)
+    num_workers: int | None = option(
+        None,
+        "Image-decoding worker processes (0: decode in the main process). [default: 0 on a CPU, where the "
+        "encoder's threads use every core already; min(8, CPU cores) on a GPU]",
+        low=0,
+        high=64,
+        flag="--workers",
+    )
+    device: str = option("cpu", "Torch device for the encoder: cpu, cuda, cuda:1, ...", kind="device")
+    precision: str = option(
+        "auto",
+        "Encoder arithmetic: fp32, or autocast to fp16/bf16; auto: fp16 on CUDA when --dtype is float16 "
+        "(tensor cores), else fp32. Recorded in the manifest: a resume must use the same.",
+        choices=ENCODER_PRECISIONS,
+    )
+    min_count: int = option(
+        5, "Vocabulary: keep words seen at least this many times in the training captions.", unit="occurrences", low=1
+    )
+
+    def __post_init__(self):
+        check_config(self)
+
+
+@dataclass
+class TrainConfig:
+    """Options of a training run; each field's help, unit and range are its command-line option's
+    (:mod:`pipeline.options`). Model sizes live in DecoderConfig, the objective's weights in
+    ObjectiveConfig (``model`` and ``objective`` hold overrides of their defaults)."""
+
+    features: str  # features folder written by stage one
+    out: str  # run folder: checkpoints and metrics
+    attention: str = option(
+        "soft",
+        "soft: deterministic expected context (eq. 13); hard: sampled locations trained with REINFORCE (eq. 10-12).",
+        choices=("soft", "hard"),
+    )
+    optimizer: str = option(
+        "adam", "Adam (authors' code) or RMSProp (the paper's choice for Flickr8k).", choices=("adam", "rmsprop")
+    )
+    lr: float = option(
+        4e-4,
+        "Initial learning rate (the authors used 2e-4 without decay; 4e-4 with --lr-decay scored higher).",
+        low=0,
+        low_open=True,
+    )
+    batch_size: int = option(64, "Captions per minibatch (all of one length).", unit="captions", low=1)
+    epochs: int = option(20, "Maximum epochs.", low=1)
+    patience: int = option(5, "Early stopping: epochs without a better validation BLEU-4 (0: never stop early).", low=0)
+    lr_decay: float = option(
+        0.5,
+        "Multiply the learning rate by this when validation BLEU-4 stops improving (1: constant).",
+        low=0,
+        high=1,
+        low_open=True,
+    )
+    lr_patience: int = option(
+        0, "Epochs without a better validation BLEU-4 tolerated before each learning-rate decay.", low=0
+    )
+    clip: float = option(5.0, "Gradient L2-norm clipping threshold (0: off).", low=0)
+    ema_decay: float = option(
+        0.999,
+        "Keep an exponential moving average of the weights (decay per step), and "
+        "validate, keep and score it instead of the last weights (0: off; on Flickr8k it gave "
+        "dev BLEU-4 19.6 vs 18.8).",
+        low=0,
+        high=1,
+        high_open=True,
+    )
+    seed: int = option(0, "Random seed (initialisation, batch order, dropout, sampling).", low=0, high=2**32 - 1)
+    device: str = option("cpu", "Torch device: cpu, cuda, cuda:1, ...", kind="device")
+    val_split: str = option("", "Validation split. [default: dev or val, whichever exists]")
+    val_images: int = option(0, "Validate on the first N images only (0: all).", unit="images", low=0)
+    val_beam_size: int = option(3, "Beam size of validation decoding (1: greedy).", low=1, high=100)
+    max_len: int = option(20, "Longest caption decoded at validation.", unit="words", low=1, high=200)
+    decode_context: str = option(
+        "expected",
+        "Hard attention at validation: expected alpha (mean-field, the authors'), a sample, or argmax.",
+        choices=CONTEXTS,
+    )
+    semi_sampling_p: float = option(
+        0.75,
+        "Hard attention: probability that a minibatch uses the expected context instead of a sample (the "
+        "paper: 0.5; on Flickr8k with SqueezeNet features 0.75 kept the gate open: dev BLEU-4 19.2 against 17.3 at "
+        "epoch 7, with --soft-warmup-epochs 2).",
+        low=0,
+        high=1,
+    )
+    soft_warmup_epochs: int = option(
+        2,
+        "Hard attention: epochs trained on the expected context only (soft attention) before sampling starts, so "
+        "that the context is in use before sampled locations' noise can shut the gate (0: sample from the first step, "
+        "as the paper).",
+        low=0,
+    )
+    checkpoint_every: int = option(0, "Also write last.pt every N steps (0: epoch ends only).", unit="steps", low=0)
+    workers: int = option(0, "DataLoader processes reading the shards (0: in-process).", low=0, high=64)
+    precision: str = option(
+        "auto",
+        "bf16: autocast matrix products to bfloat16 (weights stay fp32), about 2x faster "
+        "on CPUs with AVX512-BF16; auto: bf16 where the CPU or GPU computes it natively, else "
+        "fp32.",
+        choices=("auto", "fp32", "bf16"),
+    )
+    tensorboard: bool = option(
+        True,
+        "Do not write OUT/tensorboard (the scalars of metrics.jsonl and an attention "
+        "figure per epoch); OUT/curves.png is written either way.",
+    )
+    model: dict = field(default_factory=dict)  # DecoderConfig overrides: embed_dim, hidden_dim, ...
+    objective: dict = field(default_factory=dict)  # ObjectiveConfig overrides: alpha_c, ...
+
+    def __post_init__(self):
+        check_config(self)
+
+
+@dataclass
+class DecoderConfig:
+    """Sizes and switches of the decoder. Defaults are the paper's / the authors' values; each
+    field's help, unit and range are its command-line option's (:mod:`pipeline.options`)."""
+
+    vocab_size: int
+    annotation_dim: int  # D, from the features manifest
+    embed_dim: int = option(512, "Word embedding size m.", low=1, high=16384)
+    hidden_dim: int = option(1000, "LSTM size n (authors: 1000; 1800 in their COCO config).", low=1, high=16384)
+    attention_dim: int = option(512, "Hidden size of the attention MLP f_att.", low=1, high=16384)
+    attention_layers: int = option(
+        1, "Layers of f_att: 1 as in eq. 4; 2 as in the authors' COCO config.", low=1, high=2
+    )
+    dropout: float = option(0.5, "Dropout probability on h_t and the deep output layer.", low=0, high=1, high_open=True)
+    gating: bool = option(True, "Drop the gating scalar beta_t (section 4.2.1).")
+    prev2out: bool = True  # E y_{t-1} in the deep output (eq. 7)
+    ctx2out: bool = True  # L_z z_t in the deep output (eq. 7)
+    output_tanh: bool = option(False, "tanh before L_o in the deep output (authors' code; not the paper).")
+    # unscaled, SqueezeNet's annotation vectors (RMS 11, 93% zeros) put 66% of tanh's inputs past |2|
+    # at initialisation, where the attention MLP learns slowly
+    attention_input_scale: float = option(
+        1.0,
+        "f_att sees the annotation vectors divided by this; 0: their RMS over the first 256 training images, so "
+        "that its tanh does not saturate at initialisation (SqueezeNet's RMS is 11: 66% of its inputs past |2| "
+        "unscaled).",
+        low=0,
+    )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ObjectiveConfig:
+    """Weights of the training objective's terms; each field's help and range are its
+    command-line option's (:mod:`pipeline.options`)."""
+
+    alpha_c: float = option(1.0, "Weight lambda of the doubly stochastic regularisation (eq. 14).", low=0)
+    reinforce_scale: float = option(0.1, "Hard attention: reward scale lambda_r (eq. 12; the authors' 1/10).", low=0)
+    entropy_c: float = option(0.002, "Hard attention: entropy bonus weight lambda_e (eq. 12).", low=0)
+    baseline: str = option(
+        "batch",
+        "Hard attention: REINFORCE baseline: the mean reward of the other captions of the minibatch (same "
+        "length), or the paper's moving average over minibatches (eq. 12; on Flickr8k its rewards had RMS 9.6 nats "
+        "against 5.7).",
+        choices=BASELINES,
+    )
+    baseline_decay: float = option(
+        0.9, "Hard attention: decay of the moving-average baseline.", low=0, high=1, high_open=True
+    )
+
+    def __post_init__(self):
+        check_config(self)

@@ -1,0 +1,119 @@
+"""Options defined once: each configuration dataclass field carries its help, unit, choices and
+range (:func:`option`), from which `cli.py` generates its click options and against which
+:func:`check_config` checks a configuration built in Python; and the resolved options of a run as a
+flat TOML file (:func:`write_toml`), which `--config FILE` reads back to repeat it.
+"""
+
+import dataclasses
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .atomic import atomic_path
+from .errors import PipelineError, describe
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What the command line knows of a configuration field.
+
+    help: one sentence or two (for a switch on by default, what its ``--no-NAME`` flag does);
+    unit: of the value ('' where it has none); choices: the allowed
+    values; low, high: the allowed range, each end open if ``*_open``; kind: 'device' (a torch
+    device this machine has), 'path' (a file or folder) or '' (none); flag: the option's name if
+    not the field's (``--no-gating`` for ``gating``); cli: False for a field with no option.
+    """
+
+    help: str
+    unit: str = ""
+    choices: tuple = ()
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    kind: str = ""
+    flag: str = ""
+    cli: bool = True
+
+
+def option(default, help: str, **spec):
+    """A dataclass field with ``default`` and its :class:`Spec` (keyword arguments as Spec's)."""
+    factory = {"default_factory": default} if callable(default) else {"default": default}
+    return field(metadata={"spec": Spec(help, **spec)}, **factory)
+
+
+def specs(cls) -> dict:
+    """name -> (default, Spec) of the fields of dataclass ``cls`` that have a Spec."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if "spec" in f.metadata:
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            out[f.name] = (default, f.metadata["spec"])
+    return out
+
+
+def flag_name(name: str, default, spec: Spec) -> str:
+    """The option's name on the command line: ``--embed-dim``; a switch on by default is turned
+    off by ``--no-NAME``."""
+    if spec.flag:
+        return spec.flag
+    base = name.replace("_", "-")
+    return f"--no-{base}" if default is True else f"--{base}"
+
+
+def problem(value, spec: Spec) -> str | None:
+    """Why ``value`` is not allowed by ``spec`` (None if it is)."""
+    if spec.choices and value not in spec.choices:
+        return f"{value!r} is not one of {', '.join(map(str, spec.choices))}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{value!r} is not a finite number"
+    below = spec.low is not None and (value <= spec.low if spec.low_open else value < spec.low)
+    above = spec.high is not None and (value >= spec.high if spec.high_open else value > spec.high)
+    if below or above:
+        return f"{value} is not in the range {range_text(spec)}"
+    return None
+
+
+def range_text(spec: Spec) -> str:
+    """'0<x<=1', 'x>=1', ... as click writes ranges."""
+    left = "" if spec.low is None else f"{spec.low:g}{'<' if spec.low_open else '<='}"
+    right = "" if spec.high is None else f"{'<' if spec.high_open else '<='}{spec.high:g}"
+    return f"{left}x{right}"
+
+
+def check_config(config, prefix: str = "") -> None:
+    """Raise PipelineError naming the first field of dataclass instance ``config`` whose value its
+    Spec does not allow (a configuration built in Python, not through the command line)."""
+    for name, (_, spec) in specs(type(config)).items():
+        why = problem(getattr(config, name), spec)
+        if why:
+            raise PipelineError(f"{prefix}{flag_name(name, None, spec)}: {why}")
+
+
+def read_toml(path) -> dict:
+    """The options in a TOML file (``--config``): one flat table of option names (as in
+    ``config.toml``, underscores or dashes) and values. Raises PipelineError if unreadable."""
+    try:
+        values = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise PipelineError(f"{path}: not a readable TOML file of options ({describe(e)})") from None
+    nested = [k for k, v in values.items() if isinstance(v, dict)]
+    if nested:
+        raise PipelineError(f"{path}: options are one flat table; [{nested[0]}] is not an option")
+    return {k.replace("-", "_"): v for k, v in values.items()}
+
+
+def write_toml(path, values: dict, heading: str) -> None:
+    """Write ``values`` (name -> str, int, float or bool; None left out) as a flat TOML table at
+    ``path``, atomically, under a comment ``heading``."""
+    lines = [f"# {line}" for line in heading.splitlines()]
+    for name, value in values.items():
+        if value is not None:
+            text = ("true" if value else "false") if isinstance(value, bool) else json.dumps(value)
+            lines.append(f"{name} = {text}")
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
