@@ -13,7 +13,7 @@ import torch
 
 from .atomic import atomic_path
 from .errors import PipelineError, describe
-from .model import Decoder, DecoderConfig
+from .model import Decoder, DecoderConfig, upgrade_state_dict
 from .shards import AnnotationShards
 from .text import Vocabulary
 
@@ -61,7 +61,8 @@ def load_checkpoint(path) -> dict:
 
 def build_decoder(checkpoint: dict, path) -> tuple[Decoder, Vocabulary]:
     """The decoder and vocabulary stored in ``checkpoint`` (read from ``path``): the moving average
-    of the weights where the run kept one (``ema_decay``), else the trained weights.
+    of the weights where the run kept one (``ema_decay``), else the trained weights; weights of
+    earlier versions are brought to this one's keys (:func:`pipeline.model.upgrade_state_dict`).
     Raises PipelineError if the weights or the vocabulary do not fit the model's config, or a
     weight is nan or inf."""
     config = DecoderConfig(**checkpoint["model_config"])
@@ -70,8 +71,10 @@ def build_decoder(checkpoint: dict, path) -> tuple[Decoder, Vocabulary]:
         weights = {k.removeprefix("module."): v for k, v in checkpoint["ema"].items() if k != "n_averaged"}
     decoder = Decoder(config)
     try:
-        decoder.load_state_dict(weights)
-    except RuntimeError as e:  # its first line is a heading; the second names the first misfit
+        decoder.load_state_dict(upgrade_state_dict(weights, config))
+    except PipelineError as e:
+        raise PipelineError(f"{path}: {e}") from None
+    except (RuntimeError, KeyError) as e:  # its first line is a heading; the second names the first misfit
         detail = next((line.strip() for line in str(e).splitlines()[1:]), describe(e))[:200]
         raise PipelineError(
             f"{path}: its weights do not fit its model ({detail}); the file is damaged or was "

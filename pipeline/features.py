@@ -186,20 +186,7 @@ def extract_features(
     with distributed.session(config.device) as world, contextlib.ExitStack() as held:
         encoder = build_encoder(config.encoder, config.weights, world.device)
         preprocess = preprocess_for(config.encoder, config.preprocess, config.image_size)
-        h, w, D = encoder.grid(config.image_size)
-        setup = {
-            "format": shards.FORMAT,
-            "dataset": dataset,
-            "encoder": encoder.describe(),
-            "preprocess": preprocess.to_dict(),
-            "grid": [h, w],
-            "L": h * w,
-            "D": D,
-            "dtype": config.dtype,
-            "precision": compute_precision(config, encoder.device),
-            "shard_size": config.shard_size,
-            "weights_name": encoder.weights_name,  # torchvision's weights enum, for 'imagenet'
-        }
+        setup = _setup(encoder, preprocess, config, dataset)
         plan = None
         if world.main:  # rank 0 holds the folder's lock for the whole job
             try:
@@ -241,6 +228,24 @@ def extract_features(
         shards.write_bad_image_report(out / shards.BAD_IMAGES, everything)
     summary.failures = [f for f in everything if f["split"] in splits]
     return summary
+
+
+def _setup(encoder, preprocess, config: FeatureConfig, dataset: str) -> dict:
+    """What the manifest records of how the features are made (a resume must match it)."""
+    h, w, D = encoder.grid(config.image_size)
+    return {
+        "format": shards.FORMAT,
+        "dataset": dataset,
+        "encoder": encoder.describe(),
+        "preprocess": preprocess.to_dict(),
+        "grid": [h, w],
+        "L": h * w,
+        "D": D,
+        "dtype": config.dtype,
+        "precision": compute_precision(config, encoder.device),
+        "shard_size": config.shard_size,
+        "weights_name": encoder.weights_name,  # torchvision's weights enum, for 'imagenet'
+    }
 
 
 def _plan(

@@ -64,6 +64,97 @@ class AttentionTanh(torch.autograd.Function):
         return grad_x, grad_x.sum(1)
 
 
+class Attention(nn.Module):
+    """The attention of Show, Attend and Tell: the MLP f_att (eq. 4), its softmax (eq. 5) and the
+    context vector (eq. 13 soft, eq. 8-9 hard), before the gating scalar.
+
+    annotation: W_a a_i + b, computed once per caption (:meth:`project`); with ``layers`` 2, a
+    second linear layer on the annotation side, as the authors' COCO configuration has it
+    (``n_layers_att=2``: no non-linearity between the two, the note in their code says so);
+    hidden: W_h h_{t-1}; score: w, so e_ti = w^T tanh(annotation(a_i) + W_h h_{t-1}).
+    """
+
+    def __init__(
+        self, annotation_dim: int, hidden_dim: int, attention_dim: int, layers: int = 1, input_scale: float = 1.0
+    ):
+        super().__init__()
+        D, A = annotation_dim, attention_dim
+        self.input_scale = input_scale  # f_att sees a_i / input_scale (DecoderConfig.attention_input_scale)
+        self.annotation = nn.Sequential(nn.Linear(D, A), *[nn.Linear(A, A) for _ in range(layers - 1)])  # W_a
+        self.hidden = nn.Linear(hidden_dim, A, bias=False)  # W_h
+        self.score = nn.Linear(A, 1)  # w
+
+    def project(self, annotations: torch.Tensor) -> torch.Tensor:
+        """annotations (B, L, D) -> projected (B, L, A): the annotation side of f_att."""
+        return self.annotation(annotations / self.input_scale)
+
+    def energies(self, projected: torch.Tensor, att_h: torch.Tensor) -> torch.Tensor:
+        """e (N, L) from projected (N, L, A) and att_h (N, A) = W_h h_{t-1}; the tanh by
+        :class:`AttentionTanh`. Decoding on a CPU, in blocks of rows whose (rows, L, A) sum stays
+        in cache (about 2 MiB): the whole (B*k, L, A) of a batched beam goes to memory and back
+        (bench/RESULTS.md)."""
+        if torch.is_grad_enabled() or projected.device.type != "cpu":
+            return self.score(AttentionTanh.apply(projected, att_h)).squeeze(2)
+        rows = max(1, (1 << 21) // (projected.shape[1] * projected.shape[2] * projected.element_size()))
+        return torch.cat(
+            [self.score(AttentionTanh.apply(p, a)).squeeze(2) for p, a in zip(projected.split(rows), att_h.split(rows))]
+        )
+
+    def forward(self, annotations: torch.Tensor, projected: torch.Tensor, h: torch.Tensor, context="expected"):
+        """One step's attention.
+
+        annotations: (B, L, D); projected: (B, L, A) from :meth:`project`; h: (B, n) h_{t-1};
+        context: 'expected' (soft attention: z = sum_i alpha_i a_i), 'sample' (s ~
+        Multinoulli(alpha)), 'argmax', or a (B,) long tensor of given locations.
+        Returns alpha: (B, L) attention weights; z: (B, D) context vector (before the gating
+        scalar); s: (B,) long chosen locations, or None for 'expected'.
+        Raises PipelineError for an unknown context.
+        """
+        alpha = torch.softmax(self.energies(projected, self.hidden(h)), dim=1)  # (B, L), eq. 5
+        if isinstance(context, str) and context == "expected":
+            return alpha, torch.bmm(alpha.unsqueeze(1), annotations).squeeze(1), None  # eq. 13
+        if torch.is_tensor(context):
+            s = context
+        elif context == "sample":
+            s = torch.multinomial(alpha.detach(), 1).squeeze(1)  # eq. 8
+        elif context == "argmax":
+            s = alpha.argmax(1)
+        else:
+            raise PipelineError(f"unknown context {context!r}; choose one of {', '.join(CONTEXTS)}")
+        return alpha, annotations[torch.arange(len(s), device=s.device), s], s  # eq. 9
+
+
+def upgrade_state_dict(weights: dict, config: DecoderConfig) -> dict:
+    """A decoder state dict written before the :class:`Attention` module (main at 103e4ad and
+    earlier: one Linear ``hidden_proj`` held the LSTM's W_hh, f_att's W_h and the gate's w_beta,
+    each with a bias) in this version's keys; others are returned as they are. f_att's two biases
+    (both added before its tanh) become the annotation side's one.
+    Raises PipelineError for the former 2-layer attention (a second layer after the tanh, which
+    this version replaced with the authors' layer on the annotation side)."""
+    if "hidden_proj.weight" not in weights:
+        return weights
+    if any(k.startswith("att_extra.") for k in weights):
+        raise PipelineError(
+            "written with the former 2-layer attention (its second layer after the tanh), which is "
+            "not the authors' and is gone: retrain with --attention-layers 2"
+        )
+    n, A = config.hidden_dim, config.attention_dim
+    W, b = weights["hidden_proj.weight"], weights["hidden_proj.bias"]  # (4n + A + 1, n), (4n + A + 1,)
+    moved = {
+        "lstm_hidden.weight": W[: 4 * n],
+        "lstm_hidden.bias": b[: 4 * n],
+        "gate.weight": W[-1:],
+        "gate.bias": b[-1:],
+        "attention.hidden.weight": W[4 * n : 4 * n + A],
+        "attention.annotation.0.weight": weights["att_annotation.weight"],
+        "attention.annotation.0.bias": weights["att_annotation.bias"] + b[4 * n : 4 * n + A],
+        "attention.score.weight": weights["att_score.weight"],
+        "attention.score.bias": weights["att_score.bias"],
+    }
+    kept = {k: v for k, v in weights.items() if not k.startswith(("hidden_proj.", "att_annotation.", "att_score."))}
+    return {**kept, **{k: v.clone() for k, v in moved.items()}}
+
+
 @dataclass
 class DecoderOutput:
     """What a teacher-forced pass returns (B captions, T predicted steps, L locations).
@@ -89,78 +180,45 @@ class Decoder(nn.Module):
         D, m, n, A = c.annotation_dim, c.embed_dim, c.hidden_dim, c.attention_dim
         self.embedding = nn.Embedding(c.vocab_size, m)  # E
         self.init_h, self.init_c = nn.Linear(D, n), nn.Linear(D, n)  # f_init
-        self.att_annotation = nn.Linear(D, A)  # W_a a_i + b
-        # h_{t-1} feeds three things at once: the LSTM gates (W_hh), f_att (W_h) and beta
-        self.hidden_proj = nn.Linear(n, 4 * n + A + 1)
-        self.att_extra = nn.Sequential(
-            *[m for _ in range(c.attention_layers - 1) for m in (nn.Linear(A, A), nn.Tanh())]
-        )
-        self.att_score = nn.Linear(A, 1)  # w
+        self.attention = Attention(D, n, A, c.attention_layers, c.attention_input_scale)  # f_att
+        self.lstm_hidden = nn.Linear(n, 4 * n)  # W_hh h_{t-1} + b of eq. 1
+        self.gate = nn.Linear(n, 1)  # w_beta, b_beta: the gating scalar (section 4.2.1)
         self.input_embed = nn.Linear(m, 4 * n, bias=False)  # W_e
         self.input_context = nn.Linear(D, 4 * n, bias=False)  # W_z
         self.out_hidden = nn.Linear(n, m)  # L_h
         self.out_context = nn.Linear(D, m, bias=False) if c.ctx2out else None  # L_z
         self.out_vocab = nn.Linear(m, c.vocab_size)  # L_o
         self.drop = nn.Dropout(c.dropout)
-        with torch.no_grad():  # LSTM forget-gate bias 1 (Jozefowicz et al. 2015)
-            self.hidden_proj.bias[n : 2 * n].fill_(1.0)
+        with torch.no_grad():  # the forget gate's bias 1 (Jozefowicz et al. 2015); gates in order i, f, o, g
+            self.lstm_hidden.bias[n : 2 * n].fill_(1.0)
 
     # -- the pieces -------------------------------------------------------------------------------
 
     def init_state(self, annotations: torch.Tensor):
-        """Initial (h_0, c_0) and the attention projection W_a a_i + b (of a_i divided by
-        ``config.attention_input_scale``).
+        """Initial (h_0, c_0) and the attention's projection of the annotation vectors.
 
         annotations: (B, L, D) float. Returns h0, c0: (B, n); proj: (B, L, A).
         """
-        mean = annotations.mean(1)
-        proj = self.att_annotation(annotations / self.config.attention_input_scale)
-        return torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean)), proj
+        mean = annotations.mean(1)  # (B, D)
+        return torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean)), self.attention.project(annotations)
 
     def step(self, embedded, h, c, annotations, proj, context: str = "expected"):
         """One step of attention and LSTM (the module docstring's equations).
 
         embedded: (B, m) E y_{t-1}; h, c: (B, n) state t-1; annotations: (B, L, D);
-        proj: (B, L, A) from :meth:`init_state`; context: 'expected' (soft attention, also the
-        hard model's mean-field decoding), 'sample' (s_t ~ Multinoulli(alpha_t)), 'argmax', or a
-        (B,) long tensor of given locations s_t.
+        proj: (B, L, A) from :meth:`init_state`; context: as in :meth:`Attention.forward`.
         Returns h, c: (B, n) state t; z: (B, D) context vector; alpha: (B, L); beta: (B,);
         s: (B,) long chosen locations (None for 'expected').
         """
-        n, A = self.config.hidden_dim, self.config.attention_dim
-        hp = self.hidden_proj(h)
-        gates_h, att_h, beta_logit = hp[:, : 4 * n], hp[:, 4 * n : 4 * n + A], hp[:, -1]
-        if torch.is_grad_enabled() or proj.device.type != "cpu":
-            e = self.energies(proj, att_h)
-        else:  # decoding on a CPU: blocks of rows whose (rows, L, A) sum stays in cache (about 2 MiB);
-            # the whole (B*k, L, A) of a batched beam goes to memory and back (bench/RESULTS.md)
-            rows = max(1, (1 << 21) // (proj.shape[1] * proj.shape[2] * proj.element_size()))
-            e = torch.cat([self.energies(p, a) for p, a in zip(proj.split(rows), att_h.split(rows))])
-        alpha = torch.softmax(e, dim=1)  # eq. 5
-        if isinstance(context, str) and context == "expected":
-            s, z = None, torch.bmm(alpha.unsqueeze(1), annotations).squeeze(1)
-        else:
-            if torch.is_tensor(context):
-                s = context
-            elif context == "sample":
-                s = torch.multinomial(alpha.detach(), 1).squeeze(1)
-            elif context == "argmax":
-                s = alpha.argmax(1)
-            else:
-                raise PipelineError(f"unknown context {context!r}; choose one of {', '.join(CONTEXTS)}")
-            z = annotations[torch.arange(len(s), device=s.device), s]
+        alpha, z, s = self.attention(annotations, proj, h, context)  # (B, L), (B, D), (B,) or None
+        beta_logit = self.gate(h).squeeze(1)  # (B,)
         beta = torch.sigmoid(beta_logit) if self.config.gating else torch.ones_like(beta_logit)
-        z = beta.unsqueeze(1) * z
-        gates = gates_h + self.input_embed(embedded) + self.input_context(z)  # eq. 1
+        z = beta.unsqueeze(1) * z  # (B, D)
+        gates = self.lstm_hidden(h) + self.input_embed(embedded) + self.input_context(z)  # (B, 4n), eq. 1
         i, f, o, g = gates.chunk(4, dim=1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)  # eq. 2
         h = torch.sigmoid(o) * torch.tanh(c)  # eq. 3
         return h, c, z, alpha, beta, s
-
-    def energies(self, proj: torch.Tensor, att_h: torch.Tensor) -> torch.Tensor:
-        """The attention MLP f_att (eq. 4): e (N, L) from proj (N, L, A), W_a a_i + b, and att_h
-        (N, A), W_h h_{t-1}; its tanh by :class:`AttentionTanh`."""
-        return self.att_score(self.att_extra(AttentionTanh.apply(proj, att_h))).squeeze(2)
 
     def output(self, embedded, h, z) -> torch.Tensor:
         """Deep output layer (eq. 7): logits (..., V) from E y_{t-1} (..., m), h_t (..., n) and

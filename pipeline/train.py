@@ -14,7 +14,7 @@ import json
 import math
 import time
 from collections import defaultdict
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -307,188 +307,258 @@ def _check_new_run(out: Path) -> None:
         raise PipelineError(f"{out} already holds a run ({', '.join(found)}); {how}, or pass another --out")
 
 
-def _train(config: TrainConfig, resume: bool, progress: bool, world: distributed.World, given: set[str]) -> dict:
-    out = Path(config.out)
-    if resume:
-        state = load_checkpoint(out / LAST)  # its options, but the folders given now (they may have moved)
-        config = resumed_config(state["train_config"], config, given, out / LAST)
-        if len(state["rng"]["cpu"]) != world.size:
-            n = len(state["rng"]["cpu"])
-            raise PipelineError(
-                f"{out / LAST}: written by a run of {n} process(es); resume it with as many "
-                f"(torchrun --nproc-per-node {n}; no torchrun for 1)"
-            )
-        if world.main:
-            print(f"resuming {out / LAST}: epoch {state['position']['epoch'] + 1}, step {state['position']['step']}")
-    else:
-        _check_new_run(out)
-    device = world.device
+@dataclass
+class TrainState:
+    """Everything a training run holds between steps, in place of a closure over a dozen names:
+    the options, the data, the model and its optimizer and weight average, and where the run is.
+    ``position`` (epoch, batch within it, step, the epoch's running statistics) and ``run`` (the
+    moving baseline, the best BLEU-4 and its epoch, epochs without improvement) are what a
+    checkpoint records of the run's progress, as plain dicts."""
+
+    config: TrainConfig
+    world: distributed.World
+    train: AnnotationShards
+    val: AnnotationShards
+    val_split: str
+    model_config: DecoderConfig
+    objective_config: ObjectiveConfig
+    decoder: Decoder
+    model: torch.nn.Module  # what the steps call: the decoder, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    ema: AveragedModel | None
+    position: dict = field(default_factory=lambda: {"epoch": 0, "batch": 0, "step": 0, "sums": {}})
+    run: dict = field(
+        default_factory=lambda: {"baseline": None, "best_bleu4": -1.0, "best_epoch": -1, "stale_epochs": 0}
+    )
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.out)
+
+
+def _open_features(config: TrainConfig) -> tuple[AnnotationShards, AnnotationShards, str]:
+    """(training shards, validation shards, validation split) of ``config.features``."""
     train_shards = AnnotationShards(config.features, "train")
     val_split = config.val_split or next((s for s in ("dev", "val") if s in train_shards.manifest["splits"]), None)
     if val_split is None:
         raise PipelineError(f"{config.features}: no 'dev' or 'val' features to validate on; pass --val-split")
-    val_shards = AnnotationShards(config.features, val_split)
-    pairs = CaptionPairs(train_shards)
-    features = feature_identity(train_shards)
+    return train_shards, AnnotationShards(config.features, val_split), val_split
 
+
+def _setup(config: TrainConfig, saved: dict | None, world: distributed.World) -> TrainState:
+    """A new run's state, or (``saved``: its last.pt) the state of the run to resume, in the
+    order that draws the same random numbers either way."""
+    train_shards, val_shards, val_split = _open_features(config)
     torch.manual_seed(config.seed)
-    if resume:
-        model_config = DecoderConfig(**state["model_config"])
+    if saved is not None:
+        model_config = DecoderConfig(**saved["model_config"])
     else:
         model = dict(config.model)
         if model.get("attention_input_scale") == 0:  # 0: the RMS of the training annotation vectors
             model["attention_input_scale"] = annotation_rms(train_shards)
         model_config = DecoderConfig(vocab_size=len(train_shards.vocab), annotation_dim=train_shards.D, **model)
-    decoder = Decoder(model_config).to(device)
-    model = DistributedDataParallel(decoder) if world.size > 1 else decoder  # what the training steps call
-    objective_config = ObjectiveConfig(**config.objective)
+    decoder = Decoder(model_config).to(world.device)
     optimizer = make_optimizer(decoder.parameters(), config)
     ema = AveragedModel(decoder, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay)) if config.ema_decay else None
-    position = {"epoch": 0, "batch": 0, "step": 0, "sums": {}}  # sums: per-epoch statistics, see _accumulate
-    run = {"baseline": None, "best_bleu4": -1.0, "best_epoch": -1, "stale_epochs": 0}
+    state = TrainState(
+        config,
+        world,
+        train_shards,
+        val_shards,
+        val_split,
+        model_config,
+        ObjectiveConfig(**config.objective),
+        decoder,
+        DistributedDataParallel(decoder) if world.size > 1 else decoder,
+        optimizer,
+        ema,
+    )
+    if saved is not None:
+        _restore(state, saved)
+    return state
+
+
+def _restore(s: TrainState, saved: dict) -> None:
+    """Load a resumed run's weights, optimizer, weight average, random state and progress."""
+    check_features(saved, s.train, s.out / LAST)
+    if saved["vocab"] != s.train.vocab.words:
+        raise PipelineError(
+            f"{s.train.dir / 'vocab.json'}: not the vocabulary {s.out / LAST} was trained with "
+            f"({len(s.train.vocab)} words, it has {len(saved['vocab'])}); resume on the features the run started from"
+        )
+    if "hidden_proj.weight" in saved["model"]:
+        raise PipelineError(
+            f"{s.out / LAST}: written by an earlier version (before the Attention module); it loads "
+            "for captioning and scoring, but cannot be resumed: start a new run in another --out"
+        )
+    s.decoder.load_state_dict(saved["model"])
+    s.optimizer.load_state_dict(saved["optimizer"])
+    if s.ema is not None:
+        s.ema.load_state_dict(saved["ema"])
+    torch.set_rng_state(saved["rng"]["cpu"][s.world.rank])
+    if s.world.device.type == "cuda":
+        torch.cuda.set_rng_state(saved["rng"]["cuda"][s.world.rank], s.world.device)
+    s.position, s.run = _migrated(saved["position"]), saved["run"]
+
+
+def _checkpoint(s: TrainState, path: Path) -> dict:
+    """The training state as a checkpoint, with every rank's random state; rank 0 writes it to
+    ``path`` (never with a non-finite weight: PipelineError instead)."""
+    weights = [s.decoder.state_dict()] + ([s.ema.state_dict()] if s.ema is not None else [])
+    if not all(t.isfinite().all() for sd in weights for t in sd.values() if t.is_floating_point()):
+        raise PipelineError(
+            f"{path}: not written: the weights hold nan or inf values at epoch {s.position['epoch'] + 1}, step "
+            f"{s.position['step']}; the file keeps its last whole state: start a new run with a lower --lr or a --clip"
+        )
+    rng = {"cpu": s.world.gather(torch.get_rng_state())}
+    if s.world.device.type == "cuda":
+        rng["cuda"] = s.world.gather(torch.cuda.get_rng_state(s.world.device))
+    state = {
+        "model": s.decoder.state_dict(),
+        "optimizer": s.optimizer.state_dict(),
+        "model_config": s.model_config.to_dict(),
+        "train_config": asdict(s.config),
+        "objective_config": asdict(s.objective_config),
+        "vocab": s.train.vocab.words,
+        "features": feature_identity(s.train),
+        "rng": rng,
+        "position": dict(s.position),
+        "run": dict(s.run),
+    }
+    if s.ema is not None:
+        state["ema"] = s.ema.state_dict()
+    if s.world.main:
+        save_checkpoint(path, state)
+    return state
+
+
+def _train(config: TrainConfig, resume: bool, progress: bool, world: distributed.World, given: set[str]) -> dict:
+    out, saved = Path(config.out), None
     if resume:
-        check_features(state, train_shards, out / LAST)
-        if state["vocab"] != train_shards.vocab.words:
+        saved = load_checkpoint(out / LAST)  # its options, but the folders given now (they may have moved)
+        config = resumed_config(saved["train_config"], config, given, out / LAST)
+        if len(saved["rng"]["cpu"]) != world.size:
+            n = len(saved["rng"]["cpu"])
             raise PipelineError(
-                f"{train_shards.dir / 'vocab.json'}: not the vocabulary {out / LAST} was trained with "
-                f"({len(train_shards.vocab)} words, it has {len(state['vocab'])}); resume on the "
-                "features the run started from"
+                f"{out / LAST}: written by a run of {n} process(es); resume it with as many "
+                f"(torchrun --nproc-per-node {n}; no torchrun for 1)"
             )
-        decoder.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        torch.set_rng_state(state["rng"]["cpu"][world.rank])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"][world.rank], device)
-        position, run = _migrated(state["position"]), state["run"]
         if world.main:
-            _truncate_log(out, position["epoch"])
+            print(f"resuming {out / LAST}: epoch {saved['position']['epoch'] + 1}, step {saved['position']['step']}")
+    else:
+        _check_new_run(out)
+    s = _setup(config, saved, world)
     if world.main:
+        if resume:
+            _truncate_log(out, s.position["epoch"])
         out.mkdir(parents=True, exist_ok=True)
         write_config(config)
-
-    def checkpoint(path: Path) -> dict:
-        """The training state, with every rank's random state; rank 0 writes it to ``path``
-        (never with a non-finite weight: PipelineError instead)."""
-        weights = [decoder.state_dict()] + ([ema.state_dict()] if ema is not None else [])
-        if not all(t.isfinite().all() for sd in weights for t in sd.values() if t.is_floating_point()):
-            raise PipelineError(
-                f"{path}: not written: the weights hold nan or inf values at epoch "
-                f"{position['epoch'] + 1}, step {position['step']}; the file keeps its last whole "
-                "state: start a new run with a lower --lr or a --clip"
-            )
-        rng = {"cpu": world.gather(torch.get_rng_state())}
-        if device.type == "cuda":
-            rng["cuda"] = world.gather(torch.cuda.get_rng_state(device))
-        state = {
-            "model": decoder.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "model_config": model_config.to_dict(),
-            "train_config": asdict(config),
-            "objective_config": asdict(objective_config),
-            "vocab": train_shards.vocab.words,
-            "features": features,
-            "rng": rng,
-            "position": dict(position),
-            "run": dict(run),
-        }
-        if ema is not None:
-            state["ema"] = ema.state_dict()
-        if world.main:
-            save_checkpoint(path, state)
-        return state
-
-    state = None if resume else checkpoint(out / LAST)  # a fresh run's folder can be resumed from its start
-    monitor = Monitor(out, val_split, config.tensorboard, position["epoch"]) if world.main else None
-    first_image = figure_image(val_shards.paths[0], val_shards.manifest["preprocess"]) if world.main else None
-    for epoch in range(position["epoch"], config.epochs):
-        if config.patience and run["stale_epochs"] >= config.patience:
+    state = None if resume else _checkpoint(s, out / LAST)  # a fresh run's folder can be resumed from its start
+    monitor = Monitor(out, s.val_split, config.tensorboard, s.position["epoch"]) if world.main else None
+    for epoch in range(s.position["epoch"], config.epochs):
+        if config.patience and s.run["stale_epochs"] >= config.patience:
             break
-        batches = epoch_batches(pairs, config, epoch)
-        batches = world.share(batches[: len(batches) - len(batches) % world.size])
-        loader = DataLoader(
-            pairs,
-            batch_sampler=batches[position["batch"] :],
-            num_workers=config.workers,
-            generator=torch.Generator(),
-            pin_memory=device.type == "cuda",
-        )
-        bar = tqdm(
-            loader,
-            total=len(batches),
-            initial=position["batch"],
-            desc=f"epoch {epoch + 1}/{config.epochs}",
-            unit="batch",
-            disable=not progress,
-            dynamic_ncols=True,
-        )
-        model.train()
-        start, captions_seen = time.perf_counter(), 0
-        for annotations, captions, images in bar:
-            annotations, captions = annotations.to(device, non_blocking=True), captions.to(device, non_blocking=True)
-            try:
-                loss, stats = train_step(model, optimizer, annotations, captions, config, objective_config, run, epoch)
-            except NonFinite as e:
-                names = ", ".join(train_shards.image_ids[i] for i in images.unique()[:3].tolist())
-                raise PipelineError(
-                    f"{out}: epoch {epoch + 1}, step {position['step'] + 1}: {e} (minibatch of "
-                    f"images {names}, ...); training stopped, no checkpoint holds these values: "
-                    "start a new run with a lower --lr or a --clip"
-                ) from None
-            if ema is not None:
-                ema.update_parameters(decoder)
-            position["batch"] += 1
-            position["step"] += 1
-            captions_seen += len(captions)
-            _accumulate(position["sums"], dict(stats, loss=loss.item()), len(captions))
-            bar.set_postfix(loss=f"{loss.item():.2f}", caps_s=f"{captions_seen / (time.perf_counter() - start):.0f}")
-            if config.checkpoint_every and position["step"] % config.checkpoint_every == 0:
-                checkpoint(out / LAST)
-        bar.close()
-        seconds = time.perf_counter() - start
-        val = world.broadcast(
-            validate(decoder if ema is None else ema.module, val_shards, config, device) if world.main else None
-        )
-        bleu4 = val["bleu"][3]
-        improved = bleu4 > run["best_bleu4"]
-        run.update(
-            best_bleu4=max(bleu4, run["best_bleu4"]),
-            best_epoch=epoch + 1 if improved else run["best_epoch"],
-            stale_epochs=0 if improved else run["stale_epochs"] + 1,
-        )
-        lr = optimizer.param_groups[0]["lr"]
-        if not improved and run["stale_epochs"] % (config.lr_patience + 1) == 0:
-            for group in optimizer.param_groups:  # the optimizer's state_dict carries it into last.pt
-                group["lr"] *= config.lr_decay
-        seen = sum(world.gather(captions_seen))
-        record = {
-            "epoch": epoch + 1,
-            "step": position["step"],
-            **_means(world.gather(position["sums"])),
-            f"{val_split}_bleu": [round(b, 2) for b in val["bleu"]],
-            f"{val_split}_bleu4": round(bleu4, 2),
-            "attention_entropy": round(val["attention_entropy"], 3),
-            "lr": lr,
-            "seconds": round(seconds, 1),
-            "captions_per_s": round(seen / seconds, 1) if seconds else None,
-        }
-        position.update(epoch=epoch + 1, batch=0, sums={})
-        if world.main:  # logged before last.pt: a resume drops log lines past its checkpoint, never misses one
-            _log(out, record)
-            monitor.epoch(record, (first_image, val["captions"][0], val["first_alpha"], val_shards.grid))
-        state = checkpoint(out / LAST)
-        if not world.main:
-            continue
-        if improved:
-            save_checkpoint(out / BEST, state)
-        print(
-            f"epoch {epoch + 1}: loss {record['loss']:.3f}, {val_split} BLEU-4 {bleu4:.2f} "
-            f"(best {run['best_bleu4']:.2f} at epoch {run['best_epoch']}), attention entropy "
-            f"{val['attention_entropy']:.2f} nats (uniform {math.log(val_shards.L):.2f}), lr {lr:.2g}, "
-            f"{seconds:.0f} s, "
-            f'{record["captions_per_s"]} captions/s; e.g. "{" ".join(val["captions"][0])}"'
-        )
+        seen, seconds = _epoch(s, epoch, progress)
+        state = _end_epoch(s, epoch, seen, seconds, monitor)
     if monitor is not None:
         monitor.close()
-    return state or checkpoint(out / LAST)
+    return state or _checkpoint(s, out / LAST)
+
+
+def _epoch(s: TrainState, epoch: int, progress: bool) -> tuple[int, float]:
+    """Train one epoch (from ``s.position['batch']`` on, for a resumed one); returns (captions
+    this process saw, seconds)."""
+    config, device = s.config, s.world.device
+    pairs = CaptionPairs(s.train)
+    batches = epoch_batches(pairs, config, epoch)
+    batches = s.world.share(batches[: len(batches) - len(batches) % s.world.size])
+    loader = DataLoader(
+        pairs,
+        batch_sampler=batches[s.position["batch"] :],
+        num_workers=config.workers,
+        generator=torch.Generator(),
+        pin_memory=device.type == "cuda",
+    )
+    bar = tqdm(
+        loader,
+        total=len(batches),
+        initial=s.position["batch"],
+        desc=f"epoch {epoch + 1}/{config.epochs}",
+        unit="batch",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    s.model.train()
+    start, seen = time.perf_counter(), 0
+    for annotations, captions, images in bar:
+        annotations, captions = annotations.to(device, non_blocking=True), captions.to(device, non_blocking=True)
+        try:
+            loss, stats = train_step(
+                s.model, s.optimizer, annotations, captions, config, s.objective_config, s.run, epoch
+            )
+        except NonFinite as e:
+            names = ", ".join(s.train.image_ids[i] for i in images.unique()[:3].tolist())
+            raise PipelineError(
+                f"{s.out}: epoch {epoch + 1}, step {s.position['step'] + 1}: {e} (minibatch of images "
+                f"{names}, ...); training stopped, no checkpoint holds these values: start a new run "
+                "with a lower --lr or a --clip"
+            ) from None
+        if s.ema is not None:
+            s.ema.update_parameters(s.decoder)
+        s.position["batch"] += 1
+        s.position["step"] += 1
+        seen += len(captions)
+        _accumulate(s.position["sums"], dict(stats, loss=loss.item()), len(captions))
+        bar.set_postfix(loss=f"{loss.item():.2f}", caps_s=f"{seen / (time.perf_counter() - start):.0f}")
+        if config.checkpoint_every and s.position["step"] % config.checkpoint_every == 0:
+            _checkpoint(s, s.out / LAST)
+    bar.close()
+    return seen, time.perf_counter() - start
+
+
+def _end_epoch(s: TrainState, epoch: int, seen: int, seconds: float, monitor: Monitor | None) -> dict:
+    """Validate, decay the learning rate, log, and write last.pt (and best.pt when BLEU-4
+    improved); returns the checkpoint."""
+    config, world, run = s.config, s.world, s.run
+    val = world.broadcast(
+        validate(s.decoder if s.ema is None else s.ema.module, s.val, config, world.device) if world.main else None
+    )
+    bleu4 = val["bleu"][3]
+    improved = bleu4 > run["best_bleu4"]
+    run.update(
+        best_bleu4=max(bleu4, run["best_bleu4"]),
+        best_epoch=epoch + 1 if improved else run["best_epoch"],
+        stale_epochs=0 if improved else run["stale_epochs"] + 1,
+    )
+    lr = s.optimizer.param_groups[0]["lr"]
+    if not improved and run["stale_epochs"] % (config.lr_patience + 1) == 0:
+        for group in s.optimizer.param_groups:  # the optimizer's state_dict carries it into last.pt
+            group["lr"] *= config.lr_decay
+    seen = sum(world.gather(seen))
+    record = {
+        "epoch": epoch + 1,
+        "step": s.position["step"],
+        **_means(world.gather(s.position["sums"])),
+        f"{s.val_split}_bleu": [round(b, 2) for b in val["bleu"]],
+        f"{s.val_split}_bleu4": round(bleu4, 2),
+        "attention_entropy": round(val["attention_entropy"], 3),
+        "lr": lr,
+        "seconds": round(seconds, 1),
+        "captions_per_s": round(seen / seconds, 1) if seconds else None,
+    }
+    s.position.update(epoch=epoch + 1, batch=0, sums={})
+    if world.main:  # logged before last.pt: a resume drops log lines past its checkpoint, never misses one
+        _log(s.out, record)
+        image = figure_image(s.val.paths[0], s.val.manifest["preprocess"])
+        monitor.epoch(record, (image, val["captions"][0], val["first_alpha"], s.val.grid))
+    state = _checkpoint(s, s.out / LAST)
+    if world.main:
+        if improved:
+            save_checkpoint(s.out / BEST, state)
+        print(
+            f"epoch {epoch + 1}: loss {record['loss']:.3f}, {s.val_split} BLEU-4 {bleu4:.2f} (best "
+            f"{run['best_bleu4']:.2f} at epoch {run['best_epoch']}), attention entropy "
+            f"{val['attention_entropy']:.2f} nats (uniform {math.log(s.val.L):.2f}), lr {lr:.2g}, {seconds:.0f} s, "
+            f'{record["captions_per_s"]} captions/s; e.g. "{" ".join(val["captions"][0])}"'
+        )
+    return state

@@ -95,6 +95,6 @@ def test_hard_attention_sampling_returns_locations(trained):
     decoder, vocab, a = trained
     captions = beam_search(decoder, a[:4], vocab.start, vocab.end, beam_size=2, context="argmax")
     for c in captions:
-        assert c.locations is not None and len(c.locations) == len(c.tokens) + 1
+        assert c.locations is not None and len(c.locations) == len(c.tokens) + c.ended  # <end> has one too
         assert torch.equal(c.locations, c.alpha.argmax(1))
     assert beam_search(decoder, a[:1], vocab.start, vocab.end)[0].locations is None
