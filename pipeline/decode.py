@@ -2,6 +2,8 @@
 
 Both run every image of a batch at once (beam search as one (B*k)-row tensor program), through
 the decoder's own :meth:`~pipeline.model.Decoder.step` and :meth:`~pipeline.model.Decoder.output`.
+The decoder's recurrent state is an opaque tuple of (rows, ...) tensors: beam search reorders it
+by indexing every tensor alike, so another recurrent cell needs no change here.
 """
 
 from dataclasses import dataclass
@@ -21,20 +23,20 @@ def greedy_decode(
     caption's ``<end>`` hold whatever was decoded there and are to be cut at the first ``end``)
     and alpha: (B, T, L) the attention weights of each step. context as in :meth:`Decoder.step`.
     """
-    annotations = in_autocast_dtype(annotations)
-    h, c, proj = decoder.init_state(annotations)
-    token = torch.full((annotations.shape[0],), start, dtype=torch.long, device=annotations.device)
-    done = torch.zeros_like(token, dtype=torch.bool)
-    tokens, alphas = [], []
+    annotations = in_autocast_dtype(annotations)  # (B, L, D)
+    state, proj = decoder.init_state(annotations)  # opaque tuple of (B, ...); proj (B, L, A)
+    token = torch.full((annotations.shape[0],), start, dtype=torch.long, device=annotations.device)  # (B,)
+    done = torch.zeros_like(token, dtype=torch.bool)  # (B,)
+    tokens, alphas = [], []  # each step: (B,), (B, L)
     for _ in range(max_len):
-        embedded = decoder.embedding(token)
-        h, c, z, alpha, _, _ = decoder.step(embedded, h, c, annotations, proj, context)
-        token = decoder.output(embedded, h, z).argmax(1)
+        embedded = decoder.embedding(token)  # (B, m)
+        state, z, alpha, _, _ = decoder.step(embedded, state, annotations, proj, context)  # z (B, D), alpha (B, L)
+        token = decoder.output(embedded, decoder.hidden(state), z).argmax(1)  # (B,)
         tokens.append(token), alphas.append(alpha)
         done |= token == end
         if done.all():
             break
-    return torch.stack(tokens, 1), torch.stack(alphas, 1)
+    return torch.stack(tokens, 1), torch.stack(alphas, 1)  # (B, T), (B, T, L)
 
 
 @dataclass
@@ -116,12 +118,13 @@ def n_best(
 
 def _beam(decoder, annotations, start, end, beam_size, max_len, length_penalty, context, n) -> list[list[Caption]]:
     """The beam search of :func:`n_best` proper (without its greedy safeguard)."""
-    B, L, _ = annotations.shape
+    B, L, _ = annotations.shape  # annotations (B, L, D)
     k, device, inf = beam_size, annotations.device, float("-inf")
     rows = torch.arange(B, device=device).unsqueeze(1)  # (B, 1)
-    h, c, proj = decoder.init_state(annotations)
-    a, h, c, proj = (x.repeat_interleave(k, 0) for x in (annotations, h, c, proj))  # (B*k, ...)
-    score = torch.full((B, k), inf, device=device)  # live hypotheses' log-probabilities
+    state, proj = decoder.init_state(annotations)  # opaque tuple of (B, ...); proj (B, L, A)
+    state = tuple(x.repeat_interleave(k, 0) for x in state)  # (B*k, ...): k rows per image
+    a, proj = annotations.repeat_interleave(k, 0), proj.repeat_interleave(k, 0)  # (B*k, L, D), (B*k, L, A)
+    score = torch.full((B, k), inf, device=device)  # (B, k) live hypotheses' log-probabilities
     score[:, 0] = 0.0  # one live hypothesis to start with
     token = torch.full((B * k,), start, dtype=torch.long, device=device)  # (B*k,) their last words
     # live hypotheses (B, k, t, ...), and each image's n best finished ones (B, n, ...), best first
@@ -138,15 +141,15 @@ def _beam(decoder, annotations, start, end, beam_size, max_len, length_penalty, 
     }
     for t in range(1, max_len + 1):
         embedded = decoder.embedding(token)  # (B*k, m)
-        h, c, z, alpha, _, s = decoder.step(embedded, h, c, a, proj, context)  # alpha (B*k, L); s (B*k,) or None
-        log_p = torch.log_softmax(decoder.output(embedded, h, z), dim=1)  # (B*k, V)
-        V = log_p.shape[1]
+        state, z, alpha, _, s = decoder.step(embedded, state, a, proj, context)  # z (B*k, D); alpha (B*k, L)
+        log_p = torch.log_softmax(decoder.output(embedded, decoder.hidden(state), z), dim=1)  # (B*k, V)
+        V = log_p.shape[1]  # vocabulary size
         top, index = (score.view(B * k, 1) + log_p).view(B, k * V).topk(2 * k, dim=1)  # (B, 2k)
         beam, word = torch.div(index, V, rounding_mode="floor"), index % V  # (B, 2k) each
         src = rows * k + beam  # (B, 2k) rows of the (B*k) tensors the candidates extend
         history = torch.cat([history[rows, beam], word.unsqueeze(2)], 2)  # (B, 2k, t)
         alphas = torch.cat([alphas[rows, beam], alpha[src].unsqueeze(2)], 2)  # (B, 2k, t, L)
-        step_places = s[src] if s is not None else torch.zeros_like(word)
+        step_places = s[src] if s is not None else torch.zeros_like(word)  # (B, 2k) sampled locations
         places = torch.cat([places[rows, beam], step_places.unsqueeze(2)], 2)  # (B, 2k, t)
         # retire the candidates among the k best that end into each image's pool of n best
         is_end = word == end  # (B, 2k)
@@ -166,7 +169,8 @@ def _beam(decoder, annotations, start, end, beam_size, max_len, length_penalty, 
         score, keep = top.masked_fill(is_end, inf).topk(k, dim=1)  # (B, k)
         history, alphas, places = history[rows, keep], alphas[rows, keep], places[rows, keep]  # (B, k, t, ...)
         chosen = src.gather(1, keep).view(-1)  # (B*k,)
-        h, c, token = h[chosen], c[chosen], word.gather(1, keep).view(-1)
+        state = tuple(x[chosen] for x in state)  # (B*k, ...) each: the state of the hypotheses kept
+        token = word.gather(1, keep).view(-1)  # (B*k,)
         # without a length penalty log-probabilities only fall: stop once nothing live can enter a pool
         if length_penalty == 0 and (done["rank"][:, -1] >= score[:, 0]).all():
             break

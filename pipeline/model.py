@@ -194,22 +194,32 @@ class Decoder(nn.Module):
 
     # -- the pieces -------------------------------------------------------------------------------
 
-    def init_state(self, annotations: torch.Tensor):
-        """Initial (h_0, c_0) and the attention's projection of the annotation vectors.
+    def init_state(self, annotations: torch.Tensor) -> tuple[tuple, torch.Tensor]:
+        """The initial recurrent state and the attention's projection of the annotation vectors.
 
-        annotations: (B, L, D) float. Returns h0, c0: (B, n); proj: (B, L, A).
+        annotations: (B, L, D) float. Returns state: a tuple of (B, ...) tensors, here (h_0, c_0),
+        each (B, n) (callers treat it as opaque: rows are images or beams, reordered by indexing
+        every tensor alike; :meth:`hidden` gives h); proj: (B, L, A).
         """
         mean = annotations.mean(1)  # (B, D)
-        return torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean)), self.attention.project(annotations)
+        state = (torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean)))  # (B, n) each
+        return state, self.attention.project(annotations)
 
-    def step(self, embedded, h, c, annotations, proj, context: str = "expected"):
+    @staticmethod
+    def hidden(state: tuple) -> torch.Tensor:
+        """h_t (B, n), what the deep output layer reads, of a recurrent ``state``."""
+        return state[0]
+
+    def step(self, embedded, state: tuple, annotations, proj, context: str = "expected"):
         """One step of attention and LSTM (the module docstring's equations).
 
-        embedded: (B, m) E y_{t-1}; h, c: (B, n) state t-1; annotations: (B, L, D);
-        proj: (B, L, A) from :meth:`init_state`; context: as in :meth:`Attention.forward`.
-        Returns h, c: (B, n) state t; z: (B, D) context vector; alpha: (B, L); beta: (B,);
+        embedded: (B, m) E y_{t-1}; state: the recurrent state t-1 (:meth:`init_state`);
+        annotations: (B, L, D); proj: (B, L, A) from :meth:`init_state`; context: as in
+        :meth:`Attention.forward`.
+        Returns state: state t; z: (B, D) context vector; alpha: (B, L); beta: (B,);
         s: (B,) long chosen locations (None for 'expected').
         """
+        h, c = state  # (B, n) each
         alpha, z, s = self.attention(annotations, proj, h, context)  # (B, L), (B, D), (B,) or None
         beta_logit = self.gate(h).squeeze(1)  # (B,)
         beta = torch.sigmoid(beta_logit) if self.config.gating else torch.ones_like(beta_logit)
@@ -218,7 +228,7 @@ class Decoder(nn.Module):
         i, f, o, g = gates.chunk(4, dim=1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)  # eq. 2
         h = torch.sigmoid(o) * torch.tanh(c)  # eq. 3
-        return h, c, z, alpha, beta, s
+        return (h, c), z, alpha, beta, s
 
     def output(self, embedded, h, z) -> torch.Tensor:
         """Deep output layer (eq. 7): logits (..., V) from E y_{t-1} (..., m), h_t (..., n) and
@@ -243,13 +253,13 @@ class Decoder(nn.Module):
         context: as in :meth:`step`, or a (B, T) long tensor of given locations per step.
         """
         annotations = in_autocast_dtype(annotations)
-        h, c, proj = self.init_state(annotations)
+        state, proj = self.init_state(annotations)
         embedded = self.embedding(captions[:, :-1])  # (B, T, m)
         hs, zs, alphas, betas, log_p_s, entropy = [], [], [], [], 0.0, 0.0
         for t in range(embedded.shape[1]):
             step_context = context[:, t] if torch.is_tensor(context) else context
-            h, c, z, alpha, beta, s = self.step(embedded[:, t], h, c, annotations, proj, step_context)
-            hs.append(h), zs.append(z), alphas.append(alpha), betas.append(beta)
+            state, z, alpha, beta, s = self.step(embedded[:, t], state, annotations, proj, step_context)
+            hs.append(self.hidden(state)), zs.append(z), alphas.append(alpha), betas.append(beta)
             entropy = entropy + attention_entropy(alpha)
             if s is not None:
                 log_p_s = log_p_s + alpha.gather(1, s.unsqueeze(1)).squeeze(1).clamp_min(1e-12).log()

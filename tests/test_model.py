@@ -100,10 +100,10 @@ def test_attention_input_scale_divides_what_f_att_sees():
     f_att, while the initial state still sees the unscaled mean."""
     scaled, a = tiny(attention_input_scale=4.0)
     plain, _ = tiny()
-    h, c, proj = scaled.init_state(a)
-    h1, c1, _ = plain.init_state(a)
-    torch.testing.assert_close(proj, plain.init_state(a / 4.0)[2])
-    torch.testing.assert_close((h, c), (h1, c1))
+    state, proj = scaled.init_state(a)
+    plain_state, _ = plain.init_state(a)
+    torch.testing.assert_close(proj, plain.init_state(a / 4.0)[1])
+    torch.testing.assert_close(state, plain_state)
 
 
 def test_decoding_in_blocks_of_rows_gives_the_training_step():
@@ -114,12 +114,13 @@ def test_decoding_in_blocks_of_rows_gives_the_training_step():
         DecoderConfig(vocab_size=9, annotation_dim=8, embed_dim=6, hidden_dim=10, attention_dim=512, dropout=0.0)
     ).eval()
     a = torch.randn(40, 64, 8).relu()
-    h, c, proj = decoder.init_state(a)
+    state, proj = decoder.init_state(a)
     embedded = decoder.embedding(torch.randint(0, 9, (40,)))
     with torch.no_grad():
-        blocked = decoder.step(embedded, h, c, a, proj)
-    whole = decoder.step(embedded, h, c, a, proj)  # autograd on: one (40, 64, 512) sum
-    for x, y in zip(blocked[:5], whole[:5]):
+        blocked = decoder.step(embedded, state, a, proj)
+    whole = decoder.step(embedded, state, a, proj)  # autograd on: one (40, 64, 512) sum
+    torch.testing.assert_close(blocked[0], tuple(x.detach() for x in whole[0]))  # the state
+    for x, y in zip(blocked[1:4], whole[1:4]):  # z, alpha, beta
         torch.testing.assert_close(x, y.detach())
 
 
