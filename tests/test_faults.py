@@ -249,6 +249,7 @@ def test_training_on_a_full_disk_keeps_the_last_checkpoint(objects, tmp_path, mo
         train(config, progress=False)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
         "best.pt",
+        "config.toml",
         "curves.png",
         "last.pt",
         "metrics.jsonl",

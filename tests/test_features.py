@@ -133,7 +133,7 @@ def test_in_process_decoding_threads_write_the_same_shards(extracted, tmp_path):
     for split in ("train", "val", "test"):
         a, b = shards.AnnotationShards(out, split), shards.AnnotationShards(tmp_path, split)
         assert a.image_ids == b.image_ids and all(torch.equal(a[i], b[i]) for i in range(len(a)))
-    with pytest.raises(PipelineError, match="--workers must be 0 or more"):
+    with pytest.raises(PipelineError, match=r"--workers: -1 is not in the range 0<=x<=64"):
         FeatureConfig(num_workers=-1)
 
 
