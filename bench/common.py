@@ -11,10 +11,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data"))
-FLICKR8K = SHARED / "flickr8k"
-SQUEEZENET_WEIGHTS = SHARED / "weights" / "squeezenet1_1-imagenet-features.pth"
+from pipeline.paths import FLICKR8K, SHARED, SQUEEZENET_WEIGHTS  # noqa: F401 - one definition, shared with the tests
+from pipeline.paths import REPOSITORY as ROOT
 
 
 def sync() -> None:

@@ -1,7 +1,11 @@
 """Where things are by default, relative to the folder commands run in (the repository root, as
 the Makefile runs them): corpora in ``data/DATASET``, features in ``data/features``, training
-runs in ``data/runs``. The commands fall back on these when a path option is left out."""
+runs in ``data/runs``. The commands fall back on these when a path option is left out.
 
+Also where the tests and benchmarks find the repository and the real data beside it
+(``../shared/data``, or ``$SHARED_DATA``): one definition for both."""
+
+import os
 from pathlib import Path
 
 from .errors import PipelineError
@@ -10,6 +14,11 @@ DATA = Path("data")
 FEATURES = DATA / "features"
 RUNS = DATA / "runs"
 DEFAULT_FEATURES = FEATURES / "flickr8k-vgg19"  # what `make features DATASET=flickr8k` writes
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("SHARED_DATA", REPOSITORY.parent / "shared" / "data"))  # real data for tests, bench
+FLICKR8K = SHARED / "flickr8k"
+SQUEEZENET_WEIGHTS = SHARED / "weights" / "squeezenet1_1-imagenet-features.pth"
 
 
 def features_dir(dataset: str, encoder: str) -> Path:

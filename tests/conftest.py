@@ -2,18 +2,16 @@
 its features with a decoder trained on them, and builders of tiny corpora in the adapters' formats."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-SHARED = Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data"))
-FLICKR8K = SHARED / "flickr8k"
-SQUEEZENET_WEIGHTS = SHARED / "weights" / "squeezenet1_1-imagenet-features.pth"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, so `pipeline` imports
+
+from pipeline.paths import FLICKR8K, SHARED, SQUEEZENET_WEIGHTS  # noqa: E402,F401 - one definition, shared with bench
+from pipeline.paths import REPOSITORY as ROOT  # noqa: E402
 
 
 def run_cli(*args, **kwargs) -> subprocess.Popen:
