@@ -326,6 +326,7 @@ class TrainState:
     model: torch.nn.Module  # what the steps call: the decoder, or its DistributedDataParallel wrapper
     optimizer: torch.optim.Optimizer
     ema: AveragedModel | None
+    pairs: CaptionPairs  # the training (image, caption) pairs, built once
     position: dict = field(default_factory=lambda: {"epoch": 0, "batch": 0, "step": 0, "sums": {}})
     run: dict = field(
         default_factory=lambda: {"baseline": None, "best_bleu4": -1.0, "best_epoch": -1, "stale_epochs": 0}
@@ -372,6 +373,7 @@ def _setup(config: TrainConfig, saved: dict | None, world: distributed.World) ->
         DistributedDataParallel(decoder) if world.size > 1 else decoder,
         optimizer,
         ema,
+        CaptionPairs(train_shards),
     )
     if saved is not None:
         _restore(state, saved)
@@ -469,7 +471,7 @@ def _epoch(s: TrainState, epoch: int, progress: bool) -> tuple[int, float]:
     """Train one epoch (from ``s.position['batch']`` on, for a resumed one); returns (captions
     this process saw, seconds)."""
     config, device = s.config, s.world.device
-    pairs = CaptionPairs(s.train)
+    pairs = s.pairs
     batches = epoch_batches(pairs, config, epoch)
     batches = s.world.share(batches[: len(batches) - len(batches) % s.world.size])
     loader = DataLoader(
