@@ -16,7 +16,7 @@ from click.core import ParameterSource
 
 from pipeline import paths
 from pipeline.atomic import disk_full_message
-from pipeline.config import DecoderConfig, FeatureConfig, ObjectiveConfig, TrainConfig
+from pipeline.config import DecodeConfig, DecoderConfig, FeatureConfig, ObjectiveConfig, TrainConfig
 from pipeline.datasets import DATASETS
 from pipeline.errors import PipelineError, describe, one_line
 from pipeline.folders import os_error_message
@@ -98,8 +98,6 @@ POSITIVE = click.IntRange(min=1)
 COUNT = click.IntRange(min=0)
 PROBABILITY = Finite(0, 1, max_open=True)
 SIZE = click.IntRange(1, 16384)
-BEAM = click.IntRange(1, 100)
-MAX_LEN = click.IntRange(1, 200)
 WORKERS = click.IntRange(0, 64)
 
 
@@ -344,19 +342,30 @@ def _given(ctx: click.Context, *ignored: str) -> list[str]:
     ]
 
 
+def checkpoint_option(required: bool = False):
+    return click.option(
+        "--checkpoint",
+        type=click.Path(dir_okay=False),
+        required=required,
+        default=None,
+        help="A best.pt or last.pt of `cli.py train`."
+        + ("" if required else " [default: the newest best.pt under data/runs]"),
+    )
+
+
+model_option = click.option(
+    "--model",
+    default=None,
+    help="Instead of --checkpoint: a model folder written by `cli.py export`, or a Hugging Face Hub id "
+    "(owner/name) holding one.",
+)
+device_option = click.option("--device", type=Device(), default="cpu", help="Torch device: cpu, cuda, cuda:1, ...")
+
+
 @main.command()
-@click.option(
-    "--checkpoint", type=click.Path(dir_okay=False), required=True, help="A best.pt or last.pt of `cli.py train`."
-)
+@checkpoint_option(required=True)
 @click.option("--split", default="test", help="Split of the features to caption and score.")
-@click.option("--beam-size", type=BEAM, default=3, help="Beam size k (1: greedy; at most 100).")
-@click.option("--max-len", type=MAX_LEN, default=20, help="Longest caption, in words (at most 200).")
-@click.option(
-    "--length-penalty",
-    type=Finite(0, 10),
-    default=0.0,
-    help="Rank beams by log-probability / length**this (0: plain log-probability).",
-)
+@config_options(DecodeConfig)
 @click.option(
     "--features",
     "features_dir",
@@ -365,7 +374,7 @@ def _given(ctx: click.Context, *ignored: str) -> list[str]:
     help="Features folder. [default: the one the checkpoint was trained on]",
 )
 @click.option("--batch-size", type=POSITIVE, default=50, help="Images decoded at once.")
-@click.option("--device", type=Device(), default="cpu", help="Torch device: cpu, cuda, ...")
+@device_option
 @click.option(
     "--out-dir",
     type=click.Path(file_okay=False),
@@ -373,36 +382,26 @@ def _given(ctx: click.Context, *ignored: str) -> list[str]:
     help="Folder for the captions, references and scores files. [default: the checkpoint's folder]",
 )
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def evaluate(
-    checkpoint, split, beam_size, max_len, length_penalty, features_dir, batch_size, device, out_dir, no_progress
-):
+def evaluate(checkpoint, split, features_dir, batch_size, device, out_dir, no_progress, **settings):
     """Caption a split with beam search and score it: BLEU-1..4, METEOR, ROUGE-L, CIDEr (coco-caption).
 
     Writes the captions (COCO results json), the references (COCO caption annotation json) and
     the scores (json) into --out-dir, named by the checkpoint, split and every setting that is not
-    its default (NAME-SPLIT-beamK[-lenN][-lpP][-features-HASH]), so no two settings collide; a
+    its default (NAME-SPLIT-beamK[-lenN][-lpP][-unk][-features-HASH]), so no two settings collide; a
     rerun replaces only the files an earlier run wrote.
     """
     from pipeline.evaluate import evaluate as run_evaluation
 
+    settings = DecodeConfig(**settings)
     result = run_evaluation(
-        checkpoint,
-        split,
-        beam_size,
-        max_len,
-        length_penalty,
-        features_dir,
-        batch_size,
-        device,
-        progress=not no_progress,
-        out_dir=out_dir,
+        checkpoint, split, settings, features_dir, batch_size, device, progress=not no_progress, out_dir=out_dir
     )
     for note in result["notes"]:
         click.echo(f"note: {note}", err=True)
     for image_id, caption in result["examples"]:
         click.echo(f"{image_id}: {caption}")
     click.echo(
-        f"{split} ({result['images']} images, beam {beam_size}): "
+        f"{split} ({result['images']} images, beam {settings.beam_size}): "
         + ", ".join(f"{k} {v:.1f}" for k, v in result["scores"].items())
     )
     click.echo(
@@ -413,14 +412,9 @@ def evaluate(
 
 @main.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option(
-    "--checkpoint",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="A best.pt or last.pt of `cli.py train`. [default: the newest best.pt under data/runs]",
-)
-@click.option("--beam-size", type=BEAM, default=3, help="Beam size k (1: greedy; at most 100).")
-@click.option("--max-len", type=MAX_LEN, default=20, help="Longest caption, in words (at most 200).")
+@checkpoint_option()
+@model_option
+@config_options(DecodeConfig)
 @click.option(
     "--attention-plot",
     type=click.Path(dir_okay=False),
@@ -434,14 +428,8 @@ def evaluate(
     default=None,
     help="Also write each result as a JSON line here (image, caption, log_prob, plot, error) as soon as it is done.",
 )
-@click.option(
-    "--model",
-    default=None,
-    help="Instead of --checkpoint: a model folder written by `cli.py export`, or a Hugging Face Hub id "
-    "(owner/name) holding one.",
-)
-@click.option("--device", type=Device(), default="cpu", help="Torch device: cpu, cuda, ...")
-def caption(images, checkpoint, beam_size, max_len, attention_plot, jsonl, model, device):
+@device_option
+def caption(images, checkpoint, model, attention_plot, jsonl, device, **settings):
     """Caption image files (any size; JPEG, PNG, ...) with a trained checkpoint.
 
     Runs the encoder the checkpoint's features were made with, and prints each caption as soon as
@@ -454,11 +442,12 @@ def caption(images, checkpoint, beam_size, max_len, attention_plot, jsonl, model
 
     checkpoint, model = _captioner_source(checkpoint, model)
     inputs = [*map(Path, images), *(Path(p) for p in (checkpoint, model) if p)]
-    header = {"checkpoint": str(checkpoint) if checkpoint else None, "model": model, "beam_size": beam_size}
+    settings = DecodeConfig(**settings)
+    header = {"checkpoint": str(checkpoint) if checkpoint else None, "model": model, **vars(settings)}
     lines = open_jsonl(jsonl, inputs, header) if jsonl else None
     failed = 0
     try:
-        for result in caption_images(images, checkpoint, model, beam_size, max_len, attention_plot, device):
+        for result in caption_images(images, checkpoint, model, settings, attention_plot, device):
             if result.error:
                 failed += 1
                 click.echo(f"{result.path}: error: {result.error}", err=True)
@@ -475,17 +464,9 @@ def caption(images, checkpoint, beam_size, max_len, attention_plot, jsonl, model
 
 
 @main.command()
-@click.option(
-    "--checkpoint",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="A best.pt or last.pt of `cli.py train`. [default: the newest best.pt under data/runs]",
-)
-@click.option(
-    "--model",
-    default=None,
-    help="Instead of --checkpoint: a model folder written by `cli.py export`, or a Hugging Face Hub id.",
-)
+@checkpoint_option()
+@model_option
+@config_options(DecodeConfig)
 @click.option(
     "--host",
     default="127.0.0.1",
@@ -498,12 +479,13 @@ def caption(images, checkpoint, beam_size, max_len, attention_plot, jsonl, model
     default=None,
     help="A folder of images; its first 8 (by name) are offered as examples on the page.",
 )
-@click.option("--device", type=Device(), default="cpu", help="Torch device: cpu, cuda, ...")
-def serve(checkpoint, model, host, port, examples, device):
+@device_option
+def serve(checkpoint, model, host, port, examples, device, **settings):
     """Serve a web page (Gradio) that captions uploaded images: the k best captions with their
     log-probabilities, and the attention of the best over the image, word by word.
 
-    Uploads are limited to 20 MiB and 40 megapixels. Stop it with Ctrl-C.
+    The page's beam size starts at --beam-size. Uploads are limited to 20 MiB and 40 megapixels.
+    Stop it with Ctrl-C.
     """
     from pathlib import Path
 
@@ -515,7 +497,7 @@ def serve(checkpoint, model, host, port, examples, device):
     captioner = Captioner.from_source(checkpoint, model, device)
     shown = sorted(str(p) for p in Path(examples).iterdir() if p.suffix.lower() in IMAGE_TYPES)[:8] if examples else []
     click.echo(f"serve: http://{host}:{port} (Ctrl-C stops it)", err=True)
-    serve_page(captioner, host, port, shown)
+    serve_page(captioner, host, port, shown, DecodeConfig(**settings))
 
 
 @main.command()

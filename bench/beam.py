@@ -5,13 +5,16 @@ batched step) as PyTorch's tanh kernel and as the decoder computes it, side by s
 
 import torch
 
+from pipeline.config import DecodeConfig
 from pipeline.decode import beam_search
 from pipeline.model import AttentionTanh, Decoder, DecoderConfig
+from pipeline.text import Vocabulary
 from pipeline.train import native_bf16
 
 from .common import seconds
 
 IMAGES, VOCAB, MAX_LEN = 64, 2600, 20
+Words = Vocabulary([])  # the special words' ids: <start> 1, <end> 2, <unk> 3
 
 
 def run(device: str = "cpu") -> list[str]:
@@ -26,9 +29,12 @@ def run(device: str = "cpu") -> list[str]:
     for k in (3, 5):
         for precision in precisions:
             with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                batched = seconds(lambda k=k: beam_search(decoder, annotations, 1, 2, k, MAX_LEN))
+                batched = seconds(lambda k=k: beam_search(decoder, annotations, Words, DecodeConfig(k, MAX_LEN)))
                 single = seconds(
-                    lambda k=k: [beam_search(decoder, annotations[i : i + 1], 1, 2, k, MAX_LEN) for i in range(IMAGES)]
+                    lambda k=k: [
+                        beam_search(decoder, annotations[i : i + 1], Words, DecodeConfig(k, MAX_LEN))
+                        for i in range(IMAGES)
+                    ]
                 )
             lines.append(
                 f"| {k} | {precision} | {IMAGES / batched:.1f} | {IMAGES / single:.1f} | **{single / batched:.1f}** |"

@@ -41,11 +41,10 @@ def setup(sizes: tuple[int, int, int], L: int, batch: int, attention: str, preci
     optimizer = torch.optim.Adam(decoder.parameters(), lr=config.lr)
     annotations = torch.randn(batch, L, 512, device=device).relu()
     captions = torch.randint(4, VOCAB, (batch, WORDS + 2), device=device)
-    run = {"baseline": None}
 
     def step():
         train_step(
-            decoder, optimizer, annotations, captions, config, ObjectiveConfig(), run, epoch=config.soft_warmup_epochs
+            decoder, optimizer, annotations, captions, config, ObjectiveConfig(), None, epoch=config.soft_warmup_epochs
         )  # past the warm-up
 
     return step

@@ -9,11 +9,13 @@ the server goes on. `cli.py serve` starts it, bound to 127.0.0.1 unless told oth
 """
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
 from .captioner import Captioner
+from .config import DECODE, DecodeConfig
 from .errors import PipelineError
 from .plots import attention_overlay
 
@@ -38,16 +40,17 @@ def upload_problem(path) -> str | None:
     return None
 
 
-def caption_upload(captioner: Captioner, path, beam_size: int):
+def caption_upload(captioner: Captioner, path, beam_size: int, settings: DecodeConfig = DECODE):
     """What the page shows for an upload: (best caption, rows [caption, log-probability] of the
-    k best, [(attention overlay, word)] of the best, status message in Markdown)."""
+    k best, [(attention overlay, word)] of the best, status message in Markdown); decoded with
+    ``settings`` at the page's ``beam_size``."""
     if not path:
         return "", [], [], "Upload an image, or pick an example below."
     name = Path(path).name
     problem = upload_problem(path)
     if problem is None:
         try:
-            captions = captioner.n_best([path], int(beam_size))[0]
+            captions = captioner.n_best([path], **vars(replace(settings, beam_size=int(beam_size))))[0]
         except PipelineError as e:
             problem = getattr(e, "reason", str(e))
     if problem is not None:
@@ -61,8 +64,13 @@ def caption_upload(captioner: Captioner, path, beam_size: int):
     return best.text, rows, overlays, f"{name}: {len(captions)} best of beam size {int(beam_size)}."
 
 
-def build_page(captioner: Captioner, examples: list[str] | None = None, title: str = "Show, Attend and Tell"):
-    """The Gradio Blocks of the page (not started)."""
+def build_page(
+    captioner: Captioner,
+    examples: list[str] | None = None,
+    settings: DecodeConfig = DECODE,
+    title: str = "Show, Attend and Tell",
+):
+    """The Gradio Blocks of the page (not started); its beam size starts at ``settings``'."""
     import gradio as gr
 
     with gr.Blocks(title=title) as page:
@@ -73,7 +81,14 @@ def build_page(captioner: Captioner, examples: list[str] | None = None, title: s
         with gr.Row():
             with gr.Column():
                 upload = gr.File(label="Image", file_types=IMAGE_TYPES, type="filepath", elem_id="upload")
-                beam = gr.Slider(1, 10, value=3, step=1, label="Beam size", elem_id="beam-size")
+                beam = gr.Slider(
+                    1,
+                    max(10, settings.beam_size),
+                    value=settings.beam_size,
+                    step=1,
+                    label="Beam size",
+                    elem_id="beam-size",
+                )
                 button = gr.Button("Caption", variant="primary", elem_id="caption-button")
                 if examples:
                     gr.Examples(examples=[[e] for e in examples], inputs=[upload], label="Examples")
@@ -85,14 +100,24 @@ def build_page(captioner: Captioner, examples: list[str] | None = None, title: s
                 )
                 gallery = gr.Gallery(label="Attention, word by word", columns=5, elem_id="attention")
         outputs = [best, table, gallery, status]
-        button.click(lambda path, k: caption_upload(captioner, path, k), [upload, beam], outputs)
-        upload.change(lambda path, k: caption_upload(captioner, path, k), [upload, beam], outputs)  # uploads, examples
+
+        def run(path, k):
+            return caption_upload(captioner, path, k, settings)
+
+        button.click(run, [upload, beam], outputs)
+        upload.change(run, [upload, beam], outputs)  # uploads, examples
     return page
 
 
-def serve(captioner: Captioner, host: str = "127.0.0.1", port: int = 7860, examples: list[str] | None = None) -> None:
+def serve(
+    captioner: Captioner,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    examples: list[str] | None = None,
+    settings: DecodeConfig = DECODE,
+) -> None:
     """Start the page and serve it until interrupted (Ctrl-C)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the machine
-    build_page(captioner, examples).launch(
+    build_page(captioner, examples, settings).launch(
         server_name=host, server_port=port, max_file_size=MAX_BYTES, show_error=True, quiet=True
     )

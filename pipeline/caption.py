@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .captioner import Captioner
+from .config import DECODE, DecodeConfig
 from .encoders import ImageError
 from .errors import PipelineError
 from .folders import OWNER, check_writable, refuse_foreign
@@ -94,11 +95,11 @@ def open_jsonl(path, inputs: list[Path], header: dict):
 
 
 def caption_images(
-    paths, checkpoint=None, model=None, beam_size: int = 3, max_len: int = 20, plot=None, device: str = "cpu"
+    paths, checkpoint=None, model=None, settings: DecodeConfig = DECODE, plot=None, device: str = "cpu"
 ) -> Iterator[ImageCaption]:
     """Caption each image file with the :class:`~pipeline.captioner.Captioner` of a checkpoint
     (or of a model folder or Hub id, ``model``), yielding each result as soon as it is done;
-    unreadable files get an ``error`` and the others go on.
+    unreadable files get an ``error`` and the others go on. settings: beam search's.
 
     plot: where to save attention figures (see :func:`plot_path`), or None; the figure names are
     checked (:func:`plot_paths`) before the first image is read.
@@ -109,7 +110,7 @@ def caption_images(
     captioner = Captioner.from_source(checkpoint, model, device)
     for path, plot_file in zip(paths, plots):
         try:
-            caption = captioner([path], beam_size, max_len)[0]
+            caption = captioner([path], **vars(settings))[0]
         except ImageError as e:
             yield ImageCaption(path, error=e.reason)
             continue

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from .checkpoint import build_decoder, load_checkpoint
+from .config import DecodeConfig
 from .decode import n_best
 from .encoders import Encoder, Preprocess, build_encoder, encoder_from_state, open_rgb, to_rgb
 from .errors import PipelineError
@@ -160,23 +161,25 @@ class Captioner:
             "or a uint8 (3, H, W) tensor"
         )
 
-    def __call__(self, images: list, beam_size: int = 3, max_len: int = 20) -> list[Caption]:
+    def __call__(self, images: list, **settings) -> list[Caption]:
         """Caption ``images`` (any mix of what :meth:`load` takes), all in one encoder batch and
-        one batched beam search of ``beam_size`` (1: greedy), captions at most ``max_len`` words.
+        one batched beam search. settings: the decoding options of
+        :class:`~pipeline.config.DecodeConfig` by name (beam_size, 1: greedy; max_len in words;
+        length_penalty; allow_unk), each at its default unless given.
         Returns one :class:`Caption` per image, in order.
         Raises PipelineError for an image that cannot be read (naming it) or a bad setting."""
-        return [found[0] for found in self.n_best(images, beam_size, max_len, 1)]
+        return [found[0] for found in self.n_best(images, n=1, **settings)]
 
     @torch.inference_mode()
-    def n_best(self, images: list, beam_size: int = 3, max_len: int = 20, n: int | None = None) -> list[list[Caption]]:
-        """As :meth:`__call__`, but the ``n`` best captions of each image (default: ``beam_size``),
+    def n_best(self, images: list, n: int | None = None, **settings) -> list[list[Caption]]:
+        """As :meth:`__call__`, but the ``n`` best captions of each image (default: the beam size),
         best first (the first is :meth:`__call__`'s caption; fewer where fewer ended)."""
         if isinstance(images, (str, Path, Image.Image, torch.Tensor)):
             raise PipelineError("pass a list of images, even for one: captioner([image])")
-        if not isinstance(beam_size, int) or not 1 <= beam_size <= 100:
-            raise PipelineError(f"beam_size must be an integer from 1 to 100, not {beam_size!r}")
-        if not isinstance(max_len, int) or not 1 <= max_len <= 200:
-            raise PipelineError(f"max_len must be an integer from 1 to 200, not {max_len!r}")
+        try:
+            settings = DecodeConfig(**settings)
+        except TypeError as e:
+            raise PipelineError(f"{e}; the settings are those of DecodeConfig: beam_size, max_len, ...") from None
         if not images:
             return []
         pictures = [self.load(image, i) for i, image in enumerate(images)]
@@ -184,16 +187,7 @@ class Captioner:
         batch = torch.stack([pixels(p) for p in pictures]).to(self.device)
         annotations = self.encoder(self.preprocess.normalize(batch))
         annotations = annotations.to(self.storage).float()  # as stored in the shards the decoder learnt from
-        found = n_best(
-            self.decoder,
-            annotations,
-            self.vocab.start,
-            self.vocab.end,
-            beam_size,
-            max_len,
-            context=self.context,
-            n=n or beam_size,
-        )
+        found = n_best(self.decoder, annotations, self.vocab, settings, self.context, n or settings.beam_size)
         show = self.preprocess.crop()
         return [
             [self._caption(caption, seen) for caption in captions] for seen, captions in zip(map(show, pictures), found)

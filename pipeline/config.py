@@ -16,6 +16,35 @@ CONTEXTS = ("expected", "sample", "argmax")  # how a step's context vector is fo
 BASELINES = ("batch", "moving")  # REINFORCE baselines (pipeline.model.objective)
 
 
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Options of decoding captions with beam search (:mod:`pipeline.decode`): `evaluate`,
+    `caption`, `serve` and :class:`~pipeline.captioner.Captioner` take them, validation during
+    training its beam size and length; each field's help, unit and range are its command-line
+    option's (:mod:`pipeline.options`). Raises PipelineError for a value out of range."""
+
+    beam_size: int = option(3, "Beam size k (1: greedy).", low=1, high=100)
+    max_len: int = option(20, "Longest caption decoded.", unit="words", low=1, high=200)
+    length_penalty: float = option(
+        0.0,
+        "Rank finished captions by log-probability / length**this (length in words, <end> included; 0: plain "
+        "log-probability).",
+        low=0,
+        high=10,
+    )
+    allow_unk: bool = option(
+        False,
+        "Let captions contain <unk> (the stand-in for words outside the vocabulary); by default decoding never "
+        "emits it.",
+    )
+
+    def __post_init__(self):
+        check_config(self)
+
+
+DECODE = DecodeConfig()  # the defaults
+
+
 @dataclass
 class FeatureConfig:
     """Options of feature extraction; each field's help, unit and range are its command-line
@@ -111,8 +140,10 @@ class TrainConfig:
     device: str = option("cpu", "Torch device: cpu, cuda, cuda:1, ...", kind="device")
     val_split: str = option("", "Validation split. [default: dev or val, whichever exists]")
     val_images: int = option(0, "Validate on the first N images only (0: all).", unit="images", low=0)
-    val_beam_size: int = option(3, "Beam size of validation decoding (1: greedy).", low=1, high=100)
-    max_len: int = option(20, "Longest caption decoded at validation.", unit="words", low=1, high=200)
+    val_beam_size: int = option(
+        DECODE.beam_size, "Beam size of validation decoding (1: greedy; <unk> never emitted).", low=1, high=100
+    )
+    max_len: int = option(DECODE.max_len, "Longest caption decoded at validation.", unit="words", low=1, high=200)
     decode_context: str = option(
         "expected",
         "Hard attention at validation: expected alpha (mean-field, the authors'), a sample, or argmax.",

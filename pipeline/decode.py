@@ -4,20 +4,42 @@ Both run every image of a batch at once (beam search as one (B*k)-row tensor pro
 the decoder's own :meth:`~pipeline.model.Decoder.step` and :meth:`~pipeline.model.Decoder.output`.
 The decoder's recurrent state is an opaque tuple of (rows, ...) tensors: beam search reorders it
 by indexing every tensor alike, so another recurrent cell needs no change here.
+
+Decoding settings come as a :class:`~pipeline.config.DecodeConfig` (beam size, length limit,
+length penalty, whether ``<unk>`` may be emitted), the special words' ids as the vocabulary's
+``start``, ``end`` and ``unk`` (:class:`~pipeline.text.Vocabulary`). Where ``<unk>`` is not
+allowed it is never chosen, but the log-probabilities reported are the model's own (not
+renormalised without it).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from .config import DECODE, DecodeConfig
 from .model import Decoder, in_autocast_dtype
+from .text import Vocabulary
+
+
+def next_word_log_probs(decoder: Decoder, embedded, state, z, vocab: Vocabulary, settings: DecodeConfig):
+    """log p(y_t | ...) of each row's next word: (rows, V) float, ``<unk>`` at -inf unless allowed
+    (eq. 7's deep output, then a log-softmax)."""
+    log_p = torch.log_softmax(decoder.output(embedded, decoder.hidden(state), z), dim=1)  # (rows, V)
+    if not settings.allow_unk:
+        log_p = log_p.index_fill(1, torch.tensor([vocab.unk], device=log_p.device), float("-inf"))
+    return log_p
 
 
 @torch.no_grad()
 def greedy_decode(
-    decoder: Decoder, annotations: torch.Tensor, start: int, end: int, max_len: int = 20, context: str = "expected"
+    decoder: Decoder,
+    annotations: torch.Tensor,
+    vocab: Vocabulary,
+    settings: DecodeConfig = DECODE,
+    context: str = "expected",
 ):
-    """Free-running decoding of a batch, the most probable word at each step.
+    """Free-running decoding of a batch, the most probable word at each step (``settings``'
+    ``max_len`` and ``allow_unk``; its beam size does not apply).
 
     annotations: (B, L, D) float. Returns tokens: (B, T) long (T <= max_len; positions after a
     caption's ``<end>`` hold whatever was decoded there and are to be cut at the first ``end``)
@@ -25,15 +47,15 @@ def greedy_decode(
     """
     annotations = in_autocast_dtype(annotations)  # (B, L, D)
     state, proj = decoder.init_state(annotations)  # opaque tuple of (B, ...); proj (B, L, A)
-    token = torch.full((annotations.shape[0],), start, dtype=torch.long, device=annotations.device)  # (B,)
+    token = torch.full((annotations.shape[0],), vocab.start, dtype=torch.long, device=annotations.device)  # (B,)
     done = torch.zeros_like(token, dtype=torch.bool)  # (B,)
     tokens, alphas = [], []  # each step: (B,), (B, L)
-    for _ in range(max_len):
+    for _ in range(settings.max_len):
         embedded = decoder.embedding(token)  # (B, m)
         state, z, alpha, _, _ = decoder.step(embedded, state, annotations, proj, context)  # z (B, D), alpha (B, L)
-        token = decoder.output(embedded, decoder.hidden(state), z).argmax(1)  # (B,)
+        token = next_word_log_probs(decoder, embedded, state, z, vocab, settings).argmax(1)  # (B,)
         tokens.append(token), alphas.append(alpha)
-        done |= token == end
+        done |= token == vocab.end
         if done.all():
             break
     return torch.stack(tokens, 1), torch.stack(alphas, 1)  # (B, T), (B, T, L)
@@ -57,43 +79,35 @@ class Caption:
 def beam_search(
     decoder: Decoder,
     annotations: torch.Tensor,
-    start: int,
-    end: int,
-    beam_size: int = 3,
-    max_len: int = 20,
-    length_penalty: float = 0.0,
+    vocab: Vocabulary,
+    settings: DecodeConfig = DECODE,
     context: str = "expected",
 ) -> list[Caption]:
     """Beam search over a batch of images at once: the best caption of each image, the first of
     :func:`n_best` (which see).
     annotations: (B, L, D) float. Returns one :class:`Caption` per image."""
-    return [
-        found[0] for found in n_best(decoder, annotations, start, end, beam_size, max_len, length_penalty, context, 1)
-    ]
+    return [found[0] for found in n_best(decoder, annotations, vocab, settings, context, 1)]
 
 
 @torch.no_grad()
 def n_best(
     decoder: Decoder,
     annotations: torch.Tensor,
-    start: int,
-    end: int,
-    beam_size: int = 3,
-    max_len: int = 20,
-    length_penalty: float = 0.0,
+    vocab: Vocabulary,
+    settings: DecodeConfig = DECODE,
     context: str = "expected",
     n: int = 1,
 ) -> list[list[Caption]]:
-    """Beam search over a batch of images at once, keeping the ``n`` (<= beam_size) best captions
-    of each image.
+    """Beam search (beam size k = ``settings.beam_size``) over a batch of images at once, keeping
+    the ``n`` (<= k) best captions of each image.
 
     annotations: (B, L, D) float. Each step expands the k live hypotheses of every image (a
     (B*k, V) tensor of scores), retires those of the k best that end in ``end`` to each image's
     pool of its n best finished ones and carries the k best unfinished ones on (from the 2k best,
     so k stay live).
-    Hypotheses are ranked by log-probability divided by ``length ** length_penalty`` (length in
-    tokens, ``<end>`` included; 0: plain log-probability).
-    An image with fewer than n hypotheses ended within ``max_len`` steps gets its best live one
+    Hypotheses are ranked by log-probability divided by ``length ** settings.length_penalty``
+    (length in tokens, ``<end>`` included; 0: plain log-probability).
+    An image with fewer than n hypotheses ended within ``settings.max_len`` steps gets its best live one
     after them (``ended`` False). context as in :meth:`Decoder.step` ('expected' for soft attention).
     Beam search can prune the greedy caption's path (its prefix may drop out of the k best before
     it ends), so for k > 1 the greedy caption (this search with k = 1, 1/k more work) is decoded
@@ -101,14 +115,14 @@ def n_best(
     Returns per image its captions (:class:`Caption`), best first.
     """
     annotations = in_autocast_dtype(annotations)  # once for both searches
-    found = _beam(decoder, annotations, start, end, beam_size, max_len, length_penalty, context, min(n, beam_size))
-    if beam_size == 1:
+    found = _beam(decoder, annotations, vocab, settings, context, min(n, settings.beam_size))
+    if settings.beam_size == 1:
         return found
 
     def rank(caption: Caption):
-        return caption.ended, caption.log_prob / (len(caption.tokens) + caption.ended) ** length_penalty
+        return caption.ended, caption.log_prob / (len(caption.tokens) + caption.ended) ** settings.length_penalty
 
-    greedy = _beam(decoder, annotations, start, end, 1, max_len, length_penalty, context, 1)
+    greedy = _beam(decoder, annotations, vocab, replace(settings, beam_size=1), context, 1)
     for captions, (g,) in zip(found, greedy):
         if rank(g) > rank(captions[0]) and all(g.tokens != c.tokens for c in captions):
             captions.insert(0, g)
@@ -116,17 +130,18 @@ def n_best(
     return found
 
 
-def _beam(decoder, annotations, start, end, beam_size, max_len, length_penalty, context, n) -> list[list[Caption]]:
+def _beam(decoder, annotations, vocab: Vocabulary, settings: DecodeConfig, context, n) -> list[list[Caption]]:
     """The beam search of :func:`n_best` proper (without its greedy safeguard)."""
     B, L, _ = annotations.shape  # annotations (B, L, D)
-    k, device, inf = beam_size, annotations.device, float("-inf")
+    k, device, inf = settings.beam_size, annotations.device, float("-inf")
+    max_len, length_penalty = settings.max_len, settings.length_penalty
     rows = torch.arange(B, device=device).unsqueeze(1)  # (B, 1)
     state, proj = decoder.init_state(annotations)  # opaque tuple of (B, ...); proj (B, L, A)
     state = tuple(x.repeat_interleave(k, 0) for x in state)  # (B*k, ...): k rows per image
     a, proj = annotations.repeat_interleave(k, 0), proj.repeat_interleave(k, 0)  # (B*k, L, D), (B*k, L, A)
     score = torch.full((B, k), inf, device=device)  # (B, k) live hypotheses' log-probabilities
     score[:, 0] = 0.0  # one live hypothesis to start with
-    token = torch.full((B * k,), start, dtype=torch.long, device=device)  # (B*k,) their last words
+    token = torch.full((B * k,), vocab.start, dtype=torch.long, device=device)  # (B*k,) their last words
     # live hypotheses (B, k, t, ...), and each image's n best finished ones (B, n, ...), best first
     history = torch.empty(B, k, 0, dtype=torch.long, device=device)  # (B, k, t) words
     alphas = torch.empty(B, k, 0, L, device=device)  # (B, k, t, L) attention weights
@@ -142,7 +157,7 @@ def _beam(decoder, annotations, start, end, beam_size, max_len, length_penalty, 
     for t in range(1, max_len + 1):
         embedded = decoder.embedding(token)  # (B*k, m)
         state, z, alpha, _, s = decoder.step(embedded, state, a, proj, context)  # z (B*k, D); alpha (B*k, L)
-        log_p = torch.log_softmax(decoder.output(embedded, decoder.hidden(state), z), dim=1)  # (B*k, V)
+        log_p = next_word_log_probs(decoder, embedded, state, z, vocab, settings)  # (B*k, V)
         V = log_p.shape[1]  # vocabulary size
         top, index = (score.view(B * k, 1) + log_p).view(B, k * V).topk(2 * k, dim=1)  # (B, 2k)
         beam, word = torch.div(index, V, rounding_mode="floor"), index % V  # (B, 2k) each
@@ -152,7 +167,7 @@ def _beam(decoder, annotations, start, end, beam_size, max_len, length_penalty, 
         step_places = s[src] if s is not None else torch.zeros_like(word)  # (B, 2k) sampled locations
         places = torch.cat([places[rows, beam], step_places.unsqueeze(2)], 2)  # (B, 2k, t)
         # retire the candidates among the k best that end into each image's pool of n best
-        is_end = word == end  # (B, 2k)
+        is_end = word == vocab.end  # (B, 2k)
         ended = (is_end & torch.isfinite(top))[:, :k]  # (B, k)
         candidates = {
             "rank": torch.where(ended, top[:, :k] / t**length_penalty, inf),

@@ -1,7 +1,7 @@
 """Scoring a checkpoint: beam-search captions of a split of the features, coco-caption scores.
 
 Writes into the output folder (default: the checkpoint's) three files named by every setting
-that changes them, ``NAME-SPLIT-beamK[-lenN][-lpP][-features-HASH]``:
+that changes them, ``NAME-SPLIT-beamK[-lenN][-lpP][-unk][-features-HASH]``:
 
 - ``.captions.json``: the captions in the COCO results format ``[{"image_id", "caption"}]``;
 - ``.references.json``: the split's reference captions in the COCO caption annotation format,
@@ -13,38 +13,32 @@ that changes them, ``NAME-SPLIT-beamK[-lenN][-lpP][-features-HASH]``:
 
 import hashlib
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .checkpoint import build_decoder, check_features, load_checkpoint
+from .config import DECODE, DecodeConfig
 from .decode import beam_search
 from .folders import check_owned, check_writable, write_owned
 from .metrics import coco_id, coco_references, score_captions
 from .shards import AnnotationShards
 
-MAX_LEN = 20  # words; the default of evaluate and caption
 
-
-def output_names(
-    checkpoint_path: Path,
-    split: str,
-    beam_size: int,
-    max_len: int,
-    length_penalty: float,
-    features,
-    trained_on: str,
-    out_dir,
-) -> dict:
+def output_names(checkpoint_path: Path, split: str, settings: DecodeConfig, features, trained_on: str, out_dir) -> dict:
     """{'captions', 'references', 'scores'} -> the paths this evaluation writes: settings left at
-    their defaults (max_len 20, no length penalty, the features the checkpoint was trained on) add
-    nothing to the name, others a suffix each, so evaluations with other settings never collide."""
-    name = f"{checkpoint_path.stem}-{split}-beam{beam_size}"
-    if max_len != MAX_LEN:
-        name += f"-len{max_len}"
-    if length_penalty:
-        name += f"-lp{length_penalty:g}"
+    their defaults (:data:`~pipeline.config.DECODE`'s length limit, length penalty and <unk>, the
+    features the checkpoint was trained on) add nothing to the name, others a suffix each, so
+    evaluations with other settings never collide."""
+    name = f"{checkpoint_path.stem}-{split}-beam{settings.beam_size}"
+    if settings.max_len != DECODE.max_len:
+        name += f"-len{settings.max_len}"
+    if settings.length_penalty != DECODE.length_penalty:
+        name += f"-lp{settings.length_penalty:g}"
+    if settings.allow_unk != DECODE.allow_unk:
+        name += "-unk"
     if features is not None and Path(features).resolve() != Path(trained_on).resolve():
         name += "-features-" + hashlib.sha256(str(Path(features).resolve()).encode()).hexdigest()[:8]
     folder = Path(out_dir) if out_dir is not None else checkpoint_path.parent
@@ -54,16 +48,14 @@ def output_names(
 def evaluate(
     checkpoint_path,
     split: str = "test",
-    beam_size: int = 3,
-    max_len: int = MAX_LEN,
-    length_penalty: float = 0.0,
+    settings: DecodeConfig = DECODE,
     features=None,
     batch_size: int = 50,
     device: str = "cpu",
     progress: bool = True,
     out_dir=None,
 ) -> dict:
-    """Decode ``split`` with beam search and score it against its reference captions.
+    """Decode ``split`` with beam search (``settings``) and score it against its reference captions.
 
     features: the features folder (default: the one recorded in the checkpoint).
     out_dir: where the three output files go (default: the checkpoint's folder); it is checked
@@ -76,7 +68,7 @@ def evaluate(
     checkpoint_path = Path(checkpoint_path)
     checkpoint = load_checkpoint(checkpoint_path)
     trained_on = checkpoint["features"]["dir"]
-    files = output_names(checkpoint_path, split, beam_size, max_len, length_penalty, features, trained_on, out_dir)
+    files = output_names(checkpoint_path, split, settings, features, trained_on, out_dir)
     flag = "--out-dir" if out_dir is not None else "--out-dir (the default is the checkpoint's folder)"
     check_writable(files["scores"].parent, flag)
     check_owned(files["scores"], [files["captions"], files["references"]], "`cli.py evaluate`", flag)
@@ -88,9 +80,7 @@ def evaluate(
     captions = []
     loader = DataLoader(shards, batch_size=batch_size)
     for annotations in tqdm(loader, desc=f"decoding {split}", unit="batch", disable=not progress):
-        captions += beam_search(
-            decoder, annotations.to(device), vocab.start, vocab.end, beam_size, max_len, length_penalty, context
-        )
+        captions += beam_search(decoder, annotations.to(device), vocab, settings, context)
     hypotheses = {i: " ".join(vocab.words[t] for t in c.tokens) for i, c in zip(shards.image_ids, captions)}
     references = dict(zip(shards.image_ids, shards.references))
     scores, notes = score_captions(hypotheses, references)
@@ -104,9 +94,7 @@ def evaluate(
             "features": str(shards.dir),
             "split": split,
             "images": len(captions),
-            "beam_size": beam_size,
-            "max_len": max_len,
-            "length_penalty": length_penalty,
+            **asdict(settings),
             "scores": scores,
             "notes": notes,
         },

@@ -63,10 +63,18 @@ def flag_name(name: str, default, spec: Spec) -> str:
     return f"--no-{base}" if default is True else f"--{base}"
 
 
-def problem(value, spec: Spec) -> str | None:
-    """Why ``value`` is not allowed by ``spec`` (None if it is)."""
+def problem(value, default, spec: Spec) -> str | None:
+    """Why ``value`` is not allowed by ``spec`` for a field whose default is ``default`` (None if it is)."""
     if spec.choices and value not in spec.choices:
         return f"{value!r} is not one of {', '.join(map(str, spec.choices))}"
+    if isinstance(default, bool) and not isinstance(value, bool):
+        return f"{value!r} is not true or false"
+    if (
+        isinstance(default, int)
+        and not isinstance(default, bool)
+        and (isinstance(value, bool) or not isinstance(value, int))
+    ):
+        return f"{value!r} is not an integer"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     if isinstance(value, float) and not math.isfinite(value):
@@ -88,8 +96,8 @@ def range_text(spec: Spec) -> str:
 def check_config(config, prefix: str = "") -> None:
     """Raise PipelineError naming the first field of dataclass instance ``config`` whose value its
     Spec does not allow (a configuration built in Python, not through the command line)."""
-    for name, (_, spec) in specs(type(config)).items():
-        why = problem(getattr(config, name), spec)
+    for name, (default, spec) in specs(type(config)).items():
+        why = problem(getattr(config, name), default, spec)
         if why:
             raise PipelineError(f"{prefix}{flag_name(name, None, spec)}: {why}")
 

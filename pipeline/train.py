@@ -14,6 +14,7 @@ import json
 import math
 import time
 from collections import defaultdict
+from copy import deepcopy
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from tqdm import tqdm
 from . import distributed
 from .atomic import atomic_path
 from .checkpoint import check_features, feature_identity, load_checkpoint, save_checkpoint
-from .config import DecoderConfig, ObjectiveConfig, TrainConfig
+from .config import DecodeConfig, DecoderConfig, ObjectiveConfig, TrainConfig
 from .decode import beam_search
 from .errors import PipelineError
 from .folders import folder_lock
@@ -36,6 +37,7 @@ from .model import Decoder, attention_entropy, objective
 from .monitor import BOARD, CURVES, Monitor, figure_image
 from .options import specs, write_toml
 from .shards import AnnotationShards, CaptionPairs
+from .text import tokenize
 
 LAST, BEST, METRICS, CONFIG = "last.pt", "best.pt", "metrics.jsonl", "config.toml"
 RESUMABLE = ("epochs", "patience", "checkpoint_every", "workers", "tensorboard")  # options a --resume may change
@@ -85,8 +87,9 @@ def epoch_batches(pairs: CaptionPairs, config: TrainConfig, epoch: int) -> list[
 
 
 def validate(decoder: Decoder, shards: AnnotationShards, config: TrainConfig, device) -> dict:
-    """Free-running captions of the validation images (beam search of ``config.val_beam_size``)
-    and their BLEU-1..4 (coco-caption, on the pipeline's tokens, in %), and how sharp their
+    """Free-running captions of the validation images (beam search of ``config.val_beam_size``,
+    never emitting ``<unk>``) and their BLEU-1..4 against the raw reference captions, tokenised
+    (coco-caption's BLEU, in %), and how sharp their
     attention is: the entropy of alpha_t in nats, averaged over the words (log L when uniform: a
     model that does not attend, as hard attention does when its gating scalar collapses).
     Returns {'bleu': [b1..b4], 'captions': [token lists], 'attention_entropy': float,
@@ -97,22 +100,14 @@ def validate(decoder: Decoder, shards: AnnotationShards, config: TrainConfig, de
     loader = DataLoader(
         torch.utils.data.Subset(shards, range(min(n, len(shards)))), batch_size=100, num_workers=config.workers
     )
-    vocab = shards.vocab
+    vocab, settings = shards.vocab, DecodeConfig(config.val_beam_size, config.max_len)
     for annotations in loader:
         with autocast(config, device):
-            captions = beam_search(
-                decoder,
-                annotations.to(device),
-                vocab.start,
-                vocab.end,
-                config.val_beam_size,
-                config.max_len,
-                context=config.decode_context,
-            )
+            captions = beam_search(decoder, annotations.to(device), vocab, settings, config.decode_context)
         hyps += [vocab.decode(c.tokens) for c in captions]
         entropies += [attention_entropy(c.alpha).mean().item() for c in captions]
         alphas = alphas or [captions[0].alpha.float().cpu()]
-    refs = [[vocab.decode(c) for c in caps] for caps in shards.captions[: len(hyps)]]
+    refs = [[tokenize(c) for c in caps] for caps in shards.references[: len(hyps)]]  # raw: <unk> is never right
     return {
         "bleu": [100 * b for b in bleu(hyps, refs)],
         "captions": hyps,
@@ -138,7 +133,7 @@ EPOCH_STATS = ("loss", "nll", "doubly_stochastic", "beta", "reward_rms", "baseli
 
 def _accumulate(sums: dict, stats: dict, n: int) -> None:
     """Add a minibatch of ``n`` captions' ``stats`` (those of EPOCH_STATS it has) to ``sums``:
-    name -> [sum of value * n, sum of n], kept in ``position`` so a resumed epoch's means are exact."""
+    name -> [sum of value * n, sum of n], kept in the checkpoint so a resumed epoch's means are exact."""
     for name in EPOCH_STATS:
         if name in stats:
             total = sums.setdefault(name, [0.0, 0])
@@ -160,6 +155,7 @@ def _migrated(position: dict) -> dict:
     """A checkpoint's data position in this version's form (those written before the per-epoch
     statistics kept only the loss and NLL sums)."""
     if "sums" not in position:
+        position = dict(position)
         n = position.pop("captions", 0)
         position["sums"] = {"loss": [position.pop("loss_sum", 0.0), n], "nll": [position.pop("nll_sum", 0.0), n]}
     return position
@@ -190,17 +186,17 @@ def train_step(
     captions: torch.Tensor,
     config: TrainConfig,
     objective_config: ObjectiveConfig,
-    run: dict,
+    baseline: float | None,
     epoch: int,
 ):
     """One minibatch update: forward (soft, or for hard attention a sampled or, with chance
     ``semi_sampling_p``, expected context; expected only in the first ``soft_warmup_epochs``
     epochs, counted from 0 by ``epoch``), the objective, backward, clipping, optimizer step.
 
-    annotations: (B, L, D) float; captions: (B, T+1) long, one length. ``run['baseline']`` (the
-    REINFORCE moving average of ``objective_config.baseline`` 'moving', None before the first
-    sampled batch) is updated in place.
-    Returns (loss: 0-dim tensor, stats: dict of floats) as :func:`pipeline.model.objective`.
+    annotations: (B, L, D) float; captions: (B, T+1) long, one length. ``baseline``: the REINFORCE
+    moving average of ``objective_config.baseline`` 'moving' (None before the first sampled batch).
+    Returns (loss: 0-dim tensor, stats: dict of floats as :func:`pipeline.model.objective`'s, the
+    moving baseline after this batch).
     Raises NonFinite, before the optimizer step, if the loss or the gradient norm is nan or inf.
     """
     sampled = (
@@ -210,10 +206,10 @@ def train_step(
     )
     with autocast(config, annotations.device):
         result = decoder(annotations, captions, "sample" if sampled else "expected")
-        loss, stats = objective(result, captions, objective_config, sampled, run["baseline"])
+        loss, stats = objective(result, captions, objective_config, sampled, baseline)
     if sampled and objective_config.baseline == "moving":  # b_k = 0.9 b_{k-1} + 0.1 log p(y|s_k, a)
-        b, d = run["baseline"], objective_config.baseline_decay
-        run["baseline"] = stats["log_p_y"] if b is None else d * b + (1 - d) * stats["log_p_y"]
+        d = objective_config.baseline_decay
+        baseline = stats["log_p_y"] if baseline is None else d * baseline + (1 - d) * stats["log_p_y"]
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grads = [p.grad for p in decoder.parameters() if p.grad is not None]
@@ -223,7 +219,7 @@ def train_step(
     if config.clip:
         torch.nn.utils.clip_grads_with_norm_(decoder.parameters(), config.clip, norm)
     optimizer.step()
-    return loss, stats
+    return loss, stats, baseline
 
 
 def train(config: TrainConfig, resume: bool = False, progress: bool = True, given: set[str] | None = None) -> dict:
@@ -310,10 +306,9 @@ def _check_new_run(out: Path) -> None:
 @dataclass
 class TrainState:
     """Everything a training run holds between steps, in place of a closure over a dozen names:
-    the options, the data, the model and its optimizer and weight average, and where the run is.
-    ``position`` (epoch, batch within it, step, the epoch's running statistics) and ``run`` (the
-    moving baseline, the best BLEU-4 and its epoch, epochs without improvement) are what a
-    checkpoint records of the run's progress, as plain dicts."""
+    the options, the data, the model and its optimizer and weight average, and where the run is
+    (the fields from ``epoch`` on; a checkpoint records those of POSITION and RUN under these two
+    keys, and the random states)."""
 
     config: TrainConfig
     world: distributed.World
@@ -327,14 +322,25 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     ema: AveragedModel | None
     pairs: CaptionPairs  # the training (image, caption) pairs, built once
-    position: dict = field(default_factory=lambda: {"epoch": 0, "batch": 0, "step": 0, "sums": {}})
-    run: dict = field(
-        default_factory=lambda: {"baseline": None, "best_bleu4": -1.0, "best_epoch": -1, "stale_epochs": 0}
-    )
+    epoch: int = 0  # epochs finished
+    batch: int = 0  # minibatches of epoch ``epoch`` done (a resumed epoch starts here)
+    step: int = 0  # optimizer steps taken
+    sums: dict = field(default_factory=dict)  # the epoch's running statistics (_accumulate)
+    baseline: float | None = None  # the REINFORCE moving baseline (--baseline moving)
+    best_bleu4: float = -1.0  # best validation BLEU-4 so far
+    best_epoch: int = -1  # its epoch, from 1
+    stale_epochs: int = 0  # epochs since it improved
 
     @property
     def out(self) -> Path:
         return Path(self.config.out)
+
+    def progress(self) -> dict:
+        """The checkpoint's record of the run's progress: {'position': ..., 'run': ...}."""
+        return {
+            "position": {"epoch": self.epoch, "batch": self.batch, "step": self.step, "sums": deepcopy(self.sums)},
+            "run": {name: getattr(self, name) for name in ("baseline", "best_bleu4", "best_epoch", "stale_epochs")},
+        }
 
 
 def _open_features(config: TrainConfig) -> tuple[AnnotationShards, AnnotationShards, str]:
@@ -400,7 +406,8 @@ def _restore(s: TrainState, saved: dict) -> None:
     torch.set_rng_state(saved["rng"]["cpu"][s.world.rank])
     if s.world.device.type == "cuda":
         torch.cuda.set_rng_state(saved["rng"]["cuda"][s.world.rank], s.world.device)
-    s.position, s.run = _migrated(saved["position"]), saved["run"]
+    for name, value in {**_migrated(saved["position"]), **saved["run"]}.items():
+        setattr(s, name, deepcopy(value))
 
 
 def _checkpoint(s: TrainState, path: Path) -> dict:
@@ -409,8 +416,8 @@ def _checkpoint(s: TrainState, path: Path) -> dict:
     weights = [s.decoder.state_dict()] + ([s.ema.state_dict()] if s.ema is not None else [])
     if not all(t.isfinite().all() for sd in weights for t in sd.values() if t.is_floating_point()):
         raise PipelineError(
-            f"{path}: not written: the weights hold nan or inf values at epoch {s.position['epoch'] + 1}, step "
-            f"{s.position['step']}; the file keeps its last whole state: start a new run with a lower --lr or a --clip"
+            f"{path}: not written: the weights hold nan or inf values at epoch {s.epoch + 1}, step "
+            f"{s.step}; the file keeps its last whole state: start a new run with a lower --lr or a --clip"
         )
     rng = {"cpu": s.world.gather(torch.get_rng_state())}
     if s.world.device.type == "cuda":
@@ -424,8 +431,7 @@ def _checkpoint(s: TrainState, path: Path) -> dict:
         "vocab": s.train.vocab.words,
         "features": feature_identity(s.train),
         "rng": rng,
-        "position": dict(s.position),
-        "run": dict(s.run),
+        **s.progress(),
     }
     if s.ema is not None:
         state["ema"] = s.ema.state_dict()
@@ -452,13 +458,13 @@ def _train(config: TrainConfig, resume: bool, progress: bool, world: distributed
     s = _setup(config, saved, world)
     if world.main:
         if resume:
-            _truncate_log(out, s.position["epoch"])
+            _truncate_log(out, s.epoch)
         out.mkdir(parents=True, exist_ok=True)
         write_config(config)
     state = None if resume else _checkpoint(s, out / LAST)  # a fresh run's folder can be resumed from its start
-    monitor = Monitor(out, s.val_split, config.tensorboard, s.position["epoch"]) if world.main else None
-    for epoch in range(s.position["epoch"], config.epochs):
-        if config.patience and s.run["stale_epochs"] >= config.patience:
+    monitor = Monitor(out, s.val_split, config.tensorboard, s.epoch) if world.main else None
+    for epoch in range(s.epoch, config.epochs):
+        if config.patience and s.stale_epochs >= config.patience:
             break
         seen, seconds = _epoch(s, epoch, progress)
         state = _end_epoch(s, epoch, seen, seconds, monitor)
@@ -468,7 +474,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool, world: distributed
 
 
 def _epoch(s: TrainState, epoch: int, progress: bool) -> tuple[int, float]:
-    """Train one epoch (from ``s.position['batch']`` on, for a resumed one); returns (captions
+    """Train one epoch (from ``s.batch`` on, for a resumed one); returns (captions
     this process saw, seconds)."""
     config, device = s.config, s.world.device
     pairs = s.pairs
@@ -476,7 +482,7 @@ def _epoch(s: TrainState, epoch: int, progress: bool) -> tuple[int, float]:
     batches = s.world.share(batches[: len(batches) - len(batches) % s.world.size])
     loader = DataLoader(
         pairs,
-        batch_sampler=batches[s.position["batch"] :],
+        batch_sampler=batches[s.batch :],
         num_workers=config.workers,
         generator=torch.Generator(),
         pin_memory=device.type == "cuda",
@@ -484,7 +490,7 @@ def _epoch(s: TrainState, epoch: int, progress: bool) -> tuple[int, float]:
     bar = tqdm(
         loader,
         total=len(batches),
-        initial=s.position["batch"],
+        initial=s.batch,
         desc=f"epoch {epoch + 1}/{config.epochs}",
         unit="batch",
         disable=not progress,
@@ -495,24 +501,24 @@ def _epoch(s: TrainState, epoch: int, progress: bool) -> tuple[int, float]:
     for annotations, captions, images in bar:
         annotations, captions = annotations.to(device, non_blocking=True), captions.to(device, non_blocking=True)
         try:
-            loss, stats = train_step(
-                s.model, s.optimizer, annotations, captions, config, s.objective_config, s.run, epoch
+            loss, stats, s.baseline = train_step(
+                s.model, s.optimizer, annotations, captions, config, s.objective_config, s.baseline, epoch
             )
         except NonFinite as e:
             names = ", ".join(s.train.image_ids[i] for i in images.unique()[:3].tolist())
             raise PipelineError(
-                f"{s.out}: epoch {epoch + 1}, step {s.position['step'] + 1}: {e} (minibatch of images "
+                f"{s.out}: epoch {epoch + 1}, step {s.step + 1}: {e} (minibatch of images "
                 f"{names}, ...); training stopped, no checkpoint holds these values: start a new run "
                 "with a lower --lr or a --clip"
             ) from None
         if s.ema is not None:
             s.ema.update_parameters(s.decoder)
-        s.position["batch"] += 1
-        s.position["step"] += 1
+        s.batch += 1
+        s.step += 1
         seen += len(captions)
-        _accumulate(s.position["sums"], dict(stats, loss=loss.item()), len(captions))
+        _accumulate(s.sums, dict(stats, loss=loss.item()), len(captions))
         bar.set_postfix(loss=f"{loss.item():.2f}", caps_s=f"{seen / (time.perf_counter() - start):.0f}")
-        if config.checkpoint_every and s.position["step"] % config.checkpoint_every == 0:
+        if config.checkpoint_every and s.step % config.checkpoint_every == 0:
             _checkpoint(s, s.out / LAST)
     bar.close()
     return seen, time.perf_counter() - start
@@ -521,26 +527,25 @@ def _epoch(s: TrainState, epoch: int, progress: bool) -> tuple[int, float]:
 def _end_epoch(s: TrainState, epoch: int, seen: int, seconds: float, monitor: Monitor | None) -> dict:
     """Validate, decay the learning rate, log, and write last.pt (and best.pt when BLEU-4
     improved); returns the checkpoint."""
-    config, world, run = s.config, s.world, s.run
+    config, world = s.config, s.world
     val = world.broadcast(
         validate(s.decoder if s.ema is None else s.ema.module, s.val, config, world.device) if world.main else None
     )
     bleu4 = val["bleu"][3]
-    improved = bleu4 > run["best_bleu4"]
-    run.update(
-        best_bleu4=max(bleu4, run["best_bleu4"]),
-        best_epoch=epoch + 1 if improved else run["best_epoch"],
-        stale_epochs=0 if improved else run["stale_epochs"] + 1,
-    )
+    improved = bleu4 > s.best_bleu4
+    if improved:
+        s.best_bleu4, s.best_epoch, s.stale_epochs = bleu4, epoch + 1, 0
+    else:
+        s.stale_epochs += 1
     lr = s.optimizer.param_groups[0]["lr"]
-    if not improved and run["stale_epochs"] % (config.lr_patience + 1) == 0:
+    if not improved and s.stale_epochs % (config.lr_patience + 1) == 0:
         for group in s.optimizer.param_groups:  # the optimizer's state_dict carries it into last.pt
             group["lr"] *= config.lr_decay
     seen = sum(world.gather(seen))
     record = {
         "epoch": epoch + 1,
-        "step": s.position["step"],
-        **_means(world.gather(s.position["sums"])),
+        "step": s.step,
+        **_means(world.gather(s.sums)),
         f"{s.val_split}_bleu": [round(b, 2) for b in val["bleu"]],
         f"{s.val_split}_bleu4": round(bleu4, 2),
         "attention_entropy": round(val["attention_entropy"], 3),
@@ -548,7 +553,7 @@ def _end_epoch(s: TrainState, epoch: int, seen: int, seconds: float, monitor: Mo
         "seconds": round(seconds, 1),
         "captions_per_s": round(seen / seconds, 1) if seconds else None,
     }
-    s.position.update(epoch=epoch + 1, batch=0, sums={})
+    s.epoch, s.batch, s.sums = epoch + 1, 0, {}
     if world.main:  # logged before last.pt: a resume drops log lines past its checkpoint, never misses one
         _log(s.out, record)
         image = figure_image(s.val.paths[0], s.val.manifest["preprocess"])
@@ -559,7 +564,7 @@ def _end_epoch(s: TrainState, epoch: int, seen: int, seconds: float, monitor: Mo
             save_checkpoint(s.out / BEST, state)
         print(
             f"epoch {epoch + 1}: loss {record['loss']:.3f}, {s.val_split} BLEU-4 {bleu4:.2f} (best "
-            f"{run['best_bleu4']:.2f} at epoch {run['best_epoch']}), attention entropy "
+            f"{s.best_bleu4:.2f} at epoch {s.best_epoch}), attention entropy "
             f"{val['attention_entropy']:.2f} nats (uniform {math.log(s.val.L):.2f}), lr {lr:.2g}, {seconds:.0f} s, "
             f'{record["captions_per_s"]} captions/s; e.g. "{" ".join(val["captions"][0])}"'
         )

@@ -60,8 +60,8 @@ def test_a_mixed_batch_captions_as_one_image_at_a_time_and_as_the_command(traine
         ([torch.zeros(8, 8, dtype=torch.uint8)], {}, r"images\[0\]: a tensor image must be uint8"),
         ([3.5], {}, r"images\[0\]: float is not an image; pass a file path, a PIL image or a uint8"),
         (["absent.jpg"], {}, r"absent.jpg: missing"),
-        ([Image.new("RGB", (8, 8))], {"beam_size": 0}, r"beam_size must be an integer from 1 to 100, not 0"),
-        ([Image.new("RGB", (8, 8))], {"max_len": 1.5}, r"max_len must be an integer from 1 to 200"),
+        ([Image.new("RGB", (8, 8))], {"beam_size": 0}, r"--beam-size: 0 is not in the range 1<=x<=100"),
+        ([Image.new("RGB", (8, 8))], {"max_len": 1.5}, r"--max-len: 1.5 is not an integer"),
     ],
 )
 def test_bad_inputs_raise_one_documented_error(trained_run, images, kwargs, message):

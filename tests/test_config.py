@@ -4,24 +4,49 @@
 import tomllib
 
 import click
+import pytest
 import torch
 from click.testing import CliRunner
 
 import cli
 from pipeline import encoders, shards
-from pipeline.config import ENCODER_NAMES, DecoderConfig, FeatureConfig, ObjectiveConfig, TrainConfig
+from pipeline.config import (
+    DECODE,
+    ENCODER_NAMES,
+    DecodeConfig,
+    DecoderConfig,
+    FeatureConfig,
+    ObjectiveConfig,
+    TrainConfig,
+)
+from pipeline.errors import PipelineError
 from pipeline.options import flag_name, specs
 
 from object_features import write_object_features
 
 
 def test_every_option_is_its_dataclass_field():
-    for command, classes in (("features", [FeatureConfig]), ("train", [TrainConfig, DecoderConfig, ObjectiveConfig])):
+    commands = {
+        "features": [FeatureConfig],
+        "train": [TrainConfig, DecoderConfig, ObjectiveConfig],
+        **{command: [DecodeConfig] for command in ("evaluate", "caption", "serve")},
+    }
+    for command, classes in commands.items():
         params = {p.name: p for p in cli.main.commands[command].params if isinstance(p, click.Option)}
         for cls in classes:
             for name, (default, spec) in specs(cls).items():
                 assert params[name].default == default and flag_name(name, default, spec) in params[name].opts, name
     assert ENCODER_NAMES == tuple(encoders.ENCODERS)
+    assert (TrainConfig.val_beam_size, TrainConfig.max_len) == (DECODE.beam_size, DECODE.max_len)
+
+
+def test_decode_settings_are_checked_in_python_too():
+    with pytest.raises(PipelineError, match=r"--beam-size: 0 is not in the range 1<=x<=100"):
+        DecodeConfig(beam_size=0)
+    with pytest.raises(PipelineError, match=r"--max-len: 2.0 is not an integer"):
+        DecodeConfig(max_len=2.0)
+    with pytest.raises(PipelineError, match=r"--allow-unk: 1 is not true or false"):
+        DecodeConfig(allow_unk=1)
 
 
 def test_config_toml_repeats_a_run_exactly(tmp_path):

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from pipeline.checkpoint import build_decoder, load_checkpoint
+from pipeline.config import DecodeConfig
 from pipeline.decode import beam_search, greedy_decode
 from pipeline.model import Decoder, DecoderConfig
 from pipeline.shards import AnnotationShards
@@ -41,8 +42,8 @@ def sequence_log_prob(decoder, annotations, tokens, vocab, ended=True):
 
 def test_beam_size_1_is_greedy(trained):
     decoder, vocab, a = trained
-    tokens, alpha = greedy_decode(decoder, a, vocab.start, vocab.end, 20)
-    beams = beam_search(decoder, a, vocab.start, vocab.end, beam_size=1, max_len=20)
+    tokens, alpha = greedy_decode(decoder, a, vocab, DecodeConfig(max_len=20))
+    beams = beam_search(decoder, a, vocab, DecodeConfig(beam_size=1, max_len=20))
     for i, caption in enumerate(beams):
         greedy = tokens[i].tolist()
         n = greedy.index(vocab.end) if vocab.end in greedy else len(greedy)
@@ -52,10 +53,10 @@ def test_beam_size_1_is_greedy(trained):
 
 def test_larger_beams_never_score_below_greedy(trained):
     decoder, vocab, a = trained
-    greedy = beam_search(decoder, a, vocab.start, vocab.end, beam_size=1)
+    greedy = beam_search(decoder, a, vocab, DecodeConfig(beam_size=1))
     differs = 0
     for k in (2, 3, 5):
-        beams = beam_search(decoder, a, vocab.start, vocab.end, beam_size=k)
+        beams = beam_search(decoder, a, vocab, DecodeConfig(beam_size=k))
         for g, b, x in zip(greedy, beams, a):
             assert b.ended and b.log_prob >= g.log_prob - 1e-5
             assert b.log_prob == pytest.approx(sequence_log_prob(decoder, x, b.tokens, vocab), abs=1e-4)
@@ -66,9 +67,9 @@ def test_larger_beams_never_score_below_greedy(trained):
 
 def test_batched_equals_one_image_at_a_time(trained):
     decoder, vocab, a = trained
-    batched = beam_search(decoder, a[:6], vocab.start, vocab.end, beam_size=3)
+    batched = beam_search(decoder, a[:6], vocab, DecodeConfig(beam_size=3))
     for i in range(6):
-        single = beam_search(decoder, a[i : i + 1], vocab.start, vocab.end, beam_size=3)[0]
+        single = beam_search(decoder, a[i : i + 1], vocab, DecodeConfig(beam_size=3))[0]
         assert single.tokens == batched[i].tokens and single.log_prob == pytest.approx(batched[i].log_prob, abs=1e-5)
 
 
@@ -79,7 +80,7 @@ def test_a_model_that_never_ends_gives_max_length_captions():
         decoder.out_vocab.bias[2] = -1e4  # <end> never wins
     a = torch.randn(3, 5, 8)
     for k in (1, 3):
-        captions = beam_search(decoder, a, 1, 2, beam_size=k, max_len=7)
+        captions = beam_search(decoder, a, _Vocab, DecodeConfig(beam_size=k, max_len=7))
         assert all(len(c.tokens) == 7 and not c.ended and c.alpha.shape == (7, 5) for c in captions)
         assert all(
             c.log_prob == pytest.approx(sequence_log_prob(decoder, x, c.tokens, _Vocab, ended=False), abs=1e-4)
@@ -88,13 +89,33 @@ def test_a_model_that_never_ends_gives_max_length_captions():
 
 
 class _Vocab:
-    start, end = 1, 2
+    start, end, unk = 1, 2, 3
 
 
 def test_hard_attention_sampling_returns_locations(trained):
     decoder, vocab, a = trained
-    captions = beam_search(decoder, a[:4], vocab.start, vocab.end, beam_size=2, context="argmax")
+    captions = beam_search(decoder, a[:4], vocab, DecodeConfig(beam_size=2), context="argmax")
     for c in captions:
         assert c.locations is not None and len(c.locations) == len(c.tokens) + c.ended  # <end> has one too
         assert torch.equal(c.locations, c.alpha.argmax(1))
-    assert beam_search(decoder, a[:1], vocab.start, vocab.end)[0].locations is None
+    assert beam_search(decoder, a[:1], vocab)[0].locations is None
+
+
+def test_unk_is_never_emitted_unless_allowed():
+    torch.manual_seed(0)
+    decoder = Decoder(DecoderConfig(vocab_size=9, annotation_dim=8, embed_dim=8, hidden_dim=8, attention_dim=8)).eval()
+    with torch.no_grad():
+        decoder.out_vocab.bias[_Vocab.unk] = 8.0  # <unk> is the model's favourite word
+        decoder.out_vocab.bias[_Vocab.end] = -2.0  # and captions do not end at once
+    a = torch.randn(3, 5, 8)
+    allowed = DecodeConfig(beam_size=3, max_len=6, allow_unk=True)
+    assert all(_Vocab.unk in c.tokens for c in beam_search(decoder, a, _Vocab, allowed))
+    for k in (1, 3):
+        captions = beam_search(decoder, a, _Vocab, DecodeConfig(beam_size=k, max_len=6))
+        assert all(_Vocab.unk not in c.tokens for c in captions) and sum(len(c.tokens) for c in captions) >= 3
+        assert all(  # the model's own log-probabilities, not renormalised without <unk>
+            c.log_prob == pytest.approx(sequence_log_prob(decoder, x, c.tokens, _Vocab, c.ended), abs=1e-4)
+            for c, x in zip(captions, a)
+        )
+    tokens, _ = greedy_decode(decoder, a, _Vocab, DecodeConfig(max_len=6))
+    assert _Vocab.unk not in tokens.tolist()[0]

@@ -6,6 +6,7 @@ import sys
 import pytest
 from PIL import Image
 
+from pipeline.config import DecodeConfig
 from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate
 from pipeline.metrics import score_captions
@@ -33,7 +34,7 @@ def test_scores_with_java_include_meteor():
 
 def test_evaluate_writes_coco_results_scores_and_references(trained_run):
     out, root = trained_run
-    result = evaluate(out / "run" / "best.pt", "test", beam_size=2, progress=False)
+    result = evaluate(out / "run" / "best.pt", "test", DecodeConfig(beam_size=2), progress=False)
     captions = json.loads(result["captions"].read_text())
     assert result["captions"].name == "best-test-beam2.captions.json" and len(captions) == 10
     assert set(captions[0]) == {"image_id", "caption"}

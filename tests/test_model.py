@@ -181,6 +181,7 @@ def test_a_checkpoint_of_main_at_103e4ad_loads_and_captions_identically(tmp_path
     Attention module; its .captions.json holds the beam-3 captions that version decoded for the 10
     test scenes."""
     from pipeline.checkpoint import build_decoder, load_checkpoint
+    from pipeline.config import DecodeConfig
     from pipeline.decode import beam_search
     from pipeline.shards import AnnotationShards
 
@@ -190,7 +191,9 @@ def test_a_checkpoint_of_main_at_103e4ad_loads_and_captions_identically(tmp_path
     write_object_features(tmp_path, sizes={"train": 300, "val": 10, "test": 10})
     decoder, vocab = build_decoder(load_checkpoint(data / "checkpoint-103e4ad.pt"), "checkpoint-103e4ad.pt")
     shards = AnnotationShards(tmp_path, "test")
-    found = beam_search(decoder.eval(), torch.stack([shards[i] for i in range(10)]), vocab.start, vocab.end, 3, 20)
+    found = beam_search(
+        decoder.eval(), torch.stack([shards[i] for i in range(10)]), vocab, DecodeConfig(allow_unk=True)
+    )
     expected = json.loads((data / "checkpoint-103e4ad.captions.json").read_text())
     assert [c.tokens for c in found] == expected["captions"]
     assert [c.log_prob for c in found] == pytest.approx(expected["log_probs"], abs=1e-4)

@@ -38,7 +38,7 @@ def held_out_scores(run, features, scenes, context="expected"):
     decoder, vocab = build_decoder(load_checkpoint(run / "best.pt"), "best.pt")
     test = AnnotationShards(features, "test")
     annotations = torch.stack([test[i] for i in range(len(test))])
-    tokens, alpha = greedy_decode(decoder.eval(), annotations, vocab.start, vocab.end, 20, context)
+    tokens, alpha = greedy_decode(decoder.eval(), annotations, vocab, context=context)
     hyps = [vocab.decode(t) for t in tokens.tolist()]
     masses = [
         alpha[i, hyps[i].index(obj), cell].item() if obj in hyps[i] else 0.0
@@ -172,8 +172,8 @@ def test_validation_is_free_running_beam_search(objects, tmp_path):
     val = AnnotationShards(features, "val")
     annotations = torch.stack([val[i] for i in range(len(val))])
     with autocast(config, torch.device("cpu")):
-        tokens, _ = greedy_decode(decoder, annotations, vocab.start, vocab.end)
-        beams = beam_search(decoder, annotations, vocab.start, vocab.end, 3)
+        tokens, _ = greedy_decode(decoder, annotations, vocab)
+        beams = beam_search(decoder, annotations, vocab)
     assert validate(decoder, val, config, torch.device("cpu"))["captions"] == [vocab.decode(c.tokens) for c in beams]
     greedy = TrainConfig(**dict(vars(config), val_beam_size=1))
     assert validate(decoder, val, greedy, torch.device("cpu"))["captions"] == [vocab.decode(t) for t in tokens.tolist()]
