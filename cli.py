@@ -293,12 +293,15 @@ def features(dataset, data_dir, karpathy_json, image_dir, splits, out, skip_bad_
 def train(features, out, resume, no_progress, **settings):
     """Stage two: train the attention decoder on feature shards.
 
-    Validates each epoch by free-running beam-search decoding scored with BLEU-4, keeps last.pt
-    and best.pt, decays the learning rate and stops early when BLEU-4 stops improving. The run
-    records its options in OUT/config.toml (`--config OUT/config.toml` repeats them).
+    Validates each epoch by free-running beam-search decoding scored with BLEU-4 and CIDEr-D,
+    keeps last.pt and best.pt, decays the learning rate and stops early when the validation score
+    (--val-metric) stops improving. `--objective scst --init RUN/best.pt` fine-tunes an XE-trained
+    decoder by self-critical sequence training. The run records its options in OUT/config.toml
+    (`--config OUT/config.toml` repeats them).
     """
     from pipeline.distributed import main_process
     from pipeline.options import specs
+    from pipeline.train import METRIC_NAMES
     from pipeline.train import train as run_training
 
     if features is None and not resume:  # a resume defaults to the run's own features
@@ -307,6 +310,9 @@ def train(features, out, resume, no_progress, **settings):
             click.echo(note, err=True)
     sections = {"model": specs(DecoderConfig), "objective": specs(ObjectiveConfig)}
     nested = {section: {k: settings.pop(k) for k in fields if k in settings} for section, fields in sections.items()}
+    typed = set(_given(click.get_current_context(), "resume", "no_progress"))
+    if settings["init"]:  # the decoder's options come from --init's checkpoint: those typed must agree with it
+        nested["model"] = {k: v for k, v in nested["model"].items() if k in typed}
     config = TrainConfig(
         features=features and str(features),
         out=str(out or paths.RUNS / settings["attention"]),
@@ -314,12 +320,12 @@ def train(features, out, resume, no_progress, **settings):
         **nested,
     )
     where = {k: f"{section}.{k}" for section, values in nested.items() for k in values}
-    given = {where.get(name, name) for name in _given(click.get_current_context(), "resume", "no_progress")}
+    given = {where.get(name, name) for name in typed}
     state = run_training(config, resume=resume, progress=not no_progress, given=given)
-    run = state["run"]
+    run, metric = state["run"], METRIC_NAMES[config.selection_metric]
     if main_process():  # under torchrun rank 0 reports for all
         click.echo(
-            f"train: best BLEU-4 {run['best_bleu4']:.2f} at epoch {run['best_epoch']}; checkpoints in {config.out}"
+            f"train: best {metric} {run['best_score']:.2f} at epoch {run['best_epoch']}; checkpoints in {config.out}"
         )
 
 

@@ -8,12 +8,16 @@ building a configuration in Python checks the same ranges (:func:`pipeline.optio
 
 from dataclasses import asdict, dataclass, field
 
+from .errors import PipelineError
 from .options import check_config, option
 
 ENCODER_NAMES = ("vgg19", "vgg16", "resnet101", "resnet152", "squeezenet1_1")  # pipeline.encoders.ENCODERS
 ENCODER_PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # the encoder's arithmetic (pipeline.features)
 CONTEXTS = ("expected", "sample", "argmax")  # how a step's context vector is formed (pipeline.model.Decoder.step)
 BASELINES = ("batch", "moving")  # REINFORCE baselines (pipeline.model.objective)
+CRITERIA = ("xe", "scst")  # training objectives (pipeline.train, pipeline.scst)
+SCST_BASELINES = ("mean", "greedy")  # self-critical baselines (pipeline.scst)
+VAL_METRICS = ("auto", "bleu4", "cider")  # model selection (pipeline.train.validate)
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,34 @@ class TrainConfig:
         "as the paper).",
         low=0,
     )
+    criterion: str = option(
+        "xe",
+        "xe: maximum likelihood of the reference captions (eq. 14); scst: self-critical sequence training "
+        "(Rennie et al. 2017) of an XE-trained decoder (--init), sampled captions rewarded by CIDEr-D. SCST "
+        "wants a lower --lr (5e-5) and a few --epochs.",
+        choices=CRITERIA,
+        flag="--objective",
+    )
+    init: str = option(
+        "",
+        "A checkpoint (best.pt of an earlier run on the same features) whose weights (its weight average where it "
+        "kept one) and decoder sizes start this run; needed by --objective scst. [default: none, random weights]",
+        kind="path",
+    )
+    scst_samples: int = option(
+        5, "SCST: captions sampled per image; --batch-size counts them (2 or more).", low=2, high=100
+    )
+    scst_baseline: str = option(
+        "mean",
+        "SCST baseline: the mean reward of the image's other samples, or its greedy caption's reward (Rennie et al.).",
+        choices=SCST_BASELINES,
+    )
+    val_metric: str = option(
+        "auto",
+        "Validation score for keeping best.pt, early stopping and learning-rate decay (auto: CIDEr-D for scst, "
+        "BLEU-4 for xe).",
+        choices=VAL_METRICS,
+    )
     checkpoint_every: int = option(0, "Also write last.pt every N steps (0: epoch ends only).", unit="steps", low=0)
     workers: int = option(0, "DataLoader processes reading the shards (0: in-process).", low=0, high=64)
     precision: str = option(
@@ -183,6 +215,21 @@ class TrainConfig:
 
     def __post_init__(self):
         check_config(self)
+        if self.criterion == "scst" and not self.init:
+            raise PipelineError(
+                "--objective scst trains an XE-trained decoder: give its checkpoint with --init RUN/best.pt"
+            )
+        if self.criterion == "scst" and self.batch_size < self.scst_samples:
+            raise PipelineError(
+                f"--batch-size {self.batch_size} counts sampled captions: at least --scst-samples ({self.scst_samples})"
+            )
+
+    @property
+    def selection_metric(self) -> str:
+        """The validation score that picks best.pt: 'bleu4' or 'cider' (``val_metric``, resolved)."""
+        if self.val_metric != "auto":
+            return self.val_metric
+        return "cider" if self.criterion == "scst" else "bleu4"
 
 
 @dataclass

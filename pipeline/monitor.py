@@ -23,6 +23,8 @@ TAGS = {
     "nll": "train/nll_per_caption",
     "doubly_stochastic": "train/doubly_stochastic",
     "beta": "train/gating_beta",
+    "reward": "train/scst_reward_cider_d",
+    "greedy_reward": "train/scst_greedy_reward_cider_d",
     "reward_rms": "train/reinforce_reward_rms",
     "baseline": "train/reinforce_baseline",
     "lr": "run/learning_rate",
@@ -35,8 +37,8 @@ def tag(name: str, split: str) -> str | None:
     """The TensorBoard tag of a metrics.jsonl field (None for those that are not one scalar)."""
     if name in TAGS:
         return TAGS[name]
-    if name == f"{split}_bleu4":
-        return f"{split}/bleu4"
+    if name in (f"{split}_bleu4", f"{split}_cider"):
+        return f"{split}/{name.removeprefix(split + '_')}"
     if name == "attention_entropy":
         return f"{split}/attention_entropy_nats"
     return None

@@ -20,23 +20,27 @@ MARK = {"Software": f"{OWNER} attention figure"}  # a PNG text chunk: how a reru
 
 
 def upsample(alpha: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
-    """alpha: (L,) weights of an h x w grid (row by row) -> (H, W) map, bilinear, scaled to [0, 1]."""
+    """alpha: (L,) weights of an h x w grid (row by row) -> (H, W) map, bilinear, stretched to
+    [0, 1] from its minimum to its maximum (so that a map close to uniform still shows where it
+    peaks; its sharpness is in the figure's numbers, not its contrast)."""
     a = alpha.detach().float().cpu().view(1, 1, *grid)
     up = F.interpolate(a, size=size, mode="bilinear", align_corners=False)[0, 0]
-    return (up / up.max().clamp_min(1e-12)).numpy()
+    low, high = up.min(), up.max()
+    return ((up - low) / (high - low).clamp_min(1e-12)).numpy()
 
 
 def attention_overlay(image, alpha: torch.Tensor, grid: tuple[int, int]) -> Image.Image:
     """image (PIL RGB) with the regions that alpha (L,) attends least darkened: the attention
-    map, upsampled and scaled to its maximum, as brightness."""
+    map, upsampled and stretched from its minimum to its maximum, as brightness."""
     pixels = np.asarray(image)
     weight = upsample(alpha, grid, pixels.shape[:2])[..., None]
     return Image.fromarray((pixels * (0.15 + 0.85 * weight)).astype(np.uint8))
 
 
 def attention_plot(image, words: list[str], alpha: torch.Tensor, grid: tuple[int, int], columns: int = 5):
-    """The matplotlib figure: the image with the whole caption as its title, then one panel per
-    word with its attention map over the image (the caller closes it).
+    """The matplotlib figure: the whole caption as its title, the image, then one panel per word
+    with its attention map over the image (each stretched to its own range) and, under the word,
+    the largest weight max_i alpha_ti (1/L when uniform) (the caller closes it).
 
     image: PIL RGB image as the encoder saw it (after resize/crop); words: the caption;
     alpha: (T, L) attention weights, row t for words[t] (T >= len(words)); grid: (h, w) with h*w = L.
@@ -48,12 +52,13 @@ def attention_plot(image, words: list[str], alpha: torch.Tensor, grid: tuple[int
     for ax in axes.flat:
         ax.axis("off")
     axes.flat[0].imshow(pixels)
-    axes.flat[0].set_title(textwrap.fill(" ".join(words), 34), fontsize=8)
+    title = textwrap.fill(" ".join(words), 16 * columns)
+    fig.suptitle(title, fontsize=11)
     for t, word in enumerate(words):
         ax = axes.flat[t + 1]
         ax.imshow(attention_overlay(image, alpha[t], grid))
-        ax.set_title(word, fontsize=11)
-    fig.tight_layout()
+        ax.set_title(f"{word}\nmax alpha {alpha[t].max().item():.3f}", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 * (title.count("\n") + 1) / (2.6 * rows)))
     return fig
 
 
@@ -66,16 +71,16 @@ def attention_figure(image, words: list[str], alpha: torch.Tensor, grid: tuple[i
 
 
 def training_curves(records: list[dict], split: str, path) -> None:
-    """Save the training curves as PNG at ``path`` (atomically): the training loss and the
-    validation BLEU-4 by epoch. records: metrics.jsonl's lines (dicts with 'epoch', 'loss' and
-    f'{split}_bleu4')."""
+    """Save the training curves as PNG at ``path`` (atomically): the training loss, the
+    validation BLEU-4 and CIDEr-D by epoch. records: metrics.jsonl's lines (dicts with 'epoch',
+    'loss', f'{split}_bleu4' and f'{split}_cider', the last absent from runs of earlier versions)."""
     epochs = [r["epoch"] for r in records]
-    fig, (loss, bleu) = plt.subplots(1, 2, figsize=(9, 3.2))
-    loss.plot(epochs, [r["loss"] for r in records], marker="o")
-    loss.set(xlabel="epoch", ylabel="training loss (per caption)")
-    bleu.plot(epochs, [r[f"{split}_bleu4"] for r in records], marker="o", color="tab:green")
-    bleu.set(xlabel="epoch", ylabel=f"{split} BLEU-4 (%)")
-    for ax in (loss, bleu):
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
+    curves = [("loss", "training loss (per caption)"), (f"{split}_bleu4", f"{split} BLEU-4 (%)")]
+    curves.append((f"{split}_cider", f"{split} CIDEr-D (%)"))
+    for ax, (key, label), color in zip(axes, curves, ("tab:blue", "tab:green", "tab:purple")):
+        ax.plot(epochs, [r.get(key, float("nan")) for r in records], marker="o", color=color)
+        ax.set(xlabel="epoch", ylabel=label)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:

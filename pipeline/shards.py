@@ -374,6 +374,20 @@ class CaptionPairs(Dataset):
         return self.shards[i], torch.tensor(self.shards.captions[i][c]), i
 
 
+class Images(Dataset):
+    """The images of a split for self-critical training: item i -> (annotations (L, D) float32,
+    image index i)."""
+
+    def __init__(self, shards: AnnotationShards):
+        self.shards = shards
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def __getitem__(self, i: int):
+        return self.shards[i], i
+
+
 def write_bad_image_report(path: Path, failures: list[dict]) -> None:
     """Write the failed images as TSV (split, image_id, path, reason), atomically."""
     lines = ["split\timage_id\tpath\treason"] + [

@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from . import distributed
 from .atomic import atomic_path
-from .checkpoint import check_features, feature_identity, load_checkpoint, save_checkpoint
+from .checkpoint import build_decoder, check_features, feature_identity, load_checkpoint, save_checkpoint
+from .cider import CiderD
 from .config import DecodeConfig, DecoderConfig, ObjectiveConfig, TrainConfig
 from .decode import beam_search
 from .errors import PipelineError
@@ -36,10 +37,12 @@ from .metrics import bleu
 from .model import Decoder, attention_entropy, objective
 from .monitor import BOARD, CURVES, Monitor, figure_image
 from .options import specs, write_toml
-from .shards import AnnotationShards, CaptionPairs
+from .scst import scst_loss
+from .shards import AnnotationShards, CaptionPairs, Images
 from .text import tokenize
 
 LAST, BEST, METRICS, CONFIG = "last.pt", "best.pt", "metrics.jsonl", "config.toml"
+METRIC_NAMES = {"bleu4": "BLEU-4", "cider": "CIDEr-D"}
 RESUMABLE = ("epochs", "patience", "checkpoint_every", "workers", "tensorboard")  # options a --resume may change
 
 
@@ -80,10 +83,16 @@ def bucket_batches(lengths: list[int], batch_size: int, generator: torch.Generat
 
 
 def epoch_batches(pairs: CaptionPairs, config: TrainConfig, epoch: int) -> list[list[int]]:
-    """The minibatches of ``epoch``, the same on every run with the same seed."""
-    return bucket_batches(
-        pairs.lengths(), config.batch_size, torch.Generator().manual_seed(config.seed * 100003 + epoch)
-    )
+    """The minibatches of ``epoch``, the same on every run with the same seed: of caption pairs
+    (length-bucketed), or for SCST of images (batch_size // scst_samples each, shuffled)."""
+    generator = torch.Generator().manual_seed(config.seed * 100003 + epoch)
+    if config.criterion == "scst":
+        order, size = (
+            torch.randperm(len(pairs.shards), generator=generator).tolist(),
+            config.batch_size // config.scst_samples,
+        )
+        return [order[k : k + size] for k in range(0, len(order), size)]
+    return bucket_batches(pairs.lengths(), config.batch_size, generator)
 
 
 def validate(decoder: Decoder, shards: AnnotationShards, config: TrainConfig, device) -> dict:
@@ -92,7 +101,8 @@ def validate(decoder: Decoder, shards: AnnotationShards, config: TrainConfig, de
     (coco-caption's BLEU, in %), and how sharp their
     attention is: the entropy of alpha_t in nats, averaged over the words (log L when uniform: a
     model that does not attend, as hard attention does when its gating scalar collapses).
-    Returns {'bleu': [b1..b4], 'captions': [token lists], 'attention_entropy': float,
+    Also their CIDEr-D (document frequencies over these references, as coco-caption's; in %).
+    Returns {'bleu': [b1..b4], 'cider': float, 'captions': [token lists], 'attention_entropy': float,
     'first_alpha': (T, L) the attention weights of the first image's caption}."""
     decoder.eval()
     n = config.val_images or len(shards)
@@ -110,6 +120,7 @@ def validate(decoder: Decoder, shards: AnnotationShards, config: TrainConfig, de
     refs = [[tokenize(c) for c in caps] for caps in shards.references[: len(hyps)]]  # raw: <unk> is never right
     return {
         "bleu": [100 * b for b in bleu(hyps, refs)],
+        "cider": 100 * CiderD(refs).corpus(hyps),
         "captions": hyps,
         "attention_entropy": sum(entropies) / max(len(entropies), 1),
         "first_alpha": alphas[0],
@@ -128,7 +139,7 @@ def make_optimizer(params, config: TrainConfig):
     return torch.optim.RMSprop(params, lr=config.lr)
 
 
-EPOCH_STATS = ("loss", "nll", "doubly_stochastic", "beta", "reward_rms", "baseline")  # averaged over an epoch
+EPOCH_STATS = ("loss", "nll", "doubly_stochastic", "beta", "reward", "greedy_reward", "reward_rms", "baseline")
 
 
 def _accumulate(sums: dict, stats: dict, n: int) -> None:
@@ -151,14 +162,17 @@ def _means(sums_by_rank: list[dict]) -> dict:
     return means
 
 
-def _migrated(position: dict) -> dict:
-    """A checkpoint's data position in this version's form (those written before the per-epoch
-    statistics kept only the loss and NLL sums)."""
+def _progress(saved: dict) -> dict:
+    """A checkpoint's record of the run's progress (its 'position' and 'run') as TrainState's
+    fields, from checkpoints of earlier versions too (the epoch's statistics as loss and NLL sums;
+    the best score named best_bleu4)."""
+    position, run = dict(saved["position"]), dict(saved["run"])
     if "sums" not in position:
-        position = dict(position)
         n = position.pop("captions", 0)
         position["sums"] = {"loss": [position.pop("loss_sum", 0.0), n], "nll": [position.pop("nll_sum", 0.0), n]}
-    return position
+    if "best_bleu4" in run:
+        run["best_score"] = run.pop("best_bleu4")
+    return deepcopy({**position, **run})
 
 
 def _log(out: Path, record: dict) -> None:
@@ -210,16 +224,43 @@ def train_step(
     if sampled and objective_config.baseline == "moving":  # b_k = 0.9 b_{k-1} + 0.1 log p(y|s_k, a)
         d = objective_config.baseline_decay
         baseline = stats["log_p_y"] if baseline is None else d * baseline + (1 - d) * stats["log_p_y"]
+    update(decoder, optimizer, loss, config.clip)
+    return loss, stats, baseline
+
+
+def update(decoder: Decoder, optimizer, loss: torch.Tensor, clip: float) -> None:
+    """Backward, gradient L2-norm clipping at ``clip`` (0: off), optimizer step.
+    Raises NonFinite, before the step, if the loss or the gradient norm is nan or inf."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grads = [p.grad for p in decoder.parameters() if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads)
     if not (torch.isfinite(loss) and torch.isfinite(norm)):  # before the step: the weights stay finite
         raise NonFinite(f"the loss ({loss.item():.4g}) or the gradient norm ({norm.item():.4g}) is not finite")
-    if config.clip:
-        torch.nn.utils.clip_grads_with_norm_(decoder.parameters(), config.clip, norm)
+    if clip:
+        torch.nn.utils.clip_grads_with_norm_(decoder.parameters(), clip, norm)
     optimizer.step()
-    return loss, stats, baseline
+
+
+def scst_step(s: "TrainState", annotations: torch.Tensor, images: list[int]):
+    """One self-critical update (:func:`pipeline.scst.scst_loss`) on a minibatch of images:
+    annotations (B, L, D) float, images their indices in the training split. Hard attention
+    samples its locations. Returns (loss, stats). Raises NonFinite as :func:`update`."""
+    config = s.config
+    with autocast(config, annotations.device):
+        loss, stats = scst_loss(
+            s.decoder,
+            annotations,
+            images,
+            s.train.vocab,
+            s.cider,
+            config.scst_samples,
+            config.scst_baseline,
+            config.max_len,
+            "sample" if config.attention == "hard" else "expected",
+        )
+    update(s.decoder, s.optimizer, loss, config.clip)
+    return loss, stats
 
 
 def train(config: TrainConfig, resume: bool = False, progress: bool = True, given: set[str] | None = None) -> dict:
@@ -322,12 +363,13 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     ema: AveragedModel | None
     pairs: CaptionPairs  # the training (image, caption) pairs, built once
+    cider: CiderD | None = None  # SCST: CIDEr-D against the training references (document frequencies once)
     epoch: int = 0  # epochs finished
     batch: int = 0  # minibatches of epoch ``epoch`` done (a resumed epoch starts here)
     step: int = 0  # optimizer steps taken
     sums: dict = field(default_factory=dict)  # the epoch's running statistics (_accumulate)
     baseline: float | None = None  # the REINFORCE moving baseline (--baseline moving)
-    best_bleu4: float = -1.0  # best validation BLEU-4 so far
+    best_score: float = -1.0  # best validation score (config.selection_metric) so far
     best_epoch: int = -1  # its epoch, from 1
     stale_epochs: int = 0  # epochs since it improved
 
@@ -339,7 +381,7 @@ class TrainState:
         """The checkpoint's record of the run's progress: {'position': ..., 'run': ...}."""
         return {
             "position": {"epoch": self.epoch, "batch": self.batch, "step": self.step, "sums": deepcopy(self.sums)},
-            "run": {name: getattr(self, name) for name in ("baseline", "best_bleu4", "best_epoch", "stale_epochs")},
+            "run": {name: getattr(self, name) for name in ("baseline", "best_score", "best_epoch", "stale_epochs")},
         }
 
 
@@ -355,16 +397,21 @@ def _open_features(config: TrainConfig) -> tuple[AnnotationShards, AnnotationSha
 def _setup(config: TrainConfig, saved: dict | None, world: distributed.World) -> TrainState:
     """A new run's state, or (``saved``: its last.pt) the state of the run to resume, in the
     order that draws the same random numbers either way."""
+    if config.criterion == "scst" and world.size > 1:
+        raise PipelineError("--objective scst trains in one process: run it without torchrun")
     train_shards, val_shards, val_split = _open_features(config)
     torch.manual_seed(config.seed)
     if saved is not None:
-        model_config = DecoderConfig(**saved["model_config"])
+        decoder = Decoder(DecoderConfig(**saved["model_config"]))
+    elif config.init:
+        decoder = _initial_decoder(config, train_shards)
     else:
         model = dict(config.model)
         if model.get("attention_input_scale") == 0:  # 0: the RMS of the training annotation vectors
             model["attention_input_scale"] = annotation_rms(train_shards)
-        model_config = DecoderConfig(vocab_size=len(train_shards.vocab), annotation_dim=train_shards.D, **model)
-    decoder = Decoder(model_config).to(world.device)
+        decoder = Decoder(DecoderConfig(vocab_size=len(train_shards.vocab), annotation_dim=train_shards.D, **model))
+    model_config = decoder.config
+    decoder.to(world.device)
     optimizer = make_optimizer(decoder.parameters(), config)
     ema = AveragedModel(decoder, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay)) if config.ema_decay else None
     state = TrainState(
@@ -380,20 +427,36 @@ def _setup(config: TrainConfig, saved: dict | None, world: distributed.World) ->
         optimizer,
         ema,
         CaptionPairs(train_shards),
+        CiderD([[tokenize(c) for c in refs] for refs in train_shards.references])
+        if config.criterion == "scst"
+        else None,
     )
     if saved is not None:
         _restore(state, saved)
     return state
 
 
+def _initial_decoder(config: TrainConfig, shards: AnnotationShards) -> Decoder:
+    """The decoder of ``config.init`` (its weight average where it kept one), checked to be
+    trained on features like ``shards`` and to agree with the decoder options in ``config.model``."""
+    checkpoint = load_checkpoint(config.init)
+    _check_trained_on(checkpoint, shards, config.init, "start from it")
+    decoder, _ = build_decoder(checkpoint, config.init)
+    differs = [
+        f"--{k.replace('_', '-')} {v} (it has {getattr(decoder.config, k)})"
+        for k, v in config.model.items()
+        if getattr(decoder.config, k) != v
+    ]
+    if differs:
+        raise PipelineError(
+            f"{config.init}: the decoder's sizes and switches come from this checkpoint; drop {', '.join(differs)}"
+        )
+    return decoder
+
+
 def _restore(s: TrainState, saved: dict) -> None:
     """Load a resumed run's weights, optimizer, weight average, random state and progress."""
-    check_features(saved, s.train, s.out / LAST)
-    if saved["vocab"] != s.train.vocab.words:
-        raise PipelineError(
-            f"{s.train.dir / 'vocab.json'}: not the vocabulary {s.out / LAST} was trained with "
-            f"({len(s.train.vocab)} words, it has {len(saved['vocab'])}); resume on the features the run started from"
-        )
+    _check_trained_on(saved, s.train, s.out / LAST, "resume on the features the run started from")
     if "hidden_proj.weight" in saved["model"]:
         raise PipelineError(
             f"{s.out / LAST}: written by an earlier version (before the Attention module); it loads "
@@ -406,8 +469,19 @@ def _restore(s: TrainState, saved: dict) -> None:
     torch.set_rng_state(saved["rng"]["cpu"][s.world.rank])
     if s.world.device.type == "cuda":
         torch.cuda.set_rng_state(saved["rng"]["cuda"][s.world.rank], s.world.device)
-    for name, value in {**_migrated(saved["position"]), **saved["run"]}.items():
-        setattr(s, name, deepcopy(value))
+    for name, value in _progress(saved).items():
+        setattr(s, name, value)
+
+
+def _check_trained_on(checkpoint: dict, shards: AnnotationShards, path, what: str) -> None:
+    """Raise PipelineError if ``checkpoint`` (read from ``path``) was not trained on features made
+    like ``shards`` with their vocabulary; ``what``: what to do instead."""
+    check_features(checkpoint, shards, path)
+    if checkpoint["vocab"] != shards.vocab.words:
+        raise PipelineError(
+            f"{shards.dir / 'vocab.json'}: not the vocabulary {path} was trained with "
+            f"({len(shards.vocab)} words, it has {len(checkpoint['vocab'])}); {what}"
+        )
 
 
 def _checkpoint(s: TrainState, path: Path) -> dict:
@@ -477,11 +551,10 @@ def _epoch(s: TrainState, epoch: int, progress: bool) -> tuple[int, float]:
     """Train one epoch (from ``s.batch`` on, for a resumed one); returns (captions
     this process saw, seconds)."""
     config, device = s.config, s.world.device
-    pairs = s.pairs
-    batches = epoch_batches(pairs, config, epoch)
+    batches = epoch_batches(s.pairs, config, epoch)
     batches = s.world.share(batches[: len(batches) - len(batches) % s.world.size])
     loader = DataLoader(
-        pairs,
+        Images(s.train) if s.cider is not None else s.pairs,
         batch_sampler=batches[s.batch :],
         num_workers=config.workers,
         generator=torch.Generator(),
@@ -498,12 +571,24 @@ def _epoch(s: TrainState, epoch: int, progress: bool) -> tuple[int, float]:
     )
     s.model.train()
     start, seen = time.perf_counter(), 0
-    for annotations, captions, images in bar:
-        annotations, captions = annotations.to(device, non_blocking=True), captions.to(device, non_blocking=True)
+    for annotations, *captions, images in bar:  # (B, L, D), [(B, T+1) for XE], (B,)
+        annotations = annotations.to(device, non_blocking=True)
         try:
-            loss, stats, s.baseline = train_step(
-                s.model, s.optimizer, annotations, captions, config, s.objective_config, s.baseline, epoch
-            )
+            if s.cider is not None:
+                loss, stats = scst_step(s, annotations, images.tolist())
+                n = len(images) * config.scst_samples
+            else:
+                loss, stats, s.baseline = train_step(
+                    s.model,
+                    s.optimizer,
+                    annotations,
+                    captions[0].to(device),
+                    config,
+                    s.objective_config,
+                    s.baseline,
+                    epoch,
+                )
+                n = len(images)
         except NonFinite as e:
             names = ", ".join(s.train.image_ids[i] for i in images.unique()[:3].tolist())
             raise PipelineError(
@@ -515,8 +600,8 @@ def _epoch(s: TrainState, epoch: int, progress: bool) -> tuple[int, float]:
             s.ema.update_parameters(s.decoder)
         s.batch += 1
         s.step += 1
-        seen += len(captions)
-        _accumulate(s.sums, dict(stats, loss=loss.item()), len(captions))
+        seen += n
+        _accumulate(s.sums, dict(stats, loss=loss.item()), n)
         bar.set_postfix(loss=f"{loss.item():.2f}", caps_s=f"{seen / (time.perf_counter() - start):.0f}")
         if config.checkpoint_every and s.step % config.checkpoint_every == 0:
             _checkpoint(s, s.out / LAST)
@@ -525,16 +610,17 @@ def _epoch(s: TrainState, epoch: int, progress: bool) -> tuple[int, float]:
 
 
 def _end_epoch(s: TrainState, epoch: int, seen: int, seconds: float, monitor: Monitor | None) -> dict:
-    """Validate, decay the learning rate, log, and write last.pt (and best.pt when BLEU-4
-    improved); returns the checkpoint."""
+    """Validate, decay the learning rate, log, and write last.pt (and best.pt when the validation
+    score, BLEU-4 or CIDEr-D per ``config.selection_metric``, improved); returns the checkpoint."""
     config, world = s.config, s.world
     val = world.broadcast(
         validate(s.decoder if s.ema is None else s.ema.module, s.val, config, world.device) if world.main else None
     )
-    bleu4 = val["bleu"][3]
-    improved = bleu4 > s.best_bleu4
+    bleu4, metric = val["bleu"][3], config.selection_metric
+    score = bleu4 if metric == "bleu4" else val["cider"]
+    improved = score > s.best_score
     if improved:
-        s.best_bleu4, s.best_epoch, s.stale_epochs = bleu4, epoch + 1, 0
+        s.best_score, s.best_epoch, s.stale_epochs = score, epoch + 1, 0
     else:
         s.stale_epochs += 1
     lr = s.optimizer.param_groups[0]["lr"]
@@ -548,6 +634,7 @@ def _end_epoch(s: TrainState, epoch: int, seen: int, seconds: float, monitor: Mo
         **_means(world.gather(s.sums)),
         f"{s.val_split}_bleu": [round(b, 2) for b in val["bleu"]],
         f"{s.val_split}_bleu4": round(bleu4, 2),
+        f"{s.val_split}_cider": round(val["cider"], 2),
         "attention_entropy": round(val["attention_entropy"], 3),
         "lr": lr,
         "seconds": round(seconds, 1),
@@ -563,9 +650,9 @@ def _end_epoch(s: TrainState, epoch: int, seen: int, seconds: float, monitor: Mo
         if improved:
             save_checkpoint(s.out / BEST, state)
         print(
-            f"epoch {epoch + 1}: loss {record['loss']:.3f}, {s.val_split} BLEU-4 {bleu4:.2f} (best "
-            f"{s.best_bleu4:.2f} at epoch {s.best_epoch}), attention entropy "
-            f"{val['attention_entropy']:.2f} nats (uniform {math.log(s.val.L):.2f}), lr {lr:.2g}, {seconds:.0f} s, "
-            f'{record["captions_per_s"]} captions/s; e.g. "{" ".join(val["captions"][0])}"'
+            f"epoch {epoch + 1}: loss {record['loss']:.3f}, {s.val_split} BLEU-4 {bleu4:.2f}, CIDEr-D "
+            f"{val['cider']:.1f} (best {METRIC_NAMES[metric]} {s.best_score:.2f} at epoch {s.best_epoch}), "
+            f"attention entropy {val['attention_entropy']:.2f} nats (uniform {math.log(s.val.L):.2f}), lr {lr:.2g}, "
+            f'{seconds:.0f} s, {record["captions_per_s"]} captions/s; e.g. "{" ".join(val["captions"][0])}"'
         )
     return state

@@ -189,15 +189,27 @@ def _train_args(features, out, *extra):
     ]
 
 
+@pytest.fixture(scope="module")
+def xe_checkpoint(objects, tmp_path_factory):
+    """best.pt of a one-epoch XE run on ``objects`` at _train_args' sizes (what SCST starts from)."""
+    out = tmp_path_factory.mktemp("xe") / "run"
+    model = dict(embed_dim=16, hidden_dim=32, attention_dim=16)
+    train(TrainConfig(features=str(objects), out=str(out), epochs=1, val_beam_size=1, model=model), progress=False)
+    return out / "best.pt"
+
+
 @pytest.mark.parametrize(
     "options, seed",
     [
         (("--attention", "soft", "--ema-decay", "0"), 0),
         (("--attention", "hard", "--soft-warmup-epochs", "1"), 1),
         (("--ema-decay", "0.9"), 2),
+        (("--objective", "scst", "--batch-size", "40", "--lr", "0.001", "--ema-decay", "0.9"), 3),
     ],
 )
-def test_training_killed_at_a_random_moment_then_resumed(objects, tmp_path, options, seed):
+def test_training_killed_at_a_random_moment_then_resumed(objects, tmp_path, options, seed, request):
+    if "scst" in options:  # self-critical training of an XE checkpoint: its sampling draws from the saved RNG
+        options = (*options, "--init", str(request.getfixturevalue("xe_checkpoint")))
     seconds, _ = _timed(_train_args(objects, tmp_path / "ref", *options))
     args = _train_args(objects, tmp_path / "run", *options)
     delay = _kill_at_random_moment(args, seconds, seed)

@@ -1,0 +1,124 @@
+"""Self-critical sequence training (pipeline.scst): it raises held-out CIDEr-D from an
+under-trained XE decoder, its baselines, and what it samples."""
+
+import pytest
+import torch
+
+from pipeline.checkpoint import build_decoder, load_checkpoint
+from pipeline.cider import CiderD
+from pipeline.errors import PipelineError
+from pipeline.model import Decoder, DecoderConfig
+from pipeline.scst import log_probs, sample, scst_loss
+from pipeline.shards import AnnotationShards
+from pipeline.text import Vocabulary
+from pipeline.train import TrainConfig, train, validate
+
+from object_features import write_object_features
+
+TINY = dict(embed_dim=16, hidden_dim=32, attention_dim=16)
+
+
+def held_out_cider(run, features) -> float:
+    decoder, _ = build_decoder(load_checkpoint(run / "best.pt"), "best.pt")
+    config = TrainConfig(features=str(features), out="", precision="fp32")
+    return validate(decoder, AnnotationShards(features, "test"), config, torch.device("cpu"))["cider"]
+
+
+@pytest.mark.parametrize("attention", ["soft", "hard"])
+def test_scst_raises_held_out_cider_of_an_under_trained_decoder(tmp_path, attention):
+    features = tmp_path / "features"
+    write_object_features(features, sizes={"train": 600, "val": 50, "test": 100})
+    common = dict(features=str(features), ema_decay=0.0, attention=attention, val_beam_size=1, precision="fp32")
+    train(TrainConfig(out=str(tmp_path / "xe"), epochs=1, lr=3e-3, batch_size=32, model=TINY, **common), False)
+    scst = TrainConfig(
+        out=str(tmp_path / "scst"), criterion="scst", init=str(tmp_path / "xe" / "best.pt"), epochs=3, lr=2e-3,
+        batch_size=40, **common
+    )  # fmt: skip
+    state = train(scst, progress=False)
+    before, after = held_out_cider(tmp_path / "xe", features), held_out_cider(tmp_path / "scst", features)
+    assert after >= before + 50, (before, after)  # CIDEr-D in %
+    assert state["train_config"]["criterion"] == "scst" and state["run"]["best_score"] > 0
+
+
+def test_scst_needs_an_init_checkpoint_of_the_same_sizes(tmp_path):
+    with pytest.raises(PipelineError, match=r"--objective scst trains an XE-trained decoder: give .* --init"):
+        TrainConfig(features="f", out="o", criterion="scst")
+    with pytest.raises(PipelineError, match=r"--batch-size 4 counts sampled captions: at least --scst-samples \(5\)"):
+        TrainConfig(features="f", out="o", criterion="scst", init="x.pt", batch_size=4)
+    features = tmp_path / "features"
+    write_object_features(features, sizes={"train": 100, "val": 10})
+    train(TrainConfig(features=str(features), out=str(tmp_path / "xe"), epochs=1, model=TINY), progress=False)
+    other = TrainConfig(
+        features=str(features), out=str(tmp_path / "b"), init=str(tmp_path / "xe" / "best.pt"), model={"hidden_dim": 64}
+    )
+    with pytest.raises(
+        PipelineError, match=r"sizes and switches come from this checkpoint; drop --hidden-dim 64 \(it has 32\)"
+    ):
+        train(other, progress=False)
+
+
+def _decoder(vocab_size=9):
+    torch.manual_seed(0)
+    config = DecoderConfig(vocab_size=vocab_size, annotation_dim=8, embed_dim=8, hidden_dim=8, attention_dim=8)
+    return Decoder(config)
+
+
+def test_sampling_never_draws_unk_and_masks_after_end():
+    decoder, vocab = _decoder(), Vocabulary(["cat", "dog", "red", "big", "ran"])
+    with torch.no_grad():
+        decoder.out_vocab.bias[vocab.unk] = 6.0  # the model's favourite word
+    for context in ("expected", "sample"):
+        annotations = torch.randn(64, 5, 8)
+        tokens, locations, mask = sample(decoder.eval(), annotations, vocab, 10, context)
+        assert vocab.unk not in tokens[mask.bool()].tolist()
+        assert (locations is None) == (context == "expected")
+        log_p = log_probs(decoder, annotations, tokens, locations, vocab)
+        assert (log_p[mask.bool()] < 0).all() and log_p.requires_grad
+        for row, m in zip(tokens.tolist(), mask.tolist()):  # mask: up to and including the first <end>
+            n = row.index(vocab.end) + 1 if vocab.end in row else len(row)
+            assert m == [1.0] * n + [0.0] * (len(row) - n)
+
+
+@pytest.mark.parametrize("baseline", ["mean", "greedy"])
+def test_advantages_and_rewards(baseline):
+    decoder, vocab = _decoder(), Vocabulary(["cat", "dog", "red", "big", "ran"])
+    cider = CiderD([[["a", "red", "cat"], ["big", "cat"]], [["dog", "ran"]], [["a", "dog"]]])
+    annotations = torch.randn(3, 5, 8)
+    torch.manual_seed(1)
+    loss, stats = scst_loss(decoder, annotations, [0, 1, 2], vocab, cider, 4, baseline, 6, "expected")
+    loss.backward()
+    assert torch.isfinite(loss) and decoder.out_vocab.weight.grad.abs().sum() > 0
+    torch.manual_seed(1)  # the same samples again, scored by hand
+    tokens, _, _ = sample(decoder.eval(), annotations.repeat_interleave(4, 0), vocab, 6, "expected")
+    rewards = torch.tensor([cider.score(r // 4, vocab.decode(t)) for r, t in enumerate(tokens.tolist())])
+    assert stats["reward"] == pytest.approx(rewards.mean().item(), abs=1e-6)
+    if baseline == "mean":  # each sample's baseline is the mean of its image's other samples: advantages sum to 0
+        assert stats["baseline"] == pytest.approx(stats["reward"], abs=1e-6)
+    else:
+        assert stats["baseline"] == pytest.approx(stats["greedy_reward"], abs=1e-6)
+
+
+def test_log_probs_are_those_the_samples_were_drawn_with():
+    """The teacher-forced scoring of a sample equals the step-by-step policy it was drawn from:
+    the words' log-probabilities without <unk>, plus (hard) the sampled locations' log alpha."""
+    decoder, vocab = _decoder(), Vocabulary(["cat", "dog", "red", "big", "ran"])
+    decoder.eval()
+    annotations = torch.randn(6, 5, 8)
+    for context in ("expected", "sample"):
+        tokens, locations, mask = sample(decoder, annotations, vocab, 8, context)
+        scored = log_probs(decoder, annotations, tokens, locations, vocab)
+        with torch.no_grad():  # step by step, replaying the sampled words and locations
+            state, proj = decoder.init_state(annotations)
+            token = torch.full((6,), vocab.start)
+            for t in range(tokens.shape[1]):
+                embedded = decoder.embedding(token)
+                where = "expected" if locations is None else locations[:, t]
+                state, z, alpha, _, _ = decoder.step(embedded, state, annotations, proj, where)
+                logits = decoder.output(embedded, decoder.hidden(state), z)
+                logits[:, vocab.unk] = float("-inf")
+                expected = torch.log_softmax(logits, 1).gather(1, tokens[:, t : t + 1]).squeeze(1)
+                if locations is not None:
+                    expected = expected + alpha.gather(1, locations[:, t : t + 1]).squeeze(1).log()
+                live = mask[:, t].bool()
+                torch.testing.assert_close(scored[live, t], expected[live], atol=1e-5, rtol=1e-5)
+                token = tokens[:, t]
