@@ -20,11 +20,15 @@ FEATURES ?= $(OUT)
 ATTENTION ?= soft
 RUN ?= data/runs/$(DATASET)-$(ENCODER)-$(ATTENTION)
 TRAIN_ARGS ?=
+# OBJECTIVE=scst: `make all` follows XE training with self-critical training (CIDEr-D reward) of its best.pt
+OBJECTIVE ?= xe
+SCST_RUN ?= $(RUN)-scst
+SCST_ARGS ?= --lr 5e-5 --epochs 5 --ema-decay 0.99
 DEMO_TRAIN_ARGS ?= --epochs 40 --patience 8 --embed-dim 128 --hidden-dim 256 --attention-dim 128 --lr 3e-3 --lr-decay 1 --ema-decay 0 --batch-size 32 --alpha-c 0.1
 VAL_SPLIT ?= $(if $(filter flickr8k,$(DATASET)),dev,val)
 EVAL_SPLIT ?= $(VAL_SPLIT)
 BEAM ?= 3
-CHECKPOINT ?= $(RUN)/best.pt
+CHECKPOINT ?= $(if $(filter scst,$(OBJECTIVE)),$(SCST_RUN),$(RUN))/best.pt
 IMG ?=
 PLOT ?= $(RUN)/attention.png
 
@@ -36,7 +40,7 @@ ALL_SPLITS = $(or $(SPLITS),$(subst $(space),$(comma),$(sort train $(VAL_SPLIT) 
 
 SOURCE = $(if $(filter karpathy,$(DATASET)),--karpathy-json $(KARPATHY_JSON) --image-dir $(IMAGE_DIR),--data-dir $(DATA_DIR))
 
-.PHONY: venv features train score caption all demo test lint bench serve tensorboard export
+.PHONY: venv features train scst score caption all demo test lint bench serve tensorboard export
 venv: $(VENV)/.complete
 
 # The hash in the path tracks requirements.txt, so the stamp needs no prerequisite.
@@ -55,6 +59,11 @@ train: venv
 	$(PY) cli.py train --features $(FEATURES) --attention $(ATTENTION) --out $(RUN) \
 		$(if $(wildcard $(RUN)/last.pt),--resume) $(TRAIN_ARGS)
 
+# Self-critical sequence training of RUN's best.pt into SCST_RUN; continues SCST_RUN if it has a last.pt.
+scst: venv
+	$(PY) cli.py train --features $(FEATURES) --attention $(ATTENTION) --objective scst --init $(RUN)/best.pt \
+		--out $(SCST_RUN) $(if $(wildcard $(SCST_RUN)/last.pt),--resume) $(SCST_ARGS)
+
 score: venv
 	$(PY) cli.py evaluate --checkpoint $(CHECKPOINT) --split $(EVAL_SPLIT) --beam-size $(BEAM)
 
@@ -64,6 +73,7 @@ caption: venv
 all: venv
 	$(MAKE) features SPLITS=$(ALL_SPLITS)
 	$(MAKE) train
+	$(if $(filter scst,$(OBJECTIVE)),$(MAKE) scst)
 	$(MAKE) score
 
 # The whole chain on the embedded default: the generated synthetic corpus (shapes at known
