@@ -211,12 +211,8 @@ def extract_features(
             else 0
         )
         world.barrier()
-        if world.main and world.size > 1:  # add the shards the other ranks wrote
-            for split, k, _ in todo:
-                name, entries = shards.shard_name(split, k), manifest["splits"][split]["shards"]
-                if not any(e["file"] == name for e in entries):
-                    entries.append(shards.shard_entry(out, name))
-            shards.save_manifest(out, manifest)
+        if world.main and world.size > 1:
+            _add_shards_of_other_ranks(out, manifest, todo)
         summary = FeatureSummary(out, images=sum(world.gather(written)), seconds=time.perf_counter() - start)
     if not world.main:  # rank 0 wrote the whole run's manifest
         manifest = shards.load_manifest(out)
@@ -228,6 +224,16 @@ def extract_features(
         shards.write_bad_image_report(out / shards.BAD_IMAGES, everything)
     summary.failures = [f for f in everything if f["split"] in splits]
     return summary
+
+
+def _add_shards_of_other_ranks(out: Path, manifest: dict, todo: list) -> None:
+    """Rank 0 under torchrun: enter the planned shards (``todo``: (split, k, records)) that other
+    ranks wrote into ``manifest`` and save it."""
+    for split, k, _ in todo:
+        name, entries = shards.shard_name(split, k), manifest["splits"][split]["shards"]
+        if not any(e["file"] == name for e in entries):
+            entries.append(shards.shard_entry(out, name))
+    shards.save_manifest(out, manifest)
 
 
 def _setup(encoder, preprocess, config: FeatureConfig, dataset: str) -> dict:

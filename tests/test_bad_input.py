@@ -1065,6 +1065,35 @@ CASES += [
         2,
     ),
     (
+        "train-scst-without-init",
+        lambda t, r, i: (
+            _train(r / "features", t / "run", "--objective", "scst"),
+            r"--objective scst trains an XE-trained decoder: give its checkpoint with --init RUN/best.pt",
+        ),
+        2,
+    ),
+    (
+        "train-init-missing",
+        lambda t, r, i: (
+            _train(r / "features", t / "run", "--init", str(t / "nope.pt")),
+            r"nope.pt: no such checkpoint",
+        ),
+        2,
+    ),
+    (
+        "train-init-with-other-sizes",
+        lambda t, r, i: (
+            _train(r / "features", t / "run", "--init", str(r / "run" / "best.pt"), "--hidden-dim", "7"),
+            r"best.pt: the decoder's sizes and switches come from this checkpoint; drop --hidden-dim 7 \(it has \d+\)",
+        ),
+        2,
+    ),
+    (
+        "caption-max-len-zero",
+        lambda t, r, i: (_caption_with(r, _first_image(i), "--max-len", "0"), INVALID.format("--max-len")),
+        2,
+    ),
+    (
         "features-weights-is-a-folder",
         lambda t, r, i: (_features_cmd(t, *_small_corpus(i), "--weights", str(t)), r"not a loadable state dict"),
         2,
