@@ -3,6 +3,7 @@ repository, and the Python API."""
 
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -148,7 +149,8 @@ def test_the_three_commands_as_written(tmp_path):
         "--no-progress",
     )
     caption = run(sys.executable, "cli.py", "caption", "img.jpg")
-    assert caption.stdout.startswith("img.jpg: ") and len(caption.stdout.split()) >= 2
+    # one line per image; a decoder trained for one step may end its caption at once, so words are not required
+    assert re.fullmatch(r"img\.jpg: [a-z' ]*\n", caption.stdout), caption.stdout
     assert "using data/runs/hard/best.pt (the newest best.pt under data/runs)" in caption.stderr
 
 
