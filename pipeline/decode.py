@@ -21,16 +21,55 @@ from .model import Decoder, in_autocast_dtype
 from .text import Vocabulary
 
 
+def without_unk(scores: torch.Tensor, vocab: Vocabulary) -> torch.Tensor:
+    """scores (..., V) over the vocabulary with ``<unk>``'s set to -inf (it is never chosen)."""
+    return scores.index_fill(scores.dim() - 1, torch.tensor([vocab.unk], device=scores.device), float("-inf"))
+
+
 def next_word_log_probs(decoder: Decoder, embedded, state, z, vocab: Vocabulary, settings: DecodeConfig):
     """log p(y_t | ...) of each row's next word: (rows, V) float, ``<unk>`` at -inf unless allowed
     (eq. 7's deep output, then a log-softmax)."""
     log_p = torch.log_softmax(decoder.output(embedded, decoder.hidden(state), z), dim=1)  # (rows, V)
-    if not settings.allow_unk:
-        log_p = log_p.index_fill(1, torch.tensor([vocab.unk], device=log_p.device), float("-inf"))
-    return log_p
+    return log_p if settings.allow_unk else without_unk(log_p, vocab)
 
 
 @torch.no_grad()
+def free_run(
+    decoder: Decoder,
+    annotations: torch.Tensor,
+    vocab: Vocabulary,
+    settings: DecodeConfig = DECODE,
+    context: str = "expected",
+    sample: bool = False,
+):
+    """Free-running decoding of a batch, one word per step: the most probable, or with ``sample``
+    a draw from p(y_t | ...) (``settings``' ``max_len`` and ``allow_unk``; its beam size does not
+    apply). Stops when every row has emitted ``<end>``.
+
+    annotations: (B, L, D) float; context as in :meth:`Decoder.step` ('sample': hard attention's
+    sampled locations). Returns tokens: (B, T) long (T <= max_len; positions after a row's
+    ``<end>`` hold whatever was decoded there); alpha: (B, T, L) the attention weights of each
+    step; locations: (B, T) long chosen locations, or None for 'expected'; mask: (B, T) float, 1
+    up to and including each row's ``<end>``.
+    """
+    annotations = in_autocast_dtype(annotations)  # (B, L, D)
+    state, proj = decoder.init_state(annotations)  # opaque tuple of (B, ...); proj (B, L, A)
+    token = torch.full((annotations.shape[0],), vocab.start, dtype=torch.long, device=annotations.device)  # (B,)
+    live = torch.ones_like(token, dtype=torch.bool)  # (B,) not yet ended
+    tokens, alphas, places, masks = [], [], [], []  # each step: (B,), (B, L), (B,) or None, (B,)
+    for _ in range(settings.max_len):
+        embedded = decoder.embedding(token)  # (B, m)
+        state, z, alpha, _, s = decoder.step(embedded, state, annotations, proj, context)  # z (B, D), alpha (B, L)
+        log_p = next_word_log_probs(decoder, embedded, state, z, vocab, settings)  # (B, V)
+        token = torch.multinomial(log_p.float().exp(), 1).squeeze(1) if sample else log_p.argmax(1)  # (B,)
+        tokens.append(token), alphas.append(alpha), places.append(s), masks.append(live.float())
+        live = live & (token != vocab.end)
+        if not live.any():
+            break
+    locations = torch.stack(places, 1) if places[0] is not None else None  # (B, T) or None
+    return torch.stack(tokens, 1), torch.stack(alphas, 1), locations, torch.stack(masks, 1)
+
+
 def greedy_decode(
     decoder: Decoder,
     annotations: torch.Tensor,
@@ -38,27 +77,10 @@ def greedy_decode(
     settings: DecodeConfig = DECODE,
     context: str = "expected",
 ):
-    """Free-running decoding of a batch, the most probable word at each step (``settings``'
-    ``max_len`` and ``allow_unk``; its beam size does not apply).
-
-    annotations: (B, L, D) float. Returns tokens: (B, T) long (T <= max_len; positions after a
-    caption's ``<end>`` hold whatever was decoded there and are to be cut at the first ``end``)
-    and alpha: (B, T, L) the attention weights of each step. context as in :meth:`Decoder.step`.
-    """
-    annotations = in_autocast_dtype(annotations)  # (B, L, D)
-    state, proj = decoder.init_state(annotations)  # opaque tuple of (B, ...); proj (B, L, A)
-    token = torch.full((annotations.shape[0],), vocab.start, dtype=torch.long, device=annotations.device)  # (B,)
-    done = torch.zeros_like(token, dtype=torch.bool)  # (B,)
-    tokens, alphas = [], []  # each step: (B,), (B, L)
-    for _ in range(settings.max_len):
-        embedded = decoder.embedding(token)  # (B, m)
-        state, z, alpha, _, _ = decoder.step(embedded, state, annotations, proj, context)  # z (B, D), alpha (B, L)
-        token = next_word_log_probs(decoder, embedded, state, z, vocab, settings).argmax(1)  # (B,)
-        tokens.append(token), alphas.append(alpha)
-        done |= token == vocab.end
-        if done.all():
-            break
-    return torch.stack(tokens, 1), torch.stack(alphas, 1)  # (B, T), (B, T, L)
+    """The most probable word at each step (:func:`free_run`): tokens (B, T) long, to be cut at
+    the first ``<end>``, and alpha (B, T, L)."""
+    tokens, alpha, _, _ = free_run(decoder, annotations, vocab, settings, context)
+    return tokens, alpha
 
 
 @dataclass

@@ -87,10 +87,8 @@ def epoch_batches(pairs: CaptionPairs, config: TrainConfig, epoch: int) -> list[
     (length-bucketed), or for SCST of images (batch_size // scst_samples each, shuffled)."""
     generator = torch.Generator().manual_seed(config.seed * 100003 + epoch)
     if config.criterion == "scst":
-        order, size = (
-            torch.randperm(len(pairs.shards), generator=generator).tolist(),
-            config.batch_size // config.scst_samples,
-        )
+        order = torch.randperm(len(pairs.shards), generator=generator).tolist()
+        size = config.batch_size // config.scst_samples  # images, each with scst_samples captions
         return [order[k : k + size] for k in range(0, len(order), size)]
     return bucket_batches(pairs.lengths(), config.batch_size, generator)
 

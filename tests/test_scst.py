@@ -6,9 +6,11 @@ import torch
 
 from pipeline.checkpoint import build_decoder, load_checkpoint
 from pipeline.cider import CiderD
+from pipeline.config import DecodeConfig
+from pipeline.decode import free_run
 from pipeline.errors import PipelineError
 from pipeline.model import Decoder, DecoderConfig
-from pipeline.scst import log_probs, sample, scst_loss
+from pipeline.scst import log_probs, scst_loss
 from pipeline.shards import AnnotationShards
 from pipeline.text import Vocabulary
 from pipeline.train import TrainConfig, train, validate
@@ -69,7 +71,9 @@ def test_sampling_never_draws_unk_and_masks_after_end():
         decoder.out_vocab.bias[vocab.unk] = 6.0  # the model's favourite word
     for context in ("expected", "sample"):
         annotations = torch.randn(64, 5, 8)
-        tokens, locations, mask = sample(decoder.eval(), annotations, vocab, 10, context)
+        tokens, _, locations, mask = free_run(
+            decoder.eval(), annotations, vocab, DecodeConfig(max_len=10), context, True
+        )
         assert vocab.unk not in tokens[mask.bool()].tolist()
         assert (locations is None) == (context == "expected")
         log_p = log_probs(decoder, annotations, tokens, locations, vocab)
@@ -89,7 +93,9 @@ def test_advantages_and_rewards(baseline):
     loss.backward()
     assert torch.isfinite(loss) and decoder.out_vocab.weight.grad.abs().sum() > 0
     torch.manual_seed(1)  # the same samples again, scored by hand
-    tokens, _, _ = sample(decoder.eval(), annotations.repeat_interleave(4, 0), vocab, 6, "expected")
+    tokens, _, _, _ = free_run(
+        decoder.eval(), annotations.repeat_interleave(4, 0), vocab, DecodeConfig(max_len=6), sample=True
+    )
     rewards = torch.tensor([cider.score(r // 4, vocab.decode(t)) for r, t in enumerate(tokens.tolist())])
     assert stats["reward"] == pytest.approx(rewards.mean().item(), abs=1e-6)
     if baseline == "mean":  # each sample's baseline is the mean of its image's other samples: advantages sum to 0
@@ -105,7 +111,7 @@ def test_log_probs_are_those_the_samples_were_drawn_with():
     decoder.eval()
     annotations = torch.randn(6, 5, 8)
     for context in ("expected", "sample"):
-        tokens, locations, mask = sample(decoder, annotations, vocab, 8, context)
+        tokens, _, locations, mask = free_run(decoder, annotations, vocab, DecodeConfig(max_len=8), context, True)
         scored = log_probs(decoder, annotations, tokens, locations, vocab)
         with torch.no_grad():  # step by step, replaying the sampled words and locations
             state, proj = decoder.init_state(annotations)
