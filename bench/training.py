@@ -1,12 +1,19 @@
 """Training step: captions/s and tokens/s of :func:`pipeline.train.train_step` on random
-annotation vectors and captions of one length, its achieved FLOP/s as a fraction of this
-machine's measured matmul FLOP/s (same run), and a profile of where the time goes. Hard attention
-runs its default schedule past the warm-up: a sampled context on 1 - semi_sampling_p of the steps."""
+annotation vectors and captions of one length, eager and with the decoder's step compiled
+(:mod:`pipeline.compiled`) side by side, its achieved FLOP/s as a fraction of this machine's
+measured matmul FLOP/s (same run), the compile's time uncached and cached, and a profile of where
+the time goes. Hard attention runs its default schedule past the warm-up: a sampled context on
+1 - semi_sampling_p of the steps."""
+
+import os
+import tempfile
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
+from pipeline.compiled import use_compiled
 from pipeline.model import Decoder, DecoderConfig, ObjectiveConfig
 from pipeline.train import TrainConfig, native_bf16, train_step
 
@@ -16,6 +23,7 @@ from .port import PortDecoder, port_step
 VOCAB = 2600  # about Flickr8k's vocabulary at min count 5
 WORDS = 12  # words per caption (Flickr8k's mean is about 11): 13 predicted tokens with <end>
 PORT_CAPTIONS_PER_S = 39  # the most used PyTorch port at 512/512/512, L=169, batch 32, on this CPU (issue 5)
+FLICKR8K_CAPTIONS = 30_000  # training captions of a Flickr8k epoch (6000 images x 5)
 
 
 def matmul_side(device: str) -> int:
@@ -31,12 +39,13 @@ def matmul_flops(dtype: torch.dtype, device: str) -> float:
     return 2 * n**3 / seconds(lambda: a @ b, repeat=5)
 
 
-def setup(sizes: tuple[int, int, int], L: int, batch: int, attention: str, precision: str, device: str):
+def setup(sizes: tuple[int, int, int], L: int, batch: int, attention: str, precision: str, device: str, compiled=False):
     embed, hidden, att = sizes
     torch.manual_seed(0)
     decoder = Decoder(
         DecoderConfig(vocab_size=VOCAB, annotation_dim=512, embed_dim=embed, hidden_dim=hidden, attention_dim=att)
     ).to(device)
+    use_compiled([decoder], compiled)
     config = TrainConfig(features="", out="", attention=attention, batch_size=batch, precision=precision, device=device)
     optimizer = torch.optim.Adam(decoder.parameters(), lr=config.lr)
     annotations = torch.randn(batch, L, 512, device=device).relu()
@@ -74,17 +83,41 @@ def step_flops(step) -> int:
     return counter.get_total_flops()
 
 
-def measure(sizes, L, batch, attention, precision, device, steps: int = 8) -> dict:
-    """Captions/s, tokens/s and achieved FLOP/s of ``steps`` training steps, the best of 3 timings."""
-    step = setup(sizes, L, batch, attention, precision, device)
+def measure(sizes, L, batch, attention, precision, device, steps: int = 8, compiled=False) -> dict:
+    """Captions/s, tokens/s and achieved FLOP/s of ``steps`` training steps, the best of 3 timings
+    (after a step that compiles, where ``compiled``)."""
+    step = setup(sizes, L, batch, attention, precision, device, compiled)
     took = seconds(lambda: [step() for _ in range(steps)], repeat=3) / steps
-    return {"captions_s": batch / took, "tokens_s": batch * (WORDS + 1) / took, "flops": step_flops(step) / took}
+    flops = step_flops(setup(sizes, L, batch, attention, precision, device))  # counted eagerly: the same work
+    return {"captions_s": batch / took, "tokens_s": batch * (WORDS + 1) / took, "flops": flops / took}
 
 
-def top_ops(sizes, L, batch, attention, precision, device, rows: int = 8) -> list[str]:
-    """The ``rows`` operators with the most self time (CPU time, or on CUDA GPU time) over 3
-    training steps, after 3 (the first steps of a process also page-fault their heap in)."""
-    step = setup(sizes, L, batch, attention, precision, device)
+def compile_seconds(sizes, L, batch, attention, precision, device) -> tuple[float, float]:
+    """Seconds of the first compiled training step less an eager step's: the compile, with an empty
+    compile cache and then (dynamo's in-memory graphs dropped) with the cache it filled."""
+    eager = seconds(setup(sizes, L, batch, attention, precision, device))
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    took = []
+    with tempfile.TemporaryDirectory(prefix="inductor-") as cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        try:
+            for _ in range(2):
+                torch._dynamo.reset()
+                step = setup(sizes, L, batch, attention, precision, device, compiled=True)
+                start = time.perf_counter()
+                step()
+                took.append(time.perf_counter() - start - eager)
+        finally:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = before or ""
+            torch._dynamo.reset()
+    return took[0], took[1]
+
+
+def top_ops(sizes, L, batch, attention, precision, device, compiled, rows: int = 8) -> list[str]:
+    """The ``rows`` operators (a compiled graph's kernels among them) with the most self time (CPU
+    time, or on CUDA GPU time) over 3 training steps, after 3 (the first steps of a process also
+    page-fault their heap in)."""
+    step = setup(sizes, L, batch, attention, precision, device, compiled)
     for _ in range(3):
         step()
     cuda = device != "cpu"
@@ -98,47 +131,65 @@ def top_ops(sizes, L, batch, attention, precision, device, rows: int = 8) -> lis
 
     events = sorted(prof.key_averages(), key=self_time, reverse=True)
     total = sum(self_time(e) for e in events)
-    return [f"{e.key[:60]} {100 * self_time(e) / total:.0f}%" for e in events[:rows]]
+    return [f"{_op_name(e.key)} {100 * self_time(e) / total:.0f}%" for e in events[:rows]]
+
+
+def _op_name(key: str) -> str:
+    """A profile row's name, a compiled graph's call named as such (its hash says nothing)."""
+    return "a compiled graph's fused kernels (forward or backward)" if "CompiledFxGraph" in key else key[:60]
 
 
 def run(device: str = "cpu") -> list[str]:
     bf16 = native_bf16(torch.device(device))
-    peak32 = matmul_flops(torch.float32, device)
-    peak16 = matmul_flops(torch.bfloat16, device) if bf16 else None
-    precisions = ["fp32", "bf16"] if bf16 else ["fp32"]
+    peaks = {"fp32": matmul_flops(torch.float32, device)}
+    if bf16:
+        peaks["bf16"] = matmul_flops(torch.bfloat16, device)
     configs = [
         (f"VGG-sized {a}, 512/1000/512, L=196, batch 64", ((512, 1000, 512), 196, 64, a)) for a in ("soft", "hard")
     ]
     configs.append(("port's sizes soft, 512/512/512, L=169, batch 32", ((512, 512, 512), 169, 32, "soft")))
     port = port_rate(device)
     lines = [
-        f"Measured matmul peak ({matmul_side(device)}^3): fp32 {peak32 / 1e9:.0f} GFLOP/s"
-        + (f", bf16 {peak16 / 1e9:.0f} GFLOP/s" if bf16 else "")
+        f"Measured matmul peak ({matmul_side(device)}^3): "
+        + ", ".join(f"{p} {f / 1e9:.0f} GFLOP/s" for p, f in peaks.items())
         + ". "
         f"The port's training step (bench/port.py, fp32), measured in this run at 512/512/512, L=169, batch 32: "
         f"{port:.0f} captions/s (the issue quotes {PORT_CAPTIONS_PER_S}).",
         "",
-        "| configuration | precision | captions/s | tokens/s | achieved GFLOP/s | of fp32 matmul peak "
-        "| vs the port measured here (target >= 5) | vs the quoted 39 captions/s |",
+        "| configuration | precision | eager captions/s | compiled captions/s | compiled / eager "
+        "| compiled GFLOP/s, of this precision's matmul peak | eager vs the port measured here (target >= 5) "
+        "| eager vs the quoted 39 captions/s |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for label, args in configs:
-        for precision in precisions:
-            r = measure(*args, precision, device)
+        for precision, peak in peaks.items():
+            eager, fused = (measure(*args, precision, device, compiled=c) for c in (False, True))
             versus = (
-                f"**{r['captions_s'] / port:.1f}x** | {r['captions_s'] / PORT_CAPTIONS_PER_S:.1f}x"
+                f"**{eager['captions_s'] / port:.1f}x** | {eager['captions_s'] / PORT_CAPTIONS_PER_S:.1f}x"
                 if label.startswith("port")
                 else " | "
             )
             lines.append(
-                f"| {label} | {precision} | {r['captions_s']:.0f} | {r['tokens_s']:.0f} | "
-                f"{r['flops'] / 1e9:.0f} | {r['flops'] / peak32:.2f} | {versus} |"
+                f"| {label} | {precision} | {eager['captions_s']:.0f} | {fused['captions_s']:.0f} | "
+                f"**{fused['captions_s'] / eager['captions_s']:.2f}x** | {fused['flops'] / 1e9:.0f}, "
+                f"{fused['flops'] / peak:.2f} | {versus} |"
             )
-    best = precisions[-1]
+    best = list(peaks)[-1]
+    label, args = configs[0]
+    cold, warm = compile_seconds(*args, best, device)
+    rate = measure(*args, best, device, compiled=True)["captions_s"]
+    lines += [
+        "",
+        f"Compile ({label}, {best}; forward and backward of the step): {cold:.0f} s with an empty cache, "
+        f"{warm:.1f} s from the cache it filled, {100 * warm / (FLICKR8K_CAPTIONS / rate):.1f}% of a Flickr8k epoch "
+        f"({FLICKR8K_CAPTIONS} captions at the compiled rate, {FLICKR8K_CAPTIONS / rate:.0f} s).",
+    ]
     for label, args in configs[:2]:
-        lines += [
-            "",
-            f"Profile, {label}, {best} (self {'CPU' if device == 'cpu' else 'GPU'} time): "
-            + ", ".join(top_ops(*args, best, device)),
-        ]
+        for compiled in (False, True):
+            lines += [
+                "",
+                f"Profile, {label}, {best}, {'compiled' if compiled else 'eager'} "
+                f"(self {'CPU' if device == 'cpu' else 'GPU'} time): "
+                + ", ".join(top_ops(*args, best, device, compiled)),
+            ]
     return lines

@@ -8,11 +8,12 @@ come keeps everything finished when it is interrupted.
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .captioner import Captioner
-from .config import DECODE, DecodeConfig
+from .compiled import decide
+from .config import DECODE, DECODE_ROWS, DecodeConfig
 from .encoders import ImageError
 from .errors import PipelineError
 from .folders import OWNER, check_writable, refuse_foreign
@@ -108,6 +109,9 @@ def caption_images(
     paths = [Path(p) for p in paths]
     plots = plot_paths(paths, plot, [*paths, *(Path(p) for p in (checkpoint, model) if p)])
     captioner = Captioner.from_source(checkpoint, model, device)
+    rows, work = len(paths) * settings.beam_size, f"{len(paths)} images x beam {settings.beam_size}"
+    on = decide(settings.compile, device, rows, DECODE_ROWS, work, note=False)  # a caption line per image, no note
+    settings = replace(settings, compile="on" if on else "off")
     for path, plot_file in zip(paths, plots):
         try:
             caption = captioner([path], **vars(settings))[0]

@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from .checkpoint import build_decoder, load_checkpoint
-from .config import DecodeConfig
+from .compiled import decide, use_compiled
+from .config import DECODE_ROWS, DecodeConfig
 from .decode import n_best
 from .encoders import Encoder, Preprocess, build_encoder, encoder_from_state, open_rgb, to_rgb
 from .errors import PipelineError
@@ -165,7 +166,10 @@ class Captioner:
         """Caption ``images`` (any mix of what :meth:`load` takes), all in one encoder batch and
         one batched beam search. settings: the decoding options of
         :class:`~pipeline.config.DecodeConfig` by name (beam_size, 1: greedy; max_len in words;
-        length_penalty; allow_unk), each at its default unless given.
+        length_penalty; allow_unk; compile: 'auto' compiles a call of at least
+        :data:`~pipeline.config.DECODE_ROWS` images x beam size, 'on' every call, the first one
+        compiling, or loading the compile from its cache, :mod:`pipeline.compiled`), each at its
+        default unless given.
         Returns one :class:`Caption` per image, in order.
         Raises PipelineError for an image that cannot be read (naming it) or a bad setting."""
         return [found[0] for found in self.n_best(images, n=1, **settings)]
@@ -187,6 +191,8 @@ class Captioner:
         batch = torch.stack([pixels(p) for p in pictures]).to(self.device)
         annotations = self.encoder(self.preprocess.normalize(batch))
         annotations = annotations.to(self.storage).float()  # as stored in the shards the decoder learnt from
+        rows, work = len(images) * settings.beam_size, f"{len(images)} images x beam {settings.beam_size}"
+        use_compiled([self.decoder], decide(settings.compile, self.device, rows, DECODE_ROWS, work, note=False))
         found = n_best(self.decoder, annotations, self.vocab, settings, self.context, n or settings.beam_size)
         show = self.preprocess.crop()
         return [

@@ -15,9 +15,24 @@ ENCODER_NAMES = ("vgg19", "vgg16", "resnet101", "resnet152", "squeezenet1_1")  #
 ENCODER_PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # the encoder's arithmetic (pipeline.features)
 CONTEXTS = ("expected", "sample", "argmax")  # how a step's context vector is formed (pipeline.model.Decoder.step)
 BASELINES = ("batch", "moving")  # REINFORCE baselines (pipeline.model.objective)
+REWARDS = ("caption", "word")  # REINFORCE reward forms (pipeline.model.objective)
 CRITERIA = ("xe", "scst")  # training objectives (pipeline.train, pipeline.scst)
 SCST_BASELINES = ("mean", "greedy")  # self-critical baselines (pipeline.scst)
 VAL_METRICS = ("auto", "bleu4", "cider")  # model selection (pipeline.train.validate)
+COMPILE_MODES = ("auto", "on", "off")  # torch.compile of the decoding step (pipeline.compiled)
+TRAIN_CAPTIONS = 100_000  # --compile auto compiles training of at least this many captions (epochs x captions)
+DECODE_ROWS = 15_000  # --compile auto compiles decoding of at least this many images x beam size
+
+
+def compile_option(enough: str):
+    """The ``compile`` field of a configuration whose run is long enough to compile at ``enough``."""
+    return option(
+        "auto",
+        "Run the decoder's step (attention, gate, LSTM) compiled by torch.compile into fused kernels: on, off, or "
+        f"auto: on where a C++ compiler (CPU) or Triton (GPU) is found and the run has at least {enough}, to pay "
+        "for the compile (about a minute the first time, seconds once cached in ~/.cache/show-attend-tell/inductor).",
+        choices=COMPILE_MODES,
+    )
 
 
 @dataclass(frozen=True)
@@ -41,6 +56,7 @@ class DecodeConfig:
         "Let captions contain <unk> (the stand-in for words outside the vocabulary); by default decoding never "
         "emits it.",
     )
+    compile: str = compile_option(f"{DECODE_ROWS} images x beam size")
 
     def __post_init__(self):
         check_config(self)
@@ -198,6 +214,7 @@ class TrainConfig:
     )
     checkpoint_every: int = option(0, "Also write last.pt every N steps (0: epoch ends only).", unit="steps", low=0)
     workers: int = option(0, "DataLoader processes reading the shards (0: in-process).", low=0, high=64)
+    compile: str = compile_option(f"{TRAIN_CAPTIONS} captions (epochs x training captions)")
     precision: str = option(
         "auto",
         "bf16: autocast matrix products to bfloat16 (weights stay fp32), about 2x faster "
@@ -281,6 +298,14 @@ class ObjectiveConfig:
     )
     baseline_decay: float = option(
         0.9, "Hard attention: decay of the moving-average baseline.", low=0, high=1, high_open=True
+    )
+    reward: str = option(
+        "caption",
+        "Hard attention: REINFORCE's reward log p(y|s, a) summed over the caption's words, its terms averaged over "
+        "the minibatch as the loss is (caption; eq. 11-12); or, as the authors' code, per word (the caption's mean "
+        "log-likelihood, the baseline too) with the score-function and entropy terms summed over the minibatch "
+        "(word): at batch 64 and 12 words, 5x the weight.",
+        choices=REWARDS,
     )
 
     def __post_init__(self):

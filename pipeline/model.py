@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .compiled import compiled_step
 from .config import CONTEXTS, DecoderConfig, ObjectiveConfig
 from .errors import PipelineError
 
@@ -92,7 +93,12 @@ class Attention(nn.Module):
         """e (N, L) from projected (N, L, A) and att_h (N, A) = W_h h_{t-1}; the tanh by
         :class:`AttentionTanh`. Decoding on a CPU, in blocks of rows whose (rows, L, A) sum stays
         in cache (about 2 MiB): the whole (B*k, L, A) of a batched beam goes to memory and back
-        (bench/RESULTS.md)."""
+        (bench/RESULTS.md). Compiled (:mod:`pipeline.compiled`), the whole as one expression, which
+        inductor fuses into one pass over (N, L, A): the product with w as a sum, and tanh as
+        2 sigmoid(2x) - 1, as :class:`AttentionTanh` (inductor's CPU tanh is as slow as PyTorch's)."""
+        if torch.compiler.is_compiling():
+            x = projected + att_h.unsqueeze(1)
+            return ((2 * torch.sigmoid(2 * x) - 1) * self.score.weight[0]).sum(2) + self.score.bias
         if torch.is_grad_enabled() or projected.device.type != "cpu":
             return self.score(AttentionTanh.apply(projected, att_h)).squeeze(2)
         rows = max(1, (1 << 21) // (projected.shape[1] * projected.shape[2] * projected.element_size()))
@@ -189,6 +195,7 @@ class Decoder(nn.Module):
         self.out_context = nn.Linear(D, m, bias=False) if c.ctx2out else None  # L_z
         self.out_vocab = nn.Linear(m, c.vocab_size)  # L_o
         self.drop = nn.Dropout(c.dropout)
+        self.compiled = False  # run :meth:`step` compiled (pipeline.compiled)
         with torch.no_grad():  # the forget gate's bias 1 (Jozefowicz et al. 2015); gates in order i, f, o, g
             self.lstm_hidden.bias[n : 2 * n].fill_(1.0)
 
@@ -218,7 +225,10 @@ class Decoder(nn.Module):
         :meth:`Attention.forward`.
         Returns state: state t; z: (B, D) context vector; alpha: (B, L); beta: (B,);
         s: (B,) long chosen locations (None for 'expected').
+        With ``compiled`` set, the step runs as one compiled graph (:mod:`pipeline.compiled`).
         """
+        if self.compiled and not torch.compiler.is_compiling():
+            return compiled_step(self, embedded, state, annotations, proj, context)
         h, c = state  # (B, n) each
         alpha, z, s = self.attention(annotations, proj, h, context)  # (B, L), (B, D), (B,) or None
         beta_logit = self.gate(h).squeeze(1)  # (B,)
@@ -282,6 +292,9 @@ def objective(
     Hard attention with sampled locations (``sampled``, eq. 10-12): in addition, the surrogate
     whose gradient is the REINFORCE estimate of dL_s/dW: reward log p(y|s, a) minus a baseline,
     scaled by reinforce_scale, times log p(s|a), plus the entropy bonus entropy_c * H[s].
+    With ``cfg.reward`` 'word' (the authors' code: their reward is the mean cost per word, and
+    their score-function and entropy gradients are given per element, not averaged over the
+    batch), the reward is log p(y|s, a) / T and the two terms are summed over the minibatch.
     The baseline (``cfg.baseline``) is either, for each caption, the mean reward of the other
     captions of its minibatch ('batch'; they share its length, so the summed log-likelihoods are
     comparable; independent of its own sample, so the estimate stays unbiased; a minibatch of one
@@ -291,8 +304,9 @@ def objective(
     captions: (B, T+1) long as in :meth:`Decoder.forward`.
     Returns (loss scalar, dict of floats: 'nll' = mean summed NLL per caption, 'log_p_y' = mean
     log p(y|s, a), 'doubly_stochastic' = the mean regulariser sum_i (1 - sum_t alpha_ti)^2 (before
-    its weight), 'beta' = the mean gating scalar, and with ``sampled`` 'reward_rms' = the root mean
-    square of the rewards after their baseline and 'baseline' = the mean baseline, in nats).
+    its weight), 'beta' = the mean gating scalar, and with ``sampled`` 'reward' = the mean reward
+    before its baseline, 'reward_rms' = the root mean square of the rewards after their baseline
+    and 'baseline' = the mean baseline, in nats (per word for 'word')).
     """
     targets = captions[:, 1:]
     nll = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets).sum(1)
@@ -300,12 +314,14 @@ def objective(
     loss = nll + cfg.alpha_c * doubly_stochastic
     log_p_y = (-nll).detach()
     if sampled:
-        n = len(log_p_y)
+        n, per_word = len(log_p_y), cfg.reward == "word"
+        r = log_p_y / targets.shape[1] if per_word else log_p_y  # (B,) one length per minibatch
         if cfg.baseline == "batch":
-            reward = log_p_y - (log_p_y.sum() - log_p_y) / (n - 1) if n > 1 else torch.zeros_like(log_p_y)
+            reward = r - (r.sum() - r) / (n - 1) if n > 1 else torch.zeros_like(r)
         else:
-            reward = log_p_y - (log_p_y.mean() if baseline is None else baseline)
-        loss = loss - cfg.reinforce_scale * reward * out.log_p_s - cfg.entropy_c * out.entropy
+            reward = r - (r.mean() if baseline is None else baseline)
+        surrogate = cfg.reinforce_scale * reward * out.log_p_s + cfg.entropy_c * out.entropy  # (B,)
+        loss = loss - surrogate * (n if per_word else 1)  # 'word': summed over the minibatch by the mean below
     stats = {
         "nll": nll.mean().item(),
         "log_p_y": log_p_y.mean().item(),
@@ -313,5 +329,7 @@ def objective(
         "beta": out.beta.float().mean().item(),
     }
     if sampled:
-        stats.update(reward_rms=reward.pow(2).mean().sqrt().item(), baseline=(log_p_y - reward).mean().item())
+        stats.update(
+            reward_rms=reward.pow(2).mean().sqrt().item(), baseline=(r - reward).mean().item(), reward=r.mean().item()
+        )
     return loss.mean(), stats

@@ -28,7 +28,8 @@ from . import distributed
 from .atomic import atomic_path
 from .checkpoint import build_decoder, check_features, feature_identity, load_checkpoint, save_checkpoint
 from .cider import CiderD
-from .config import DecodeConfig, DecoderConfig, ObjectiveConfig, TrainConfig
+from .compiled import decide, use_compiled
+from .config import TRAIN_CAPTIONS, DecodeConfig, DecoderConfig, ObjectiveConfig, TrainConfig
 from .decode import beam_search
 from .errors import PipelineError
 from .folders import folder_lock
@@ -43,7 +44,8 @@ from .text import tokenize
 
 LAST, BEST, METRICS, CONFIG = "last.pt", "best.pt", "metrics.jsonl", "config.toml"
 METRIC_NAMES = {"bleu4": "BLEU-4", "cider": "CIDEr-D"}
-RESUMABLE = ("epochs", "patience", "checkpoint_every", "workers", "tensorboard")  # options a --resume may change
+# options a --resume may change
+RESUMABLE = ("epochs", "patience", "checkpoint_every", "workers", "tensorboard", "compile")
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -221,7 +223,7 @@ def train_step(
         loss, stats = objective(result, captions, objective_config, sampled, baseline)
     if sampled and objective_config.baseline == "moving":  # b_k = 0.9 b_{k-1} + 0.1 log p(y|s_k, a)
         d = objective_config.baseline_decay
-        baseline = stats["log_p_y"] if baseline is None else d * baseline + (1 - d) * stats["log_p_y"]
+        baseline = stats["reward"] if baseline is None else d * baseline + (1 - d) * stats["reward"]
     update(decoder, optimizer, loss, config.clip)
     return loss, stats, baseline
 
@@ -412,6 +414,10 @@ def _setup(config: TrainConfig, saved: dict | None, world: distributed.World) ->
     decoder.to(world.device)
     optimizer = make_optimizer(decoder.parameters(), config)
     ema = AveragedModel(decoder, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay)) if config.ema_decay else None
+    pairs = CaptionPairs(train_shards)
+    work = f"{config.epochs} epochs x {len(pairs)} captions"
+    on = decide(config.compile, world.device, config.epochs * len(pairs), TRAIN_CAPTIONS, work, note=world.main)
+    use_compiled([decoder, *([ema.module] if ema is not None else [])], on)
     state = TrainState(
         config,
         world,
@@ -424,7 +430,7 @@ def _setup(config: TrainConfig, saved: dict | None, world: distributed.World) ->
         DistributedDataParallel(decoder) if world.size > 1 else decoder,
         optimizer,
         ema,
-        CaptionPairs(train_shards),
+        pairs,
         CiderD([[tokenize(c) for c in refs] for refs in train_shards.references])
         if config.criterion == "scst"
         else None,

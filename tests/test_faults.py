@@ -205,6 +205,7 @@ def xe_checkpoint(objects, tmp_path_factory):
         (("--attention", "hard", "--soft-warmup-epochs", "1"), 1),
         (("--ema-decay", "0.9"), 2),
         (("--objective", "scst", "--batch-size", "40", "--lr", "0.001", "--ema-decay", "0.9"), 3),
+        (("--compile", "on", "--ema-decay", "0.9"), 4),
     ],
 )
 def test_training_killed_at_a_random_moment_then_resumed(objects, tmp_path, options, seed, request):

@@ -95,6 +95,29 @@ def test_reinforce_estimator_matches_the_exact_gradient(baseline, attention_erro
     assert relative_error(torch.autograd.grad(-no_reinforce, params, allow_unused=True), only_attention=True) > 0.3
 
 
+@pytest.mark.parametrize("baseline", ["batch", "moving"])
+def test_authors_reward_per_word_summed_over_the_batch(baseline):
+    """reward 'word' (the authors' code): reward and baseline per word, the score-function and
+    entropy terms summed over the minibatch: n/T times the 'caption' form's REINFORCE term (same
+    samples; a moving baseline given per word), n times its entropy term."""
+    decoder, a = tiny(L=3)
+    n, T = 8, 3
+    captions = torch.tensor([[1, 4, 5, 2]]).expand(n, -1)
+    torch.manual_seed(0)
+    out = decoder(a.expand(n, -1, -1), captions, "sample")
+    nll = objective(out, captions, ObjectiveConfig(alpha_c=0.0))[0]
+    terms = {}
+    for reward, given in (("caption", -6.0), ("word", -2.0)):
+        for entropy_c in (0.0, 0.5):
+            cfg = ObjectiveConfig(alpha_c=0.0, entropy_c=entropy_c, baseline=baseline, reward=reward)
+            loss, stats = objective(out, captions, cfg, sampled=True, baseline=given)
+            terms[reward, entropy_c] = (loss - nll).item()
+        assert stats["reward"] == pytest.approx(-stats["nll"] / (T if reward == "word" else 1), rel=1e-5)
+    assert terms["word", 0.0] == pytest.approx(n / T * terms["caption", 0.0], rel=1e-4)
+    entropy_term = terms["caption", 0.5] - terms["caption", 0.0]
+    assert entropy_term < 0 and terms["word", 0.5] - terms["word", 0.0] == pytest.approx(n * entropy_term, rel=1e-4)
+
+
 def test_attention_input_scale_divides_what_f_att_sees():
     """proj = W_a (a_i / scale) + b: a decoder with scale s on a is the unscaled one on a / s for
     f_att, while the initial state still sees the unscaled mean."""

@@ -1,0 +1,89 @@
+"""Compiled decoding steps: :meth:`pipeline.model.Decoder.step` (attention, gate and LSTM: one
+word of one caption) compiled by torch.compile's inductor backend into fused C++ (CPU) or Triton
+(CUDA) kernels, for training's teacher-forced pass and for every decoder (beam search, greedy
+decoding, SCST sampling). ``--compile`` on `train`, `evaluate`, `caption` and `serve`, and
+``compile=`` of :class:`~pipeline.captioner.Captioner`, take one of :data:`COMPILE_MODES`.
+
+What is compiled, and why the step: the teacher-forced pass loops over the T words of a minibatch,
+and compiling the pass would unroll that loop, one graph per caption length (Flickr8k has about 20
+length buckets, each graph minutes to compile). The step's graph does not depend on T. Batch sizes
+vary (a length bucket's last minibatch, a beam whose images finish): the first change of size
+recompiles once with the size symbolic (torch.compile's automatic dynamic shapes), and no sizes
+after that recompile. So a training run compiles the step 2 times with gradients (forward and
+backward) and 2 times without (validation's beam search), plus 2 for a hard run's sampled context.
+
+Where the time goes (bench/RESULTS.md): inside the step, f_att's tanh(W_a a_i + W_h h) and its
+product with w (eq. 4), the softmax (eq. 5) and the context vector's sum (eq. 13) become one pass
+over the (B, L, A) and (B, L, D) tensors instead of one pass per operation; the matrix products
+stay the library's (oneDNN, cuBLAS).
+
+The compile cache (inductor's FX-graph and AOTAutograd caches) is kept between runs in
+``~/.cache/show-attend-tell/inductor`` (``$TORCHINDUCTOR_CACHE_DIR`` where set): a compile that
+takes about a minute the first time takes seconds after.
+"""
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from .config import COMPILE_MODES
+from .errors import PipelineError
+
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "show-attend-tell" / "inductor"
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(CACHE))  # before inductor picks its default
+RECOMPILE_LIMIT = 64  # graphs of the step kept (torch's default, 8, is reached by a test session)
+_STEP = None  # Decoder.step compiled, built on first use (:func:`compiled_step`)
+
+
+def compiler(device: torch.device) -> str:
+    """What inductor needs on ``device`` and this machine lacks ('' where nothing): a C++ compiler
+    for a CPU (``$CXX``, g++, c++ or clang++ on the PATH), Triton for a GPU."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return "" if has_triton() else "Triton (pip install triton)"
+    names = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
+    return "" if any(name and shutil.which(name) for name in names) else "a C++ compiler (apt-get install g++)"
+
+
+def decide(mode: str, device, work: int, enough: int, what: str, note: bool = True) -> bool:
+    """Whether to compile: ``mode`` 'on' or 'off' as given; 'auto': on where inductor can compile
+    for ``device`` (a torch device or its name; :func:`compiler`) and ``work`` (captions, or images
+    x beam size; ``what`` says it in words, e.g. '4 epochs x 300 captions') reaches ``enough``, so
+    that the compile (about a minute uncached) pays for itself.
+    With ``note``, an 'auto' that decides off says why on stderr (one line).
+    Raises PipelineError for 'on' where inductor cannot compile, or an unknown mode."""
+    if mode not in COMPILE_MODES:
+        raise PipelineError(f"--compile {mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+    missing = compiler(torch.device(device)) if mode != "off" else ""
+    if mode == "on" and missing:
+        raise PipelineError(f"--compile on needs {missing} on this machine for {device.type}; or use --compile off")
+    if mode != "auto":
+        return mode == "on"
+    why = f"needs {missing}" if missing else f"{what} is too short to pay for compiling" if work < enough else ""
+    if why and note:
+        print(f"note: --compile auto: off ({why}; --compile on forces it)", file=sys.stderr)
+    return not why
+
+
+def use_compiled(decoders, on: bool) -> None:
+    """Run each decoder's :meth:`~pipeline.model.Decoder.step` compiled (``on``) or eagerly.
+    The first compiled call compiles (or loads from :data:`CACHE`); the weights stay the module's
+    parameters, so a compiled decoder trains, saves and loads as an eager one."""
+    for decoder in decoders:
+        decoder.compiled = on
+
+
+def compiled_step(decoder, *args):
+    """``decoder.step(*args)`` compiled: one compiled function for every decoder (modules are
+    inputs of the graph, not constants, so a second decoder, e.g. the weight average, reuses the
+    graphs of the first)."""
+    global _STEP
+    if _STEP is None:
+        # a graph per grad mode, autocast state, context kind and decoder, 2 per batch size (static, then symbolic)
+        torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
+        _STEP = torch.compile(type(decoder).step)
+    return _STEP(decoder, *args)

@@ -1,0 +1,102 @@
+"""--compile (pipeline.compiled): the decoder's step compiled by torch.compile computes what the
+eager step computes, in training and in beam search, and `auto` compiles only runs long enough to
+pay for it. (Killed and resumed compiled training: tests/test_faults.py.)"""
+
+import json
+
+import pytest
+import torch
+
+from pipeline import compiled
+from pipeline.checkpoint import build_decoder, load_checkpoint
+from pipeline.config import DecodeConfig
+from pipeline.decode import beam_search
+from pipeline.errors import PipelineError
+from pipeline.model import Decoder, DecoderConfig
+from pipeline.shards import AnnotationShards
+from pipeline.train import TrainConfig, train
+
+from object_features import write_object_features
+
+TINY = dict(embed_dim=16, hidden_dim=32, attention_dim=16)
+needs_compiler = pytest.mark.skipif(
+    bool(compiled.compiler(torch.device("cpu"))), reason="no C++ compiler for torch.compile on this machine"
+)
+
+
+@pytest.fixture(scope="module")
+def objects(tmp_path_factory):
+    out = tmp_path_factory.mktemp("objects")
+    write_object_features(out, sizes={"train": 300, "val": 40, "test": 40})
+    return out
+
+
+def test_auto_compiles_long_runs_where_a_compiler_is_found(monkeypatch, capsys):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(compiled.shutil, "which", lambda name: "/usr/bin/g++" if name == "g++" else None)
+    monkeypatch.delenv("CXX", raising=False)
+    assert compiled.decide("auto", cpu, 200_000, 100_000, "8 epochs x 25000 captions")
+    assert capsys.readouterr().err == ""
+    assert not compiled.decide("auto", cpu, 600, 100_000, "2 epochs x 300 captions")
+    assert "note: --compile auto: off (2 epochs x 300 captions is too short" in capsys.readouterr().err
+    assert compiled.decide("on", cpu, 1, 100_000, "") and not compiled.decide("off", cpu, 10**9, 1, "")
+    monkeypatch.setattr(compiled.shutil, "which", lambda name: None)
+    assert not compiled.decide("auto", cpu, 200_000, 100_000, "8 epochs x 25000 captions")
+    assert "off (needs a C++ compiler (apt-get install g++)" in capsys.readouterr().err
+    with pytest.raises(PipelineError, match=r"--compile on needs a C\+\+ compiler .* or use --compile off"):
+        compiled.decide("on", cpu, 1, 1, "")
+    with pytest.raises(PipelineError, match="--compile 'yes': choose one of auto, on, off"):
+        compiled.decide("yes", cpu, 1, 1, "")
+
+
+def _pass(decoder, annotations, captions, context):
+    decoder.zero_grad()
+    out = decoder(annotations, captions, context)
+    (out.logits.logsumexp(2).sum() + out.alpha.pow(2).sum()).backward()
+    return out, {k: p.grad.clone() for k, p in decoder.named_parameters() if p.grad is not None}
+
+
+@needs_compiler
+@pytest.mark.parametrize("context", ["expected", "locations"])
+def test_compiled_teacher_forced_pass_equals_eager(context):
+    """fp32: logits, attention weights and every gradient to float32 rounding, at two batch sizes
+    and two caption lengths (the second size compiles the batch dimension as symbolic)."""
+    torch.manual_seed(0)
+    decoder = Decoder(DecoderConfig(vocab_size=40, annotation_dim=24, **TINY)).eval()
+    for batch, length in ((6, 5), (9, 8)):
+        annotations = torch.randn(batch, 16, 24).relu()
+        captions = torch.randint(4, 40, (batch, length))
+        where = torch.randint(0, 16, (batch, length - 1)) if context == "locations" else "expected"
+        compiled.use_compiled([decoder], False)
+        eager, eager_grads = _pass(decoder, annotations, captions, where)
+        compiled.use_compiled([decoder], True)
+        fused, fused_grads = _pass(decoder, annotations, captions, where)
+        torch.testing.assert_close(fused.logits, eager.logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused.alpha, eager.alpha, rtol=1e-5, atol=1e-6)
+        assert fused_grads.keys() == eager_grads.keys()
+        for name in eager_grads:
+            torch.testing.assert_close(fused_grads[name], eager_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@needs_compiler
+def test_compiled_training_and_beam_search_equal_eager(objects, tmp_path):
+    """One epoch compiled and one eager from the same seed, in the run's precision (bf16 where the CPU
+    computes it natively): the same loss to bf16 noise; then beam search of the trained decoder,
+    compiled and eager, gives the same captions of the held-out images."""
+    runs = {}
+    for mode in ("off", "on"):
+        config = TrainConfig(
+            features=str(objects), out=str(tmp_path / mode), epochs=1, batch_size=32, val_beam_size=2, compile=mode,
+            model=TINY,
+        )  # fmt: skip
+        train(config, progress=False)
+        runs[mode] = json.loads((tmp_path / mode / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("loss", "nll"):
+        assert runs["on"][key] == pytest.approx(runs["off"][key], rel=0.02), key
+    decoder, vocab = build_decoder(load_checkpoint(tmp_path / "on" / "best.pt"), "best.pt")
+    annotations = torch.stack(list(AnnotationShards(objects, "test")))
+    captions = {}
+    for on in (False, True):
+        compiled.use_compiled([decoder], on)
+        captions[on] = [c.tokens for c in beam_search(decoder.eval(), annotations, vocab, DecodeConfig(beam_size=3))]
+    assert captions[True] == captions[False]
