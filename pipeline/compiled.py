@@ -15,7 +15,11 @@ backward) and 2 times without (validation's beam search), plus 2 for a hard run'
 Where the time goes (bench/RESULTS.md): inside the step, f_att's tanh(W_a a_i + W_h h) and its
 product with w (eq. 4), the softmax (eq. 5) and the context vector's sum (eq. 13) become one pass
 over the (B, L, A) and (B, L, D) tensors instead of one pass per operation; the matrix products
-stay the library's (oneDNN, cuBLAS).
+stay the library's (oneDNN, cuBLAS). On the 2-core CPU of bench/RESULTS.md that makes batched beam
+search 1.2-1.4x faster and fp32 training 1.1-1.2x, but bf16 training 0.9-1.0x (the eager step's
+f_att is already one in-place pass, :class:`~pipeline.model.AttentionTanh`, and the compiled
+backward's fused kernels cost what eager's elementwise kernels do): `auto` leaves bf16 training on
+a CPU eager (:data:`SLOWER_BF16_TRAINING`).
 
 The compile cache (inductor's FX-graph and AOTAutograd caches) is kept between runs in
 ``~/.cache/show-attend-tell/inductor`` (``$TORCHINDUCTOR_CACHE_DIR`` where set): a compile that
@@ -34,6 +38,7 @@ from .errors import PipelineError
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "show-attend-tell" / "inductor"
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(CACHE))  # before inductor picks its default
+SLOWER_BF16_TRAINING = "compiled bf16 training measured 0.9-1.0x eager on a CPU, bench/RESULTS.md"
 RECOMPILE_LIMIT = 64  # graphs of the step kept (torch's default, 8, is reached by a test session)
 _STEP = None  # Decoder.step compiled, built on first use (:func:`compiled_step`)
 
@@ -49,11 +54,12 @@ def compiler(device: torch.device) -> str:
     return "" if any(name and shutil.which(name) for name in names) else "a C++ compiler (apt-get install g++)"
 
 
-def decide(mode: str, device, work: int, enough: int, what: str, note: bool = True) -> bool:
+def decide(mode: str, device, work: int, enough: int, what: str, note: bool = True, slower: str = "") -> bool:
     """Whether to compile: ``mode`` 'on' or 'off' as given; 'auto': on where inductor can compile
-    for ``device`` (a torch device or its name; :func:`compiler`) and ``work`` (captions, or images
-    x beam size; ``what`` says it in words, e.g. '4 epochs x 300 captions') reaches ``enough``, so
-    that the compile (about a minute uncached) pays for itself.
+    for ``device`` (a torch device or its name; :func:`compiler`), compiled code is not known to
+    be slower here (``slower``: why it is, e.g. a benchmark's figure) and ``work`` (captions, or
+    images x beam size; ``what`` says it in words, e.g. '4 epochs x 300 captions') reaches
+    ``enough``, so that the compile (about a minute uncached) pays for itself.
     With ``note``, an 'auto' that decides off says why on stderr (one line).
     Raises PipelineError for 'on' where inductor cannot compile, or an unknown mode."""
     if mode not in COMPILE_MODES:
@@ -63,7 +69,11 @@ def decide(mode: str, device, work: int, enough: int, what: str, note: bool = Tr
         raise PipelineError(f"--compile on needs {missing} on this machine for {device.type}; or use --compile off")
     if mode != "auto":
         return mode == "on"
-    why = f"needs {missing}" if missing else f"{what} is too short to pay for compiling" if work < enough else ""
+    why = (
+        f"needs {missing}"
+        if missing
+        else slower or (f"{what} is too short to pay for compiling" if work < enough else "")
+    )
     if why and note:
         print(f"note: --compile auto: off ({why}; --compile on forces it)", file=sys.stderr)
     return not why

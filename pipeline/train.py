@@ -28,7 +28,7 @@ from . import distributed
 from .atomic import atomic_path
 from .checkpoint import build_decoder, check_features, feature_identity, load_checkpoint, save_checkpoint
 from .cider import CiderD
-from .compiled import decide, use_compiled
+from .compiled import SLOWER_BF16_TRAINING, decide, use_compiled
 from .config import TRAIN_CAPTIONS, DecodeConfig, DecoderConfig, ObjectiveConfig, TrainConfig
 from .decode import beam_search
 from .errors import PipelineError
@@ -60,11 +60,15 @@ def native_bf16(device: torch.device) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def uses_bf16(config: TrainConfig, device: torch.device) -> bool:
+    """Whether ``config.precision`` means bf16 autocast on ``device`` ('auto': where it is native)."""
+    return config.precision == "bf16" or (config.precision == "auto" and native_bf16(device))
+
+
 def autocast(config: TrainConfig, device: torch.device):
     """The autocast context of ``config.precision`` on ``device``: bf16 matrix products and
     activations with fp32 weights, or plain fp32."""
-    bf16 = config.precision == "bf16" or (config.precision == "auto" and native_bf16(device))
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(config, device))
 
 
 def bucket_batches(lengths: list[int], batch_size: int, generator: torch.Generator) -> list[list[int]]:
@@ -416,7 +420,8 @@ def _setup(config: TrainConfig, saved: dict | None, world: distributed.World) ->
     ema = AveragedModel(decoder, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay)) if config.ema_decay else None
     pairs = CaptionPairs(train_shards)
     work = f"{config.epochs} epochs x {len(pairs)} captions"
-    on = decide(config.compile, world.device, config.epochs * len(pairs), TRAIN_CAPTIONS, work, note=world.main)
+    slower = SLOWER_BF16_TRAINING if world.device.type == "cpu" and uses_bf16(config, world.device) else ""
+    on = decide(config.compile, world.device, config.epochs * len(pairs), TRAIN_CAPTIONS, work, world.main, slower)
     use_compiled([decoder, *([ema.module] if ema is not None else [])], on)
     state = TrainState(
         config,

@@ -40,6 +40,10 @@ def test_auto_compiles_long_runs_where_a_compiler_is_found(monkeypatch, capsys):
     assert not compiled.decide("auto", cpu, 600, 100_000, "2 epochs x 300 captions")
     assert "note: --compile auto: off (2 epochs x 300 captions is too short" in capsys.readouterr().err
     assert compiled.decide("on", cpu, 1, 100_000, "") and not compiled.decide("off", cpu, 10**9, 1, "")
+    slower = compiled.SLOWER_BF16_TRAINING
+    assert not compiled.decide("auto", cpu, 10**9, 1, "", slower=slower)  # measured slower: auto stays eager
+    assert f"note: --compile auto: off ({slower}; --compile on forces it)" in capsys.readouterr().err
+    assert compiled.decide("on", cpu, 10**9, 1, "", slower=slower)
     monkeypatch.setattr(compiled.shutil, "which", lambda name: None)
     assert not compiled.decide("auto", cpu, 200_000, 100_000, "8 epochs x 25000 captions")
     assert "off (needs a C++ compiler (apt-get install g++)" in capsys.readouterr().err
