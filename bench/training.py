@@ -34,11 +34,12 @@ def matmul_side(device: str) -> int:
     return 2048 if device == "cpu" else 8192
 
 
-def matmul_flops(dtype: torch.dtype, device: str) -> float:
-    """Measured FLOP/s of the :func:`matmul_side` square matrix product in ``dtype`` on ``device``."""
-    n = matmul_side(device)
-    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
-    return 2 * n**3 / seconds(lambda: a @ b, repeat=5)
+def matmul_flops(dtype: torch.dtype, device: str, shape: tuple[int, int, int] | None = None) -> float:
+    """Measured FLOP/s of the (m x k) @ (k x n) product ``shape`` (default: the :func:`matmul_side`
+    square) in ``dtype`` on ``device``."""
+    m, k, n = shape or (matmul_side(device),) * 3
+    a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
+    return 2 * m * k * n / seconds(lambda: a @ b, repeat=5)
 
 
 def setup(sizes: tuple[int, int, int], L: int, batch: int, attention: str, precision: str, device: str, compiled=False):
@@ -191,6 +192,17 @@ def run(device: str = "cpu") -> list[str]:
         f"Compile ({label}, {best}; forward and backward of the step, each in a fresh process): {cold:.0f} s "
         f"with an empty cache, {warm:.1f} s from the cache it filled, {100 * warm / epoch:.1f}% of a Flickr8k "
         f"epoch ({FLICKR8K_CAPTIONS} captions at the compiled rate, {epoch:.0f} s).",
+    ]
+    products = {"forward": (64, 1000, 4000), "input gradient": (64, 4000, 1000), "weight gradient": (4000, 64, 1000)}
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    lines += [
+        "",
+        f"The LSTM's W_hh h_{{t-1}} at batch 64 in {best}, as a fraction of the square product's GFLOP/s: "
+        + ", ".join(
+            f"{name} {' x '.join(map(str, shape))} {matmul_flops(dtype, device, shape) / peaks[best]:.2f}"
+            for name, shape in products.items()
+        )
+        + " (a step's products are per word: 64 rows, or a sum over 64).",
     ]
     for label, args in configs[:2]:
         for compiled in (False, True):
