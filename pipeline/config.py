@@ -289,6 +289,12 @@ class ObjectiveConfig:
     alpha_c: float = option(1.0, "Weight lambda of the doubly stochastic regularisation (eq. 14).", low=0)
     reinforce_scale: float = option(0.1, "Hard attention: reward scale lambda_r (eq. 12; the authors' 1/10).", low=0)
     entropy_c: float = option(0.002, "Hard attention: entropy bonus weight lambda_e (eq. 12).", low=0)
+    sharpness_c: float = option(
+        0.0,
+        "Soft attention (and hard's expected-context minibatches): weight of a penalty on the attention's entropy "
+        "sum_t H(alpha_t), in nats per caption, so that alpha concentrates (not in the paper; 0: off).",
+        low=0,
+    )
     baseline: str = option(
         "batch",
         "Hard attention: REINFORCE baseline: the mean reward of the other captions of the minibatch (same "

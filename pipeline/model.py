@@ -288,7 +288,8 @@ def objective(
     """The loss to minimise and its parts.
 
     Soft attention / expected context (eq. 14): the summed NLL of each caption, averaged over the
-    batch, plus alpha_c * sum_i (1 - sum_t alpha_ti)^2, averaged over the batch.
+    batch, plus alpha_c * sum_i (1 - sum_t alpha_ti)^2, averaged over the batch (and, not in the
+    paper, sharpness_c * sum_t H(alpha_t), the attention's entropy in nats).
     Hard attention with sampled locations (``sampled``, eq. 10-12): in addition, the surrogate
     whose gradient is the REINFORCE estimate of dL_s/dW: reward log p(y|s, a) minus a baseline,
     scaled by reinforce_scale, times log p(s|a), plus the entropy bonus entropy_c * H[s].
@@ -312,6 +313,8 @@ def objective(
     nll = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets).sum(1)
     doubly_stochastic = ((1.0 - out.alpha.sum(1)) ** 2).sum(1)
     loss = nll + cfg.alpha_c * doubly_stochastic
+    if cfg.sharpness_c and not sampled:
+        loss = loss + cfg.sharpness_c * out.entropy
     log_p_y = (-nll).detach()
     if sampled:
         n, per_word = len(log_p_y), cfg.reward == "word"

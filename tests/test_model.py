@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.model import AttentionTanh, Decoder, DecoderConfig, ObjectiveConfig, objective
+from pipeline.model import AttentionTanh, Decoder, DecoderConfig, ObjectiveConfig, attention_entropy, objective
 
 
 def tiny(L=3, D=4, V=7, **kw):
@@ -37,6 +37,24 @@ def test_doubly_stochastic_term_is_eq_14():
     expected = 2.0 * ((1 - out.alpha[0].sum(0)) ** 2).sum()
     torch.testing.assert_close(regularised - plain, expected)
     assert parts["nll"] == pytest.approx(plain.item())
+
+
+def test_sharpness_penalty_adds_the_attention_entropy_and_lowers_it():
+    """sharpness_c * sum_t H(alpha_t) is added to the loss of the expected context, and its
+    gradient steps make alpha concentrate while the NLL part stays what it was."""
+    decoder, a = tiny()
+    captions = torch.tensor([[1, 4, 5, 2]])
+    out = decoder(a, captions)
+    plain, _ = objective(out, captions, ObjectiveConfig(alpha_c=0.0))
+    sharp, _ = objective(out, captions, ObjectiveConfig(alpha_c=0.0, sharpness_c=0.5))
+    H = attention_entropy(out.alpha[0]).sum()
+    torch.testing.assert_close(sharp - plain, 0.5 * H)
+    optimizer = torch.optim.SGD(decoder.parameters(), lr=0.5)
+    for _ in range(30):
+        optimizer.zero_grad()
+        objective(decoder(a, captions), captions, ObjectiveConfig(alpha_c=0.0, sharpness_c=5.0))[0].backward()
+        optimizer.step()
+    assert attention_entropy(decoder(a, captions).alpha[0]).sum() < 0.5 * H
 
 
 def _path_log_probs(decoder, a, captions, L, T):
