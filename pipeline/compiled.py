@@ -64,7 +64,8 @@ def decide(mode: str, device, work: int, enough: int, what: str, note: bool = Tr
     Raises PipelineError for 'on' where inductor cannot compile, or an unknown mode."""
     if mode not in COMPILE_MODES:
         raise PipelineError(f"--compile {mode!r}: choose one of {', '.join(COMPILE_MODES)}")
-    missing = compiler(torch.device(device)) if mode != "off" else ""
+    device = torch.device(device)
+    missing = compiler(device) if mode != "off" else ""
     if mode == "on" and missing:
         raise PipelineError(f"--compile on needs {missing} on this machine for {device.type}; or use --compile off")
     if mode != "auto":

@@ -47,8 +47,8 @@ def test_auto_compiles_long_runs_where_a_compiler_is_found(monkeypatch, capsys):
     monkeypatch.setattr(compiled.shutil, "which", lambda name: None)
     assert not compiled.decide("auto", cpu, 200_000, 100_000, "8 epochs x 25000 captions")
     assert "off (needs a C++ compiler (apt-get install g++)" in capsys.readouterr().err
-    with pytest.raises(PipelineError, match=r"--compile on needs a C\+\+ compiler .* or use --compile off"):
-        compiled.decide("on", cpu, 1, 1, "")
+    with pytest.raises(PipelineError, match=r"--compile on needs a C\+\+ compiler .* for cpu; or use --compile off"):
+        compiled.decide("on", "cpu", 1, 1, "")
     with pytest.raises(PipelineError, match="--compile 'yes': choose one of auto, on, off"):
         compiled.decide("yes", cpu, 1, 1, "")
 
