@@ -60,7 +60,8 @@ def decide(mode: str, device, work: int, enough: int, what: str, note: bool = Tr
     be slower here (``slower``: why it is, e.g. a benchmark's figure) and ``work`` (captions, or
     images x beam size; ``what`` says it in words, e.g. '4 epochs x 300 captions') reaches
     ``enough``, so that the compile (about a minute uncached) pays for itself.
-    With ``note``, an 'auto' that decides off says why on stderr (one line).
+    With ``note``, an 'auto' that decides off for a run long enough to compile says why on stderr
+    (one line); a short run stays eager silently.
     Raises PipelineError for 'on' where inductor cannot compile, or an unknown mode."""
     if mode not in COMPILE_MODES:
         raise PipelineError(f"--compile {mode!r}: choose one of {', '.join(COMPILE_MODES)}")
@@ -75,7 +76,7 @@ def decide(mode: str, device, work: int, enough: int, what: str, note: bool = Tr
         if missing
         else slower or (f"{what} is too short to pay for compiling" if work < enough else "")
     )
-    if why and note:
+    if why and note and work >= enough:
         print(f"note: --compile auto: off ({why}; --compile on forces it)", file=sys.stderr)
     return not why
 
