@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import distributed
-from .atomic import atomic_path
+from .atomic import atomic_path, remove_stale_temps
 from .checkpoint import build_decoder, check_features, feature_identity, load_checkpoint, save_checkpoint
 from .cider import CiderD
 from .compiled import SLOWER_BF16_TRAINING, decide, use_compiled
@@ -542,6 +542,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool, world: distributed
     if world.main:
         if resume:
             _truncate_log(out, s.epoch)
+            remove_stale_temps(out)  # a checkpoint being written when the run was killed
         out.mkdir(parents=True, exist_ok=True)
         write_config(config)
     state = None if resume else _checkpoint(s, out / LAST)  # a fresh run's folder can be resumed from its start
