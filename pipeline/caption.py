@@ -12,8 +12,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .captioner import Captioner
-from .compiled import decide
-from .config import DECODE, DECODE_ROWS, DecodeConfig
+from .compiled import decide_decoding
+from .config import DECODE, DecodeConfig
 from .encoders import ImageError
 from .errors import PipelineError
 from .folders import OWNER, check_writable, refuse_foreign
@@ -109,8 +109,7 @@ def caption_images(
     paths = [Path(p) for p in paths]
     plots = plot_paths(paths, plot, [*paths, *(Path(p) for p in (checkpoint, model) if p)])
     captioner = Captioner.from_source(checkpoint, model, device)
-    rows, work = len(paths) * settings.beam_size, f"{len(paths)} images x beam {settings.beam_size}"
-    on = decide(settings.compile, device, rows, DECODE_ROWS, work, note=False)  # a caption line per image, no note
+    on = decide_decoding(settings, device, len(paths), note=False)  # a caption line per image, no note
     settings = replace(settings, compile="on" if on else "off")
     for path, plot_file in zip(paths, plots):
         try:

@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 
 from .checkpoint import build_decoder, load_checkpoint
-from .compiled import decide, use_compiled
-from .config import DECODE_ROWS, DecodeConfig
+from .compiled import decide_decoding, use_compiled
+from .config import DecodeConfig
 from .decode import n_best
 from .encoders import Encoder, Preprocess, build_encoder, encoder_from_state, open_rgb, to_rgb
 from .errors import PipelineError
@@ -191,8 +191,7 @@ class Captioner:
         batch = torch.stack([pixels(p) for p in pictures]).to(self.device)
         annotations = self.encoder(self.preprocess.normalize(batch))
         annotations = annotations.to(self.storage).float()  # as stored in the shards the decoder learnt from
-        rows, work = len(images) * settings.beam_size, f"{len(images)} images x beam {settings.beam_size}"
-        use_compiled([self.decoder], decide(settings.compile, self.device, rows, DECODE_ROWS, work, note=False))
+        use_compiled([self.decoder], decide_decoding(settings, self.device, len(images), note=False))
         found = n_best(self.decoder, annotations, self.vocab, settings, self.context, n or settings.beam_size)
         show = self.preprocess.crop()
         return [

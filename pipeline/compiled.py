@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .config import COMPILE_MODES
+from .config import COMPILE_MODES, DECODE_ROWS
 from .errors import PipelineError
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "show-attend-tell" / "inductor"
@@ -79,6 +79,14 @@ def decide(mode: str, device, work: int, enough: int, what: str, note: bool = Tr
     if why and note and work >= enough:
         print(f"note: --compile auto: off ({why}; --compile on forces it)", file=sys.stderr)
     return not why
+
+
+def decide_decoding(settings, device, images: int, note: bool = True) -> bool:
+    """:func:`decide` for decoding ``images`` images with ``settings`` (a DecodeConfig: its
+    ``compile`` mode and beam size), the work counted as images x beam size against
+    :data:`~pipeline.config.DECODE_ROWS`."""
+    rows, work = images * settings.beam_size, f"{images} images x beam {settings.beam_size}"
+    return decide(settings.compile, device, rows, DECODE_ROWS, work, note)
 
 
 def use_compiled(decoders, on: bool) -> None:

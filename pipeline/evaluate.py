@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .checkpoint import build_decoder, check_features, load_checkpoint
-from .compiled import decide, use_compiled
-from .config import DECODE, DECODE_ROWS, DecodeConfig
+from .compiled import decide_decoding, use_compiled
+from .config import DECODE, DecodeConfig
 from .decode import beam_search
 from .folders import check_owned, check_writable, write_owned
 from .metrics import coco_id, coco_references, score_captions
@@ -78,8 +78,7 @@ def evaluate(
     shards = AnnotationShards(features or trained_on, split)
     check_features(checkpoint, shards, checkpoint_path)
     context = checkpoint["train_config"]["decode_context"]
-    rows, work = len(shards) * settings.beam_size, f"{len(shards)} images x beam {settings.beam_size}"
-    use_compiled([decoder], decide(settings.compile, device, rows, DECODE_ROWS, work))
+    use_compiled([decoder], decide_decoding(settings, device, len(shards)))
     captions = []
     loader = DataLoader(shards, batch_size=batch_size)
     for annotations in tqdm(loader, desc=f"decoding {split}", unit="batch", disable=not progress):
