@@ -295,6 +295,13 @@ class ObjectiveConfig:
         "sum_t H(alpha_t), in nats per caption, so that alpha concentrates (not in the paper; 0: off).",
         low=0,
     )
+    sharpness_target: float = option(
+        0.0,
+        "Entropy in nats per word below which a word's attention is not penalised by --sharpness-c (the penalty "
+        "is sharpness_c * sum_t max(0, H(alpha_t) - target)); 0: every word's entropy is penalised. Uniform "
+        "attention over L locations has log L (5.13 for 13x13).",
+        low=0,
+    )
     baseline: str = option(
         "batch",
         "Hard attention: REINFORCE baseline: the mean reward of the other captions of the minibatch (same "

@@ -57,6 +57,37 @@ def test_sharpness_penalty_adds_the_attention_entropy_and_lowers_it():
     assert attention_entropy(decoder(a, captions).alpha[0]).sum() < 0.5 * H
 
 
+def test_sharpness_target_penalises_only_the_entropy_above_it():
+    """With sharpness_target, each word's H(alpha_t) counts only above the target: nothing when
+    every word is below it, the excess otherwise; training stops pushing a word's entropy once it
+    is below the target."""
+    decoder, a = tiny()
+    captions = torch.tensor([[1, 4, 5, 2]])
+    out = decoder(a, captions)
+    H = attention_entropy(out.alpha[0])  # (T,)
+    plain, _ = objective(out, captions, ObjectiveConfig(alpha_c=0.0))
+    above, _ = objective(out, captions, ObjectiveConfig(alpha_c=0.0, sharpness_c=0.5, sharpness_target=10.0))
+    torch.testing.assert_close(above, plain)
+    target = H.median().item()
+    part, _ = objective(out, captions, ObjectiveConfig(alpha_c=0.0, sharpness_c=0.5, sharpness_target=target))
+    torch.testing.assert_close(part - plain, 0.5 * (H - target).clamp_min(0).sum())
+    assert 0 < (part - plain).item() < 0.5 * H.sum().item()
+    goal = 0.5 * H.max().item()
+
+    def trained(target):
+        decoder, _ = tiny()
+        optimizer = torch.optim.SGD(decoder.parameters(), lr=0.05)
+        for _ in range(60):
+            optimizer.zero_grad()
+            cfg = ObjectiveConfig(alpha_c=0.0, sharpness_c=5.0, sharpness_target=target)
+            objective(decoder(a, captions), captions, cfg)[0].backward()
+            optimizer.step()
+        return attention_entropy(decoder(a, captions).alpha[0])
+
+    after, unbounded = trained(goal), trained(0.0)
+    assert after.max() < 1.1 * goal and after.min() > 0.5 * goal > unbounded.max()  # down to the target, not past
+
+
 def _path_log_probs(decoder, a, captions, L, T):
     """log p(s|a) and log p(y|s, a) of every attention path s in {0..L-1}^T."""
     paths = torch.tensor(list(itertools.product(range(L), repeat=T)))
