@@ -292,7 +292,8 @@ class ObjectiveConfig:
     sharpness_c: float = option(
         0.0,
         "Soft attention (and hard's expected-context minibatches): weight of a penalty on the attention's entropy "
-        "sum_t H(alpha_t), in nats per caption, so that alpha concentrates (not in the paper; 0: off).",
+        "sum_t H(alpha_t) (only above --sharpness-target), in nats per caption, so that alpha concentrates (not "
+        "in the paper; 0: off).",
         low=0,
     )
     sharpness_target: float = option(

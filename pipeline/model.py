@@ -167,7 +167,7 @@ class DecoderOutput:
 
     logits: (B, T, V) float, unnormalised log p(y_t); alpha: (B, T, L) attention weights;
     beta: (B, T) gating scalars; log_p_s: (B,) sum_t log alpha_{t, s_t} of the sampled locations
-    (zeros unless context='sample'); entropy: (B,) sum_t H(alpha_t) in nats.
+    (zeros unless context='sample'); entropy: (B, T) H(alpha_t) of each word in nats.
     """
 
     logits: torch.Tensor
@@ -265,17 +265,18 @@ class Decoder(nn.Module):
         annotations = in_autocast_dtype(annotations)
         state, proj = self.init_state(annotations)
         embedded = self.embedding(captions[:, :-1])  # (B, T, m)
-        hs, zs, alphas, betas, log_p_s, entropy = [], [], [], [], 0.0, 0.0
+        hs, zs, alphas, betas, log_p_s = [], [], [], [], 0.0
         for t in range(embedded.shape[1]):
             step_context = context[:, t] if torch.is_tensor(context) else context
             state, z, alpha, beta, s = self.step(embedded[:, t], state, annotations, proj, step_context)
             hs.append(self.hidden(state)), zs.append(z), alphas.append(alpha), betas.append(beta)
-            entropy = entropy + attention_entropy(alpha)
             if s is not None:
                 log_p_s = log_p_s + alpha.gather(1, s.unsqueeze(1)).squeeze(1).clamp_min(1e-12).log()
         logits = self.output(embedded, torch.stack(hs, 1), torch.stack(zs, 1))
-        log_p_s = log_p_s if torch.is_tensor(log_p_s) else torch.zeros_like(entropy)
-        return DecoderOutput(logits, torch.stack(alphas, 1), torch.stack(betas, 1), log_p_s, entropy)
+        alpha = torch.stack(alphas, 1)  # (B, T, L)
+        entropy = attention_entropy(alpha)  # (B, T)
+        log_p_s = log_p_s if torch.is_tensor(log_p_s) else torch.zeros_like(entropy[:, 0])
+        return DecoderOutput(logits, alpha, torch.stack(betas, 1), log_p_s, entropy)
 
 
 def objective(
@@ -315,8 +316,7 @@ def objective(
     doubly_stochastic = ((1.0 - out.alpha.sum(1)) ** 2).sum(1)
     loss = nll + cfg.alpha_c * doubly_stochastic
     if cfg.sharpness_c and not sampled:
-        excess = (attention_entropy(out.alpha) - cfg.sharpness_target).clamp_min(0)  # (B, T) nats
-        loss = loss + cfg.sharpness_c * excess.sum(1)
+        loss = loss + cfg.sharpness_c * (out.entropy - cfg.sharpness_target).clamp_min(0).sum(1)
     log_p_y = (-nll).detach()
     if sampled:
         n, per_word = len(log_p_y), cfg.reward == "word"
@@ -325,7 +325,7 @@ def objective(
             reward = r - (r.sum() - r) / (n - 1) if n > 1 else torch.zeros_like(r)
         else:
             reward = r - (r.mean() if baseline is None else baseline)
-        surrogate = cfg.reinforce_scale * reward * out.log_p_s + cfg.entropy_c * out.entropy  # (B,)
+        surrogate = cfg.reinforce_scale * reward * out.log_p_s + cfg.entropy_c * out.entropy.sum(1)  # (B,)
         loss = loss - surrogate * (n if per_word else 1)  # 'word': summed over the minibatch by the mean below
     stats = {
         "nll": nll.mean().item(),
