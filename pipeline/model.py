@@ -73,6 +73,7 @@ class Attention(nn.Module):
     second linear layer on the annotation side, as the authors' COCO configuration has it
     (``n_layers_att=2``: no non-linearity between the two, the note in their code says so);
     hidden: W_h h_{t-1}; score: w, so e_ti = w^T tanh(annotation(a_i) + W_h h_{t-1}).
+    ``input_scale``: f_att sees a_i / input_scale; PipelineError unless it is positive.
     """
 
     def __init__(
@@ -80,6 +81,11 @@ class Attention(nn.Module):
     ):
         super().__init__()
         D, A = annotation_dim, attention_dim
+        if not input_scale > 0:  # 0 stands for the annotation vectors' RMS: pipeline.train.new_decoder_config
+            raise PipelineError(
+                f"attention_input_scale {input_scale}: give a positive number (training resolves 0 to the RMS of the "
+                "training annotation vectors: pipeline.train.new_decoder_config)"
+            )
         self.input_scale = input_scale  # f_att sees a_i / input_scale (DecoderConfig.attention_input_scale)
         self.annotation = nn.Sequential(nn.Linear(D, A), *[nn.Linear(A, A) for _ in range(layers - 1)])  # W_a
         self.hidden = nn.Linear(hidden_dim, A, bias=False)  # W_h

@@ -15,7 +15,7 @@ import math
 import time
 from collections import defaultdict
 from copy import deepcopy
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -135,6 +135,16 @@ def annotation_rms(shards: AnnotationShards, images: int = 256) -> float:
     """Root mean square of the annotation vectors of the first ``images`` images (1.0 if 0)."""
     rows = torch.stack([shards[i] for i in range(min(images, len(shards)))])
     return rows.pow(2).mean().sqrt().item() or 1.0
+
+
+def new_decoder_config(model: dict, shards: AnnotationShards) -> DecoderConfig:
+    """The DecoderConfig of a new decoder trained on ``shards``: their vocabulary size and D, the
+    overrides in ``model``, and ``attention_input_scale`` 0 resolved to the RMS of the training
+    annotation vectors (:func:`annotation_rms`)."""
+    config = DecoderConfig(vocab_size=len(shards.vocab), annotation_dim=shards.D, **model)
+    if config.attention_input_scale == 0:
+        config = replace(config, attention_input_scale=annotation_rms(shards))
+    return config
 
 
 def make_optimizer(params, config: TrainConfig):
@@ -410,10 +420,7 @@ def _setup(config: TrainConfig, saved: dict | None, world: distributed.World) ->
     elif config.init:
         decoder = _initial_decoder(config, train_shards)
     else:
-        model = dict(config.model)
-        if model.get("attention_input_scale") == 0:  # 0: the RMS of the training annotation vectors
-            model["attention_input_scale"] = annotation_rms(train_shards)
-        decoder = Decoder(DecoderConfig(vocab_size=len(train_shards.vocab), annotation_dim=train_shards.D, **model))
+        decoder = Decoder(new_decoder_config(config.model, train_shards))
     model_config = decoder.config
     decoder.to(world.device)
     optimizer = make_optimizer(decoder.parameters(), config)

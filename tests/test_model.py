@@ -178,6 +178,14 @@ def test_attention_input_scale_divides_what_f_att_sees():
     torch.testing.assert_close(state, plain_state)
 
 
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan")])
+def test_an_unresolved_attention_input_scale_is_refused(scale):
+    """0 stands for the training annotation vectors' RMS, which only training can resolve; built
+    with it (or a negative or NaN scale) the decoder would divide by it, so it refuses instead."""
+    with pytest.raises(PipelineError, match=r"attention_input_scale .*new_decoder_config"):
+        tiny(attention_input_scale=scale)
+
+
 def test_decoding_in_blocks_of_rows_gives_the_training_step():
     """Without autograd on a CPU the attention energies go through in blocks of rows (here 40 rows
     of (64, 512) in blocks of 16, the last one short); the step must not change."""
