@@ -26,10 +26,10 @@ def without_unk(scores: torch.Tensor, vocab: Vocabulary) -> torch.Tensor:
     return scores.index_fill(scores.dim() - 1, torch.tensor([vocab.unk], device=scores.device), float("-inf"))
 
 
-def next_word_log_probs(decoder: Decoder, embedded, state, z, vocab: Vocabulary, settings: DecodeConfig, keep=None):
+def next_word_log_probs(decoder: Decoder, embedded, state, z, vocab: Vocabulary, settings: DecodeConfig):
     """log p(y_t | ...) of each row's next word: (rows, V) float, ``<unk>`` at -inf unless allowed
-    (eq. 7's deep output, then a log-softmax; ``keep``: its dropout masks, as :meth:`Decoder.output`)."""
-    log_p = torch.log_softmax(decoder.output(embedded, decoder.hidden(state), z, keep), dim=1)  # (rows, V)
+    (eq. 7's deep output, then a log-softmax)."""
+    log_p = torch.log_softmax(decoder.output(embedded, decoder.hidden(state), z), dim=1)  # (rows, V)
     return log_p if settings.allow_unk else without_unk(log_p, vocab)
 
 
@@ -41,17 +41,14 @@ def free_run(
     settings: DecodeConfig = DECODE,
     context: str = "expected",
     sample: bool = False,
-    keep: tuple | None = None,
 ):
     """Free-running decoding of a batch, one word per step: the most probable, or with ``sample``
     a draw from p(y_t | ...) (``settings``' ``max_len`` and ``allow_unk``; its beam size does not
     apply). Stops when every row has emitted ``<end>``.
 
     annotations: (B, L, D) float; context as in :meth:`Decoder.step` ('sample': hard attention's
-    sampled locations); keep: the output layer's dropout masks for B rows and ``max_len`` steps
-    (:meth:`Decoder.dropout_masks`), or None for the module's dropout (none in eval mode).
-    Returns tokens: (B, T) long (T <= max_len; positions after a row's ``<end>`` hold whatever
-    was decoded there); alpha: (B, T, L) the attention weights of each
+    sampled locations). Returns tokens: (B, T) long (T <= max_len; positions after a row's
+    ``<end>`` hold whatever was decoded there); alpha: (B, T, L) the attention weights of each
     step; locations: (B, T) long chosen locations, or None for 'expected'; mask: (B, T) float, 1
     up to and including each row's ``<end>``.
     """
@@ -60,11 +57,10 @@ def free_run(
     token = torch.full((annotations.shape[0],), vocab.start, dtype=torch.long, device=annotations.device)  # (B,)
     live = torch.ones_like(token, dtype=torch.bool)  # (B,) not yet ended
     tokens, alphas, places, masks = [], [], [], []  # each step: (B,), (B, L), (B,) or None, (B,)
-    for t in range(settings.max_len):
+    for _ in range(settings.max_len):
         embedded = decoder.embedding(token)  # (B, m)
         state, z, alpha, _, s = decoder.step(embedded, state, annotations, proj, context)  # z (B, D), alpha (B, L)
-        step_keep = None if keep is None else (keep[0][:, t], keep[1][:, t])  # (B, n), (B, m)
-        log_p = next_word_log_probs(decoder, embedded, state, z, vocab, settings, step_keep)  # (B, V)
+        log_p = next_word_log_probs(decoder, embedded, state, z, vocab, settings)  # (B, V)
         token = torch.multinomial(log_p.float().exp(), 1).squeeze(1) if sample else log_p.argmax(1)  # (B,)
         tokens.append(token), alphas.append(alpha), places.append(s), masks.append(live.float())
         live = live & (token != vocab.end)

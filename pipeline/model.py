@@ -246,39 +246,27 @@ class Decoder(nn.Module):
         h = torch.sigmoid(o) * torch.tanh(c)  # eq. 3
         return (h, c), z, alpha, beta, s
 
-    def dropout_masks(self, rows: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dropout's keep masks for :meth:`output`, drawn once so that two passes over the same
-        words (a sample drawn step by step, then scored teacher-forced) see the same dropout:
-        (rows, steps, n) for h_t and (rows, steps, m) for the layer, each 0 or 1 / (1 - p)."""
-        p, n, m = self.drop.p, self.config.hidden_dim, self.config.embed_dim
-        device = self.out_vocab.weight.device
-        return tuple(torch.full((rows, steps, k), 1 - p, device=device).bernoulli_() / (1 - p) for k in (n, m))
-
-    def output(self, embedded, h, z, keep: tuple | None = None) -> torch.Tensor:
+    def output(self, embedded, h, z) -> torch.Tensor:
         """Deep output layer (eq. 7): logits (..., V) from E y_{t-1} (..., m), h_t (..., n) and
-        z_t (..., D), with dropout on h_t and on the layer: the module's, or the given ``keep``
-        masks (:meth:`dropout_masks`, shaped like h_t and the layer)."""
-        x = self.out_hidden(self.drop(h) if keep is None else h * keep[0])
+        z_t (..., D), with dropout on h_t and on the layer."""
+        x = self.out_hidden(self.drop(h))
         if self.config.prev2out:
             x = x + embedded
         if self.out_context is not None:
             x = x + self.out_context(z)
         if self.config.output_tanh:
             x = torch.tanh(x)
-        return self.out_vocab(self.drop(x) if keep is None else x * keep[1])
+        return self.out_vocab(self.drop(x))
 
     # -- teacher forcing ---------------------------------------------------------------------------
 
-    def forward(self, annotations: torch.Tensor, captions: torch.Tensor, context="expected", keep=None):
+    def forward(self, annotations: torch.Tensor, captions: torch.Tensor, context: str = "expected") -> DecoderOutput:
         """Teacher-forced pass over whole captions.
 
         annotations: (B, L, D) float; captions: (B, T+1) long, ``<start> w_1 ... w_T``, where the
         last token is ``<end>`` for a full caption (all captions of a batch have one length, as in
         the paper's length-bucketed minibatches, section 4.3). Predicts tokens 1..T from 0..T-1.
         context: as in :meth:`step`, or a (B, T) long tensor of given locations per step.
-        keep: the output layer's dropout masks (:meth:`dropout_masks` for B rows and T steps), or
-        None for the module's dropout.
-        Returns a :class:`DecoderOutput`.
         """
         annotations = in_autocast_dtype(annotations)
         state, proj = self.init_state(annotations)
@@ -290,7 +278,7 @@ class Decoder(nn.Module):
             hs.append(self.hidden(state)), zs.append(z), alphas.append(alpha), betas.append(beta)
             if s is not None:
                 log_p_s = log_p_s + alpha.gather(1, s.unsqueeze(1)).squeeze(1).clamp_min(1e-12).log()
-        logits = self.output(embedded, torch.stack(hs, 1), torch.stack(zs, 1), keep)
+        logits = self.output(embedded, torch.stack(hs, 1), torch.stack(zs, 1))
         alpha = torch.stack(alphas, 1)  # (B, T, L)
         entropy = attention_entropy(alpha)  # (B, T)
         log_p_s = log_p_s if torch.is_tensor(log_p_s) else torch.zeros_like(entropy[:, 0])

@@ -16,16 +16,11 @@ tokens of self-critical.pytorch's RewardCriterion. The captions are sampled with
 (:func:`pipeline.decode.free_run`, the loop of greedy decoding with a draw in place of the
 argmax), then scored by one teacher-forced pass with them (:func:`log_probs`), whose output layer
 runs once over all steps: several times faster on a CPU than keeping the sampling loop's graph.
-Both passes apply the same dropout masks to the output layer (:meth:`Decoder.dropout_masks`,
-drawn once per minibatch), so the policy sampled is the one differentiated, dropout included (as
-self-critical.pytorch samples in training mode and differentiates that pass); dropout keeps
-regularising, which matters on a corpus as small as Flickr8k.
-
-Hard attention: the reward is a function of the whole sample, words and locations together, so
-the score function is that of their joint probability: each sampled location's log
-alpha_{t, s_t} receives the same advantage as the words (the paper's eq. 11, with CIDEr-D in
-place of log p(y | s, a)). Soft attention's context is deterministic and gets its gradient
-through the words' log-probabilities.
+Dropout is off in both, so the policy sampled is the one differentiated. Hard attention: the reward is a function of the
+whole sample, words and locations together, so the score function is that of their joint
+probability: each sampled location's log alpha_{t, s_t} receives the same advantage as the words
+(the paper's eq. 11, with CIDEr-D in place of log p(y | s, a)). Soft attention's context is
+deterministic and gets its gradient through the words' log-probabilities.
 """
 
 import torch
@@ -37,20 +32,17 @@ from .model import Decoder
 from .text import Vocabulary
 
 
-def log_probs(decoder: Decoder, annotations, tokens, locations, vocab: Vocabulary, keep=None) -> torch.Tensor:
+def log_probs(decoder: Decoder, annotations, tokens, locations, vocab: Vocabulary) -> torch.Tensor:
     """log-probability of each sampled token under the sampling policy (``<unk>`` excluded), plus
     for hard attention that of its sampled location log alpha_{t, s_t}, by one teacher-forced pass
     with gradients (the output layer runs once over all steps, as in XE training).
 
     annotations: (N, L, D); tokens, locations: (N, T) as :func:`pipeline.decode.free_run` with
-    ``sample`` returns them; keep: the dropout masks they were drawn with
-    (:meth:`Decoder.dropout_masks` for N rows and at least T steps), or None.
+    ``sample`` returns them.
     Returns (N, T) float.
     """
     captions = torch.cat([torch.full_like(tokens[:, :1], vocab.start), tokens], 1)  # (N, T+1)
-    T = tokens.shape[1]
-    keep = None if keep is None else (keep[0][:, :T], keep[1][:, :T])
-    out = decoder(annotations, captions, "expected" if locations is None else locations, keep)  # logits (N, T, V)
+    out = decoder(annotations, captions, "expected" if locations is None else locations)  # logits (N, T, V)
     logits = without_unk(out.logits.float(), vocab)  # (N, T, V): the policy sampled never draws <unk>
     token_log_p = torch.log_softmax(logits, 2).gather(2, tokens.unsqueeze(2)).squeeze(2)  # (N, T)
     if locations is not None:
@@ -80,12 +72,11 @@ def scst_loss(
     baseline, 'reward_rms': root mean square of the advantages, 'greedy_reward' for 'greedy'}).
     """
     k, was_training = samples, decoder.training
-    decoder.eval()  # dropout only through ``keep``, the same in sampling and scoring
+    decoder.eval()  # no dropout: the policy sampled is the policy differentiated
     repeated = annotations.repeat_interleave(k, 0)  # (B*k, L, D)
     settings = DecodeConfig(max_len=max_len)  # <unk> is never sampled
-    keep = decoder.dropout_masks(len(repeated), max_len) if was_training else None  # drawn once for both passes
-    tokens, _, locations, mask = free_run(decoder, repeated, vocab, settings, context, True, keep)  # (B*k, T) each
-    log_p = log_probs(decoder, repeated, tokens, locations, vocab, keep)  # (B*k, T)
+    tokens, _, locations, mask = free_run(decoder, repeated, vocab, settings, context, sample=True)  # (B*k, T) each
+    log_p = log_probs(decoder, repeated, tokens, locations, vocab)  # (B*k, T)
     rewards = torch.tensor(
         [cider.score(images[row // k], vocab.decode(t)) for row, t in enumerate(tokens.tolist())],
         device=log_p.device,
