@@ -15,11 +15,14 @@ backward) and 2 times without (validation's beam search), plus 2 for a hard run'
 Where the time goes (bench/RESULTS.md): inside the step, f_att's tanh(W_a a_i + W_h h) and its
 product with w (eq. 4), the softmax (eq. 5) and the context vector's sum (eq. 13) become one pass
 over the (B, L, A) and (B, L, D) tensors instead of one pass per operation; the matrix products
-stay the library's (oneDNN, cuBLAS). On the 2-core CPU of bench/RESULTS.md that makes batched beam
-search 1.2-1.4x faster and fp32 training 1.1-1.2x, but bf16 training 0.9-1.0x (the eager step's
-f_att is already one in-place pass, :class:`~pipeline.model.AttentionTanh`, and the compiled
-backward's fused kernels cost what eager's elementwise kernels do): `auto` leaves bf16 training on
-a CPU eager (:data:`SLOWER_BF16_TRAINING`).
+stay the library's (oneDNN, cuBLAS). Under autocast the step's linear layers compute with
+weights cast once per pass (:func:`cast_once`), as eager autocast's cache has them; cast inside
+the graph, at every word, they made compiled bf16 training 0.85x eager. On the 2-core CPU of
+bench/RESULTS.md compiled batched beam search is 1.2-1.5x eager under bf16 and 1.0-1.4x in fp32,
+fp32 training 1.0-1.2x, and bf16 training 0.94-1.17x (1.04x soft, 1.08x hard side by side in one
+run): the compiled backward's fused kernels cost about what the eager step's in-place kernels
+(:class:`~pipeline.model.AttentionTanh`) do, and the matrix products are the same, so `auto`
+leaves bf16 training on a CPU eager (:data:`SLOWER_BF16_TRAINING`).
 
 The compile cache (inductor's FX-graph and AOTAutograd caches) is kept between runs in
 ``~/.cache/show-attend-tell/inductor`` (``$TORCHINDUCTOR_CACHE_DIR`` where set): a compile that
@@ -29,16 +32,19 @@ takes about a minute the first time takes seconds after.
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch import nn
+from torch.nn.utils.stateless import _reparametrize_module  # what torch.func.functional_call swaps weights with
 
 from .config import COMPILE_MODES, DECODE_ROWS
 from .errors import PipelineError
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "show-attend-tell" / "inductor"
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(CACHE))  # before inductor picks its default
-SLOWER_BF16_TRAINING = "compiled bf16 training measured 0.9-1.0x eager on a CPU, bench/RESULTS.md"
+SLOWER_BF16_TRAINING = "compiled bf16 training measured 0.94-1.17x eager on a CPU, no reliable gain: bench/RESULTS.md"
 RECOMPILE_LIMIT = 64  # graphs of the step kept (torch's default, 8, is reached by a test session)
 _STEP = None  # Decoder.step compiled, built on first use (:func:`compiled_step`)
 
@@ -95,6 +101,26 @@ def use_compiled(decoders, on: bool) -> None:
     parameters, so a compiled decoder trains, saves and loads as an eager one."""
     for decoder in decoders:
         decoder.compiled = on
+
+
+@contextmanager
+def cast_once(decoder):
+    """Within, a compiled ``decoder`` under autocast computes with its linear layers' weights and
+    biases cast to autocast's dtype here, once per pass (a teacher-forced pass, a decoding), not
+    once per word: eager autocast keeps its casts of the weights for the whole autocast region,
+    but a compiled step's graph cannot reach that cache, and cast the step's 8.5M weights
+    (VGG-sized: W_hh, W_e, W_z, W_h) at every word of every caption, forward and backward
+    (bench/RESULTS.md). Gradients flow back through the one cast to the float32 parameters, as
+    under eager autocast. Eager decoders, or no autocast: nothing changes."""
+    device = next(decoder.parameters()).device.type
+    if not (decoder.compiled and torch.is_autocast_enabled(device)):
+        yield
+        return
+    dtype = torch.get_autocast_dtype(device)
+    linears = [(name, m) for name, m in decoder.named_modules() if isinstance(m, nn.Linear)]
+    cast = {f"{name}.{k}": p.to(dtype) for name, m in linears for k, p in m.named_parameters()}
+    with _reparametrize_module(decoder, cast):
+        yield
 
 
 def compiled_step(decoder, *args):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .compiled import cast_once
 from .config import DECODE, DecodeConfig
 from .model import Decoder, in_autocast_dtype
 from .text import Vocabulary
@@ -52,20 +53,21 @@ def free_run(
     step; locations: (B, T) long chosen locations, or None for 'expected'; mask: (B, T) float, 1
     up to and including each row's ``<end>``.
     """
-    annotations = in_autocast_dtype(annotations)  # (B, L, D)
-    state, proj = decoder.init_state(annotations)  # opaque tuple of (B, ...); proj (B, L, A)
-    token = torch.full((annotations.shape[0],), vocab.start, dtype=torch.long, device=annotations.device)  # (B,)
-    live = torch.ones_like(token, dtype=torch.bool)  # (B,) not yet ended
-    tokens, alphas, places, masks = [], [], [], []  # each step: (B,), (B, L), (B,) or None, (B,)
-    for _ in range(settings.max_len):
-        embedded = decoder.embedding(token)  # (B, m)
-        state, z, alpha, _, s = decoder.step(embedded, state, annotations, proj, context)  # z (B, D), alpha (B, L)
-        log_p = next_word_log_probs(decoder, embedded, state, z, vocab, settings)  # (B, V)
-        token = torch.multinomial(log_p.float().exp(), 1).squeeze(1) if sample else log_p.argmax(1)  # (B,)
-        tokens.append(token), alphas.append(alpha), places.append(s), masks.append(live.float())
-        live = live & (token != vocab.end)
-        if not live.any():
-            break
+    with cast_once(decoder):  # a compiled step under autocast: its weights cast once, not at every word
+        annotations = in_autocast_dtype(annotations)  # (B, L, D)
+        state, proj = decoder.init_state(annotations)  # opaque tuple of (B, ...); proj (B, L, A)
+        token = torch.full((annotations.shape[0],), vocab.start, dtype=torch.long, device=annotations.device)  # (B,)
+        live = torch.ones_like(token, dtype=torch.bool)  # (B,) not yet ended
+        tokens, alphas, places, masks = [], [], [], []  # each step: (B,), (B, L), (B,) or None, (B,)
+        for _ in range(settings.max_len):
+            embedded = decoder.embedding(token)  # (B, m)
+            state, z, alpha, _, s = decoder.step(embedded, state, annotations, proj, context)  # z (B, D), alpha (B, L)
+            log_p = next_word_log_probs(decoder, embedded, state, z, vocab, settings)  # (B, V)
+            token = torch.multinomial(log_p.float().exp(), 1).squeeze(1) if sample else log_p.argmax(1)  # (B,)
+            tokens.append(token), alphas.append(alpha), places.append(s), masks.append(live.float())
+            live = live & (token != vocab.end)
+            if not live.any():
+                break
     locations = torch.stack(places, 1) if places[0] is not None else None  # (B, T) or None
     return torch.stack(tokens, 1), torch.stack(alphas, 1), locations, torch.stack(masks, 1)
 
@@ -137,14 +139,15 @@ def n_best(
     Returns per image its captions (:class:`Caption`), best first.
     """
     annotations = in_autocast_dtype(annotations)  # once for both searches
-    found = _beam(decoder, annotations, vocab, settings, context, min(n, settings.beam_size))
-    if settings.beam_size == 1:
-        return found
+    with cast_once(decoder):  # a compiled step under autocast: its weights cast once, not at every word
+        found = _beam(decoder, annotations, vocab, settings, context, min(n, settings.beam_size))
+        if settings.beam_size == 1:
+            return found
+        greedy = _beam(decoder, annotations, vocab, replace(settings, beam_size=1), context, 1)
 
     def rank(caption: Caption):
         return caption.ended, caption.log_prob / (len(caption.tokens) + caption.ended) ** settings.length_penalty
 
-    greedy = _beam(decoder, annotations, vocab, replace(settings, beam_size=1), context, 1)
     for captions, (g,) in zip(found, greedy):
         if rank(g) > rank(captions[0]) and all(g.tokens != c.tokens for c in captions):
             captions.insert(0, g)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .compiled import compiled_step
+from .compiled import cast_once, compiled_step
 from .config import CONTEXTS, DecoderConfig, ObjectiveConfig
 from .errors import PipelineError
 
@@ -268,21 +268,22 @@ class Decoder(nn.Module):
         the paper's length-bucketed minibatches, section 4.3). Predicts tokens 1..T from 0..T-1.
         context: as in :meth:`step`, or a (B, T) long tensor of given locations per step.
         """
-        annotations = in_autocast_dtype(annotations)
-        state, proj = self.init_state(annotations)
-        embedded = self.embedding(captions[:, :-1])  # (B, T, m)
-        hs, zs, alphas, betas, log_p_s = [], [], [], [], 0.0
-        for t in range(embedded.shape[1]):
-            step_context = context[:, t] if torch.is_tensor(context) else context
-            state, z, alpha, beta, s = self.step(embedded[:, t], state, annotations, proj, step_context)
-            hs.append(self.hidden(state)), zs.append(z), alphas.append(alpha), betas.append(beta)
-            if s is not None:
-                log_p_s = log_p_s + alpha.gather(1, s.unsqueeze(1)).squeeze(1).clamp_min(1e-12).log()
-        logits = self.output(embedded, torch.stack(hs, 1), torch.stack(zs, 1))
-        alpha = torch.stack(alphas, 1)  # (B, T, L)
-        entropy = attention_entropy(alpha)  # (B, T)
-        log_p_s = log_p_s if torch.is_tensor(log_p_s) else torch.zeros_like(entropy[:, 0])
-        return DecoderOutput(logits, alpha, torch.stack(betas, 1), log_p_s, entropy)
+        with cast_once(self):  # a compiled step under autocast: its weights cast once, not at every word
+            annotations = in_autocast_dtype(annotations)
+            state, proj = self.init_state(annotations)
+            embedded = self.embedding(captions[:, :-1])  # (B, T, m)
+            hs, zs, alphas, betas, log_p_s = [], [], [], [], 0.0
+            for t in range(embedded.shape[1]):
+                step_context = context[:, t] if torch.is_tensor(context) else context
+                state, z, alpha, beta, s = self.step(embedded[:, t], state, annotations, proj, step_context)
+                hs.append(self.hidden(state)), zs.append(z), alphas.append(alpha), betas.append(beta)
+                if s is not None:
+                    log_p_s = log_p_s + alpha.gather(1, s.unsqueeze(1)).squeeze(1).clamp_min(1e-12).log()
+            logits = self.output(embedded, torch.stack(hs, 1), torch.stack(zs, 1))
+            alpha = torch.stack(alphas, 1)  # (B, T, L)
+            entropy = attention_entropy(alpha)  # (B, T)
+            log_p_s = log_p_s if torch.is_tensor(log_p_s) else torch.zeros_like(entropy[:, 0])
+            return DecoderOutput(logits, alpha, torch.stack(betas, 1), log_p_s, entropy)
 
 
 def objective(

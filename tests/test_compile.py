@@ -85,6 +85,37 @@ def test_compiled_teacher_forced_pass_equals_eager(context):
 
 
 @needs_compiler
+def test_compiled_pass_under_autocast_casts_the_weights_once_and_equals_eager():
+    """bf16 autocast: within a compiled pass (cast_once) the linear layers compute with bf16 copies
+    of their weights, made once, and the float32 parameters are back afterwards; the pass gives
+    eager autocast's logits, attention weights and gradients to bf16 rounding."""
+    torch.manual_seed(0)
+    decoder = Decoder(DecoderConfig(vocab_size=40, annotation_dim=24, **TINY)).eval()
+    annotations, captions = torch.randn(6, 16, 24).relu(), torch.randint(4, 40, (6, 5))
+    results = {}
+    for on in (False, True):
+        compiled.use_compiled([decoder], on)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results[on] = _pass(decoder, annotations, captions, "expected")
+    (eager, eager_grads), (fused, fused_grads) = results[False], results[True]
+    torch.testing.assert_close(fused.logits.float(), eager.logits.float(), rtol=0.03, atol=0.03)
+    torch.testing.assert_close(fused.alpha.float(), eager.alpha.float(), rtol=0.03, atol=0.005)
+    assert fused_grads.keys() == eager_grads.keys() == {k for k, _ in decoder.named_parameters()}
+    for name, grad in eager_grads.items():
+        assert fused_grads[name].dtype == torch.float32
+        if name != "attention.score.bias":  # its gradient is 0 (softmax ignores a constant): both are rounding noise
+            assert (fused_grads[name] - grad).norm() <= 0.05 * grad.norm(), name
+    weight = decoder.lstm_hidden.weight
+    with torch.autocast("cpu", dtype=torch.bfloat16), compiled.cast_once(decoder):
+        assert decoder.lstm_hidden.weight.dtype == decoder.attention.hidden.weight.dtype == torch.bfloat16
+        assert decoder.embedding.weight.dtype == torch.float32  # autocast leaves embeddings alone
+    assert decoder.lstm_hidden.weight is weight and weight.dtype == torch.float32
+    compiled.use_compiled([decoder], False)
+    with torch.autocast("cpu", dtype=torch.bfloat16), compiled.cast_once(decoder):
+        assert decoder.lstm_hidden.weight is weight  # eager: autocast's own cache casts
+
+
+@needs_compiler
 def test_compiled_training_and_beam_search_equal_eager(objects, tmp_path):
     """One epoch compiled and one eager from the same seed, in the run's precision (bf16 where the CPU
     computes it natively): the same loss to bf16 noise; then beam search of the trained decoder,
