@@ -45,9 +45,9 @@ class DecodeConfig:
     beam_size: int = option(3, "Beam size k (1: greedy).", low=1, high=100)
     max_len: int = option(20, "Longest caption decoded.", unit="words", low=1, high=200)
     length_penalty: float = option(
-        0.0,
+        0.5,
         "Rank finished captions by log-probability / length**this (length in words, <end> included; 0: plain "
-        "log-probability).",
+        "log-probability, which favours short captions; 0.5 scored highest on Flickr8k dev, README).",
         low=0,
         high=10,
     )

@@ -3,7 +3,7 @@ import torch
 
 from pipeline.checkpoint import build_decoder, load_checkpoint
 from pipeline.config import DecodeConfig
-from pipeline.decode import beam_search, greedy_decode
+from pipeline.decode import beam_search, greedy_decode, n_best
 from pipeline.model import Decoder, DecoderConfig
 from pipeline.shards import AnnotationShards
 from pipeline.train import TrainConfig, train
@@ -53,16 +53,36 @@ def test_beam_size_1_is_greedy(trained):
 
 def test_larger_beams_never_score_below_greedy(trained):
     decoder, vocab, a = trained
-    greedy = beam_search(decoder, a, vocab, DecodeConfig(beam_size=1))
+    greedy = beam_search(decoder, a, vocab, DecodeConfig(beam_size=1, length_penalty=0))
     differs = 0
     for k in (2, 3, 5):
-        beams = beam_search(decoder, a, vocab, DecodeConfig(beam_size=k))
+        beams = beam_search(decoder, a, vocab, DecodeConfig(beam_size=k, length_penalty=0))  # plain log-probability
         for g, b, x in zip(greedy, beams, a):
             assert b.ended and b.log_prob >= g.log_prob - 1e-5
             assert b.log_prob == pytest.approx(sequence_log_prob(decoder, x, b.tokens, vocab), abs=1e-4)
             assert b.alpha.shape == (len(b.tokens) + 1, 16)
             differs += b.tokens != g.tokens
     assert differs > 0, "the beams never changed a caption: the test model is too easy to tell anything"
+
+
+def test_a_length_penalty_ranks_by_log_prob_per_length_and_lengthens_captions():
+    """Each image's n best come ranked by log p / length**length_penalty (length with <end>), and
+    a stronger penalty (0, 0.5, 1) makes the chosen captions longer on average (a random decoder
+    whose <end> is about as likely as a word: plain log-probability ends almost every caption at once)."""
+    torch.manual_seed(0)
+    decoder = Decoder(DecoderConfig(vocab_size=9, annotation_dim=8, embed_dim=8, hidden_dim=8, attention_dim=8)).eval()
+    with torch.no_grad():
+        decoder.out_vocab.weight.mul_(3.0)  # peaked next-word distributions
+        decoder.out_vocab.bias[_Vocab.end] = -0.5
+    a = torch.randn(32, 5, 8)
+    mean_length = {}
+    for lp in (0.0, 0.5, 1.0):
+        found = n_best(decoder, a, _Vocab, DecodeConfig(beam_size=5, max_len=12, length_penalty=lp), n=3)
+        for captions in found:
+            ranks = [(c.ended, c.log_prob / (len(c.tokens) + c.ended) ** lp) for c in captions]
+            assert ranks == sorted(ranks, reverse=True)
+        mean_length[lp] = sum(len(captions[0].tokens) for captions in found) / len(found)
+    assert mean_length[0.0] < mean_length[0.5] < mean_length[1.0], mean_length
 
 
 def test_batched_equals_one_image_at_a_time(trained):
