@@ -17,6 +17,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import tempfile
@@ -47,7 +48,8 @@ def lock_holder(folder) -> str:
 
 @contextlib.contextmanager
 def folder_lock(folder, flag: str = "--out", hold: bool = True):
-    """Hold an exclusive advisory lock on ``folder`` (made if absent) for the block.
+    """Hold an exclusive advisory lock on ``folder`` (made if absent, with its missing parents; those
+    still empty at the end, e.g. after a refusal, are removed again) for the block.
 
     hold: False yields without locking (a torchrun rank other than 0: its job's rank 0 holds the
     lock for all of them).
@@ -57,7 +59,7 @@ def folder_lock(folder, flag: str = "--out", hold: bool = True):
         yield
         return
     folder = Path(folder)
-    check_writable(folder, flag)
+    made = check_writable(folder, flag)
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         try:
@@ -69,13 +71,21 @@ def folder_lock(folder, flag: str = "--out", hold: bool = True):
         yield
     finally:
         os.close(fd)  # releases the lock
+        for path in made:  # a command refused before it wrote anything leaves no empty folder behind
+            try:
+                path.rmdir()  # only an empty folder: never anything written there
+            except OSError:
+                break
 
 
-def check_writable(folder, flag: str) -> None:
+def check_writable(folder, flag: str) -> list[Path]:
     """Make ``folder`` (and missing parents) and check that a file can be written there.
 
+    Returns the folders it made, deepest first ([] where ``folder`` existed).
     Raises PipelineError naming the folder and the option that chose it."""
     folder = Path(folder)
+    whole = folder.absolute()
+    made = list(itertools.takewhile(lambda p: not p.exists(), (whole, *whole.parents)))
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
@@ -84,6 +94,7 @@ def check_writable(folder, flag: str) -> None:
         raise PipelineError(
             f"{folder}: cannot write there ({e.strerror or e}); pass another {flag} or make it writable"
         ) from None
+    return made
 
 
 def refuse_foreign(path, what: str, flag: str) -> None:

@@ -1109,7 +1109,7 @@ def _snapshot(*folders):
 def test_bad_input_gets_one_clear_line(build, status, trained_run, tmp_path, request):
     run, root = trained_run
     args, pattern = build(tmp_path, run, root)
-    before = _snapshot(tmp_path, run, root)
+    before, folders = _snapshot(tmp_path, run, root), {p for p in tmp_path.rglob("*") if p.is_dir()}
     env = {"PATH": str(tmp_path / "no-java")} if request.node.callspec.id == "evaluate-without-java" else None
     result = CliRunner().invoke(cli.main, args, env=env)
     output = result.output
@@ -1122,6 +1122,9 @@ def test_bad_input_gets_one_clear_line(build, status, trained_run, tmp_path, req
         assert len(message) == 1 and len(message[0]) < 600, output
     after = _snapshot(tmp_path, run, root)
     assert {p: h for p, h in after.items() if p in before} == before, "a file written before was changed"
+    if status:
+        left = [p for p in tmp_path.rglob("*") if p.is_dir() and p not in folders and not any(p.iterdir())]
+        assert not left, f"a refused command left empty folders: {left}"
 
 
 def test_at_least_a_hundred_kinds_are_tried():
