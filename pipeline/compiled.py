@@ -107,11 +107,12 @@ def use_compiled(decoders, on: bool) -> None:
 def cast_once(decoder):
     """Within, a compiled ``decoder`` under autocast computes with its linear layers' weights and
     biases cast to autocast's dtype here, once per pass (a teacher-forced pass, a decoding), not
-    once per word: eager autocast keeps its casts of the weights for the whole autocast region,
-    but a compiled step's graph cannot reach that cache, and cast the step's 8.5M weights
-    (VGG-sized: W_hh, W_e, W_z, W_h) at every word of every caption, forward and backward
-    (bench/RESULTS.md). Gradients flow back through the one cast to the float32 parameters, as
-    under eager autocast. Eager decoders, or no autocast: nothing changes."""
+    once per word. Eager autocast keeps its casts of the weights for the whole autocast region,
+    but a compiled step's graph cannot reach that cache: without this it casts the step's 8.5M
+    weights (VGG-sized: W_hh, W_e, W_z, W_h) at every word of every caption, forward and backward,
+    and compiled bf16 training ran at 0.85x eager (bench/RESULTS.md). Gradients flow back through
+    the one cast to the float32 parameters, as under eager autocast. Eager decoders, or no
+    autocast: nothing changes."""
     device = next(decoder.parameters()).device.type
     if not (decoder.compiled and torch.is_autocast_enabled(device)):
         yield
