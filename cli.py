@@ -322,10 +322,11 @@ def train(features, out, resume, no_progress, **settings):
     where = {k: f"{section}.{k}" for section, values in nested.items() for k in values}
     given = {where.get(name, name) for name in typed}
     state = run_training(config, resume=resume, progress=not no_progress, given=given)
-    run, metric = state["run"], METRIC_NAMES[config.selection_metric]
+    ran = TrainConfig(**state["train_config"])  # a resumed run's own options (e.g. --objective scst), not the defaults
+    run, metric = state["run"], METRIC_NAMES[ran.selection_metric]
     if main_process():  # under torchrun rank 0 reports for all
         click.echo(
-            f"train: best {metric} {run['best_score']:.2f} at epoch {run['best_epoch']}; checkpoints in {config.out}"
+            f"train: best {metric} {run['best_score']:.2f} at epoch {run['best_epoch']}; checkpoints in {ran.out}"
         )
 
 

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -234,6 +235,23 @@ def test_training_killed_at_a_random_moment_then_resumed(objects, tmp_path, opti
     ]
     assert logs[0] == logs[1] and len(logs[0]) == 2
     assert not list((tmp_path / "run").glob(f"*{atomic.TMP_MARK}*"))
+
+
+def test_a_resumed_scst_run_reports_its_own_metric(objects, xe_checkpoint, tmp_path):
+    """`train --resume --out R`, no other option: the run continues as SCST and its last line
+    names the score it selects by (CIDEr-D), not the default objective's (BLEU-4)."""
+    cli = [sys.executable, str(ROOT / "cli.py")]
+    scst = ("--objective", "scst", "--init", str(xe_checkpoint), "--batch-size", "40")
+    first = _train_args(objects, tmp_path / "run", *scst)
+    first[first.index("--epochs") + 1] = "1"
+    subprocess.run([*cli, *first], cwd=ROOT, capture_output=True, text=True, check=True)
+    resumed = subprocess.run(
+        [*cli, "train", "--resume", "--out", str(tmp_path / "run"), "--epochs", "2", "--no-progress"],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    line = r"^train: best CIDEr-D [\d.]+ at epoch [12]; checkpoints in .*run$"
+    assert re.search(line, resumed.stdout, re.M), resumed.stdout
 
 
 def test_training_on_a_full_disk_keeps_the_last_checkpoint(objects, tmp_path, monkeypatch):
