@@ -15,6 +15,7 @@ WEIGHTS ?= imagenet
 PREPROCESS ?= center-crop
 SPLITS ?=
 SKIP_BAD ?=
+MIRROR ?=
 OUT ?= data/features/$(DATASET)-$(ENCODER)
 FEATURES ?= $(OUT)
 ATTENTION ?= soft
@@ -52,7 +53,8 @@ $(VENV)/.complete:
 
 features: venv
 	$(PY) cli.py features --dataset $(DATASET) $(SOURCE) --encoder $(ENCODER) --weights $(WEIGHTS) --preprocess $(PREPROCESS) \
-		$(if $(SPLITS),--splits $(SPLITS)) --out $(OUT) $(if $(filter 1,$(SKIP_BAD)),--skip-bad-images)
+		$(if $(SPLITS),--splits $(SPLITS)) --out $(OUT) $(if $(filter 1,$(SKIP_BAD)),--skip-bad-images) \
+		$(if $(filter 1,$(MIRROR)),--mirror)
 
 # Continues the run in RUN if it has a last.pt.
 train: venv
