@@ -15,7 +15,6 @@ WEIGHTS ?= imagenet
 PREPROCESS ?= center-crop
 SPLITS ?=
 SKIP_BAD ?=
-MIRROR ?=
 OUT ?= data/features/$(DATASET)-$(ENCODER)
 FEATURES ?= $(OUT)
 ATTENTION ?= soft
@@ -53,8 +52,7 @@ $(VENV)/.complete:
 
 features: venv
 	$(PY) cli.py features --dataset $(DATASET) $(SOURCE) --encoder $(ENCODER) --weights $(WEIGHTS) --preprocess $(PREPROCESS) \
-		$(if $(SPLITS),--splits $(SPLITS)) --out $(OUT) $(if $(filter 1,$(SKIP_BAD)),--skip-bad-images) \
-		$(if $(filter 1,$(MIRROR)),--mirror)
+		$(if $(SPLITS),--splits $(SPLITS)) --out $(OUT) $(if $(filter 1,$(SKIP_BAD)),--skip-bad-images)
 
 # Continues the run in RUN if it has a last.pt.
 train: venv

@@ -106,11 +106,6 @@ class FeatureConfig:
     min_count: int = option(
         5, "Vocabulary: keep words seen at least this many times in the training captions.", unit="occurrences", low=1
     )
-    mirror: bool = option(
-        False,
-        "Also store each image's annotation vectors of its left-right mirror image (for training's --mirror-p "
-        "augmentation); twice the encoder time and shard size.",
-    )
 
     def __post_init__(self):
         check_config(self)
@@ -216,14 +211,6 @@ class TrainConfig:
         "Validation score for keeping best.pt, early stopping and learning-rate decay (auto: CIDEr-D for scst, "
         "BLEU-4 for xe).",
         choices=VAL_METRICS,
-    )
-    mirror_p: float = option(
-        0.5,
-        "Chance that a training caption (an image, for scst) is seen with its image's mirrored annotation vectors, "
-        "'left' and 'right' swapped in the caption, where the features hold them (features --mirror); drawn "
-        "per epoch from --seed (0: never).",
-        low=0,
-        high=1,
     )
     checkpoint_every: int = option(0, "Also write last.pt every N steps (0: epoch ends only).", unit="steps", low=0)
     workers: int = option(0, "DataLoader processes reading the shards (0: in-process).", low=0, high=64)

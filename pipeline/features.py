@@ -251,7 +251,6 @@ def _setup(encoder, preprocess, config: FeatureConfig, dataset: str) -> dict:
         "precision": compute_precision(config, encoder.device),
         "shard_size": config.shard_size,
         "weights_name": encoder.weights_name,  # torchvision's weights enum, for 'imagenet'
-        "mirrored": config.mirror,  # shards also hold the mirror images' annotations
     }
 
 
@@ -315,9 +314,8 @@ def _resume_manifest(out: Path, setup: dict) -> dict:
     """The manifest to continue from: the existing one if it matches ``setup``, else a new one."""
     if not (out / shards.MANIFEST).exists():
         return dict(setup, splits={})
-    # keys that came later: fp32 was the only precision, the weights' name went unrecorded, no mirror images
-    earlier = {"precision": "fp32", "weights_name": setup["weights_name"], "mirrored": False}
-    old = dict(earlier, **shards.load_manifest(out))
+    # keys that came later: fp32 was the only precision, and the weights' name went unrecorded
+    old = dict({"precision": "fp32", "weights_name": setup["weights_name"]}, **shards.load_manifest(out))
     differs = [k for k in setup if old.get(k) != setup[k]]
     if differs:
         raise PipelineError(
@@ -356,17 +354,14 @@ def _run_encoder(encoder, flat, todo, out, config, preprocess, manifest, setup, 
     with torch.inference_mode():
         for split, k, recs in todo:
             name = shards.shard_name(split, k)
-            with shards.write_shard(
-                out / name, setup["L"], setup["D"], config.dtype, len(recs), setup["mirrored"]
-            ) as shard:
+            with shards.write_shard(out / name, setup["L"], setup["D"], config.dtype, len(recs)) as shard:
                 done = 0
                 while done < len(recs):
                     indices, images, bad = next(batch_iter)
                     if images is not None:
-                        images = preprocess.normalize(images.to(encoder.device, non_blocking=True))
-                        views = (images, images.flip(-1)) if setup["mirrored"] else (images,)  # (B, 3, H, W)
                         with torch.autocast(encoder.device.type, dtype=half, enabled=half is not None):
-                            shard.add([flat[i].image_id for i in indices], *map(encoder, views))
+                            annotations = encoder(preprocess.normalize(images.to(encoder.device, non_blocking=True)))
+                        shard.add([flat[i].image_id for i in indices], annotations)
                     for i, reason in bad:
                         shard.failures.append(
                             {"image_id": flat[i].image_id, "path": str(flat[i].image_path), "reason": reason}

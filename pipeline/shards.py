@@ -7,9 +7,7 @@ A features folder holds::
     vocab.json                the vocabulary (counted on the training split)
     captions.json             per split and image id: raw captions, their tokens and the image's path
     bad_images.tsv            images that could not be used, with the reason
-    SPLIT/shard-NNNNN.h5      ``annotations`` (N, L, D) float16|float32, ``image_ids`` (N,) str, and in
-                              folders made with ``--mirror`` (manifest ``mirrored``: true)
-                              ``annotations_mirrored`` (N, L, D): those of each image's left-right mirror
+    SPLIT/shard-NNNNN.h5      ``annotations`` (N, L, D) float16|float32, ``image_ids`` (N,) str
 
 Shard k of a split covers the split's images [k * shard_size, (k + 1) * shard_size) in record order.
 A shard file is written under a temporary name and renamed when complete, so a file with the final
@@ -33,9 +31,6 @@ from .errors import PipelineError, describe
 from .text import Vocabulary
 
 FORMAT = "show-attend-tell-shards/1"
-ANNOTATIONS, MIRRORED = "annotations", "annotations_mirrored"
-# caption words that name a side: swapped in the caption of a mirrored image
-MIRROR_WORDS = {"left": "right", "right": "left"}
 MANIFEST, VOCAB, CAPTIONS, BAD_IMAGES = "manifest.json", "vocab.json", "captions.json", "bad_images.tsv"
 
 
@@ -50,35 +45,30 @@ def shard_name(split: str, k: int) -> str:
 
 
 class _ShardRows:
-    """Appends rows to an open HDF5 shard (with ``mirrored``, of the mirror images too)."""
+    """Appends rows to an open HDF5 shard."""
 
-    def __init__(self, f: h5py.File, L: int, D: int, dtype: str, mirrored: bool = False):
+    def __init__(self, f: h5py.File, L: int, D: int, dtype: str):
         self.f = f
-        self.arrays = [
-            f.create_dataset(name, shape=(0, L, D), maxshape=(None, L, D), dtype=dtype, chunks=(1, L, D))
-            for name in (ANNOTATIONS, MIRRORED)[: 1 + mirrored]
-        ]
+        self.annotations = f.create_dataset(
+            "annotations", shape=(0, L, D), maxshape=(None, L, D), dtype=dtype, chunks=(1, L, D)
+        )
         self.image_ids = f.create_dataset("image_ids", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype())
 
-    def add(self, image_ids: list[str], *annotations: torch.Tensor) -> None:
+    def add(self, image_ids: list[str], annotations: torch.Tensor) -> None:
         """Append ``annotations``: (B, L, D) float (any float dtype, any device; converted to the
-        storage dtype before leaving the device), with their ``image_ids``; in a mirrored shard
-        two such tensors, the images' and their mirror images'."""
-        if len(annotations) != len(self.arrays):
-            raise ValueError(f"this shard takes {len(self.arrays)} annotation tensor(s), got {len(annotations)}")
+        storage dtype before leaving the device), with their ``image_ids``."""
         n, b = len(self.image_ids), len(image_ids)
+        self.annotations.resize(n + b, axis=0)
         self.image_ids.resize(n + b, axis=0)
-        for array, values in zip(self.arrays, annotations):
-            array.resize(n + b, axis=0)
-            array[n:] = values.detach().to("cpu", getattr(torch, array.dtype.name)).numpy()
+        self.annotations[n:] = annotations.detach().to("cpu", getattr(torch, self.annotations.dtype.name)).numpy()
         self.image_ids[n:] = image_ids
 
 
 @contextlib.contextmanager
-def write_shard(path: Path, L: int, D: int, dtype: str = "float16", images: int = 0, mirrored: bool = False):
-    """Context manager yielding a writer with ``add(image_ids, annotations[, mirrored_annotations])``
-    and a ``failures`` list (dicts with image_id, path, reason) to fill; the shard appears at
-    ``path`` only when the block completes (temporary file, then rename).
+def write_shard(path: Path, L: int, D: int, dtype: str = "float16", images: int = 0):
+    """Context manager yielding a writer with ``add(image_ids, annotations)`` and a ``failures``
+    list (dicts with image_id, path, reason) to fill; the shard appears at ``path`` only when the
+    block completes (temporary file, then rename).
 
     The disk space of ``images`` rows is allocated before any is written, so a full disk raises
     here, cleanly (PipelineError, see :func:`pipeline.atomic.atomic_path`): HDF5 2.0 with h5py
@@ -86,9 +76,8 @@ def write_shard(path: Path, L: int, D: int, dtype: str = "float16", images: int 
     """
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
-            row_bytes = (1 + mirrored) * L * D * np.dtype(dtype).itemsize + RESERVE_PER_IMAGE
-            reserve_disk(tmp, images * row_bytes + RESERVE_FIXED)
-            rows = _ShardRows(f, L, D, dtype, mirrored)
+            reserve_disk(tmp, images * (L * D * np.dtype(dtype).itemsize + RESERVE_PER_IMAGE) + RESERVE_FIXED)
+            rows = _ShardRows(f, L, D, dtype)
             rows.failures = []
             yield rows
             f.attrs["failures"] = json.dumps(rows.failures)
@@ -105,24 +94,21 @@ def shard_entry(features_dir: Path, name: str) -> dict:
 
 def shard_problem(features_dir: Path, entry: dict, manifest: dict) -> str | None:
     """Why the shard of manifest ``entry`` is unusable (missing, truncated or altered: its SHA-256
-    differs from the manifest's; or annotations, and in a mirrored folder the mirror images' too,
-    not (images, L, D) of the manifest's dtype), or None if it is whole."""
+    differs from the manifest's; or annotations not (images, L, D) of the manifest's dtype), or
+    None if it is whole."""
     path = features_dir / entry["file"]
     if not path.exists():
         return "missing"
     if file_sha256(path) != entry["sha256"]:
         return f"truncated or altered ({path.stat().st_size} bytes; its SHA-256 differs from the manifest's)"
-    expected = (entry["images"], manifest["L"], manifest["D"])
     try:
         with h5py.File(path, "r") as f:
-            ids = len(f["image_ids"])
-            for name in (ANNOTATIONS, MIRRORED)[: 1 + bool(manifest.get("mirrored"))]:
-                shape, dtype = f[name].shape, f[name].dtype
-                if shape != expected or dtype != np.dtype(manifest["dtype"]) or ids != entry["images"]:
-                    said = f"{expected} {manifest['dtype']}"
-                    return f"{name} {shape} {dtype} with {ids} image ids, the manifest says {said}"
+            shape, dtype, ids = f["annotations"].shape, f["annotations"].dtype, len(f["image_ids"])
     except (OSError, KeyError) as e:
         return f"not a readable shard ({e})"
+    expected = (entry["images"], manifest["L"], manifest["D"])
+    if shape != expected or dtype != np.dtype(manifest["dtype"]) or ids != entry["images"]:
+        return f"annotations {shape} {dtype} with {ids} image ids, the manifest says {expected} {manifest['dtype']}"
     return None
 
 
@@ -162,13 +148,12 @@ def text_problems(features_dir: Path, manifest: dict) -> list[str]:
 
 
 def nonfinite_rows(path: Path, block: int = 256) -> list[tuple[int, str]]:
-    """(row, image id) of each image of the shard at ``path`` whose annotations (or its mirror
-    image's) hold a nan or inf."""
+    """(row, image id) of each image of the shard at ``path`` whose annotations hold a nan or inf."""
     bad = []
     with h5py.File(path, "r") as f:
-        arrays, ids = [f[n] for n in (ANNOTATIONS, MIRRORED) if n in f], f["image_ids"]
-        for start in range(0, len(ids), block):
-            finite = np.logical_and.reduce([np.isfinite(a[start : start + block]).all(axis=(1, 2)) for a in arrays])
+        annotations, ids = f["annotations"], f["image_ids"]
+        for start in range(0, len(annotations), block):
+            finite = np.isfinite(annotations[start : start + block]).all(axis=(1, 2))
             bad += [(start + r, _text(ids[start + r])) for r in np.flatnonzero(~finite)]
     return bad
 
@@ -276,14 +261,12 @@ class AnnotationShards(Dataset):
     """The annotation vectors of one split, image by image, read lazily from the HDF5 shards.
 
     Each DataLoader worker opens the shard files on its first read (an h5py handle must not cross
-    a fork), so ``num_workers > 0`` works. Item i -> annotations (L, D) float32 of image i
-    (:meth:`annotations` reads its mirror image's too).
+    a fork), so ``num_workers > 0`` works. Item i -> annotations (L, D) float32 of image i.
 
     Attributes: ``image_ids`` (list of str), ``captions`` (per image, its captions as token-id
     lists ``<start> ... <end>``), ``references`` (per image, its raw captions), ``paths`` (per
     image, its file as the features command read it, or None), ``vocab``,
-    ``manifest``, ``L``, ``D``, ``grid`` (h, w), ``mirrored`` (whether the shards hold the
-    mirror images' annotation vectors, ``features --mirror``).
+    ``manifest``, ``L``, ``D``, ``grid`` (h, w).
     Raises PipelineError if the folder has no such split, a shard is missing, truncated or
     altered (:func:`check_shards`: every shard's SHA-256 is checked on opening), captions.json or
     vocab.json is missing or belongs to another folder, or (as an item is read) an image's
@@ -305,7 +288,6 @@ class AnnotationShards(Dataset):
             self.manifest["D"],
             tuple(self.manifest["grid"]),
         )
-        self.mirrored = bool(self.manifest.get("mirrored"))
         problems = check_shards(self.dir, self.manifest, [split])
         if problems:
             raise PipelineError("; ".join(problems))
@@ -339,16 +321,8 @@ class AnnotationShards(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         """annotations (L, D) float32 of image i. Raises PipelineError if a value is nan or inf."""
-        return self.annotations(i)
-
-    def annotations(self, i: int, mirrored: bool = False) -> torch.Tensor:
-        """annotations (L, D) float32 of image i, or with ``mirrored`` of its left-right mirror image
-        (a folder made with ``features --mirror``). Raises PipelineError if a value is nan or inf,
-        or ValueError for ``mirrored`` in a folder without them."""
-        if mirrored and not self.mirrored:
-            raise ValueError(f"{self.dir}: no mirrored annotation vectors (made without features --mirror)")
         name, row = self.rows[i]
-        values = self._file(name)[MIRRORED if mirrored else ANNOTATIONS][row].astype(np.float32)
+        values = self._file(name)["annotations"][row].astype(np.float32)
         if not np.isfinite(values).all():
             raise PipelineError(
                 f"{self.dir / name}: image {self.image_ids[i]} (row {row}) has non-finite annotation "
@@ -382,17 +356,11 @@ def _split_captions(features_dir: Path, split: str, image_ids: list[str], hint: 
 
 class CaptionPairs(Dataset):
     """(image, caption) pairs of a split for training: item j -> (annotations (L, D) float32,
-    caption (T,) int64 token ids ``<start> ... <end>``, image index int).
-
-    ``mirrored``: (pairs,) bool or None; pair j with ``mirrored[j]`` gets its image's mirror
-    image's annotation vectors and a caption with 'left' and 'right' swapped (set per epoch)."""
+    caption (T,) int64 token ids ``<start> ... <end>``, image index int)."""
 
     def __init__(self, shards: AnnotationShards):
         self.shards = shards
         self.pairs = [(i, c) for i, caps in enumerate(shards.captions) for c in range(len(caps))]
-        self.mirrored: torch.Tensor | None = None
-        index = shards.vocab.index
-        self._swap = {index[a]: index[b] for a, b in MIRROR_WORDS.items() if a in index and b in index}
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -403,26 +371,21 @@ class CaptionPairs(Dataset):
 
     def __getitem__(self, j: int):
         i, c = self.pairs[j]
-        caption, mirrored = self.shards.captions[i][c], self.mirrored is not None and bool(self.mirrored[j])
-        if mirrored:
-            caption = [self._swap.get(t, t) for t in caption]
-        return self.shards.annotations(i, mirrored), torch.tensor(caption), i
+        return self.shards[i], torch.tensor(self.shards.captions[i][c]), i
 
 
 class Images(Dataset):
     """The images of a split for self-critical training: item i -> (annotations (L, D) float32,
-    image index i); ``mirrored`` as :class:`CaptionPairs`', over images (the references stay as
-    they are: a reward for 'left' where they say 'right' is rare enough to leave)."""
+    image index i)."""
 
     def __init__(self, shards: AnnotationShards):
         self.shards = shards
-        self.mirrored: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.shards)
 
     def __getitem__(self, i: int):
-        return self.shards.annotations(i, self.mirrored is not None and bool(self.mirrored[i])), i
+        return self.shards[i], i
 
 
 def write_bad_image_report(path: Path, failures: list[dict]) -> None:

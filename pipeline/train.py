@@ -99,19 +99,6 @@ def epoch_batches(pairs: CaptionPairs, config: TrainConfig, epoch: int) -> list[
     return bucket_batches(pairs.lengths(), config.batch_size, generator)
 
 
-MIRROR_STREAM = 2**62  # offsets the mirror draws' seeds from the batch orders' (seed * 100003 + epoch)
-
-
-def epoch_mirrored(items: int, config: TrainConfig, epoch: int, available: bool) -> torch.Tensor | None:
-    """Which of the epoch's training ``items`` (caption pairs; images for SCST) are seen mirrored:
-    (items,) bool, each True with chance ``config.mirror_p``, the same on every run with the same
-    seed; None where the features hold no mirror images (``available`` false) or mirror_p is 0."""
-    if not available or config.mirror_p == 0:
-        return None
-    generator = torch.Generator().manual_seed(MIRROR_STREAM + config.seed * 100003 + epoch)
-    return torch.rand(items, generator=generator) < config.mirror_p
-
-
 def validate(decoder: Decoder, shards: AnnotationShards, config: TrainConfig, device) -> dict:
     """Free-running captions of the validation images (beam search of ``config.val_beam_size``,
     never emitting ``<unk>``) and their BLEU-1..4 against the raw reference captions, tokenised
@@ -583,10 +570,8 @@ def _epoch(s: TrainState, epoch: int, progress: bool) -> tuple[int, float]:
     config, device = s.config, s.world.device
     batches = epoch_batches(s.pairs, config, epoch)
     batches = s.world.share(batches[: len(batches) - len(batches) % s.world.size])
-    items = Images(s.train) if s.cider is not None else s.pairs
-    items.mirrored = epoch_mirrored(len(items), config, epoch, s.train.mirrored)
     loader = DataLoader(
-        items,
+        Images(s.train) if s.cider is not None else s.pairs,
         batch_sampler=batches[s.batch :],
         num_workers=config.workers,
         generator=torch.Generator(),

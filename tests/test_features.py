@@ -279,29 +279,3 @@ def test_damaged_shard_is_named_refused_and_rebuilt(small_corpus, tmp_path, dama
     assert proc.returncode == 0 and "is whole (train 40 images in 3 shards" in out
     after = shards.AnnotationShards(tmp_path / "f", "train")
     assert all(torch.equal(a, after[i]) for i, a in enumerate(values))
-
-
-def test_mirrored_features_hold_the_mirror_images_encoding(extracted, tmp_path):
-    """features --mirror: each shard also holds the encoder output of the left-right mirrored
-    image; the plain annotations are those of a folder made without it; a rerun without
-    --mirror is refused, and a shard without the mirror images' array is named as unusable."""
-    out, _, records = extracted
-    extract_features(records, tmp_path, FeatureConfig(**FAST, mirror=True), "synthetic", ["val"], progress=False)
-    data, plain = shards.AnnotationShards(tmp_path, "val"), shards.AnnotationShards(out, "val")
-    assert data.mirrored and not plain.mirrored and data.image_ids == plain.image_ids
-    assert all(torch.equal(data[i], plain[i]) for i in range(len(data)))
-    rec = [r for r in records if r.split == "val"][3]
-    encoder = build_encoder("squeezenet1_1", "random")
-    with torch.inference_mode():
-        expected = encoder(Preprocess().transform()(open_rgb(rec.image_path))[None].flip(-1))[0]
-    i = data.image_ids.index(rec.image_id)
-    torch.testing.assert_close(data.annotations(i, mirrored=True), expected, atol=2e-2, rtol=2e-3)
-    assert (data.annotations(i, mirrored=True) - data[i]).abs().max() > 0.5  # another image's encoding
-    with pytest.raises(PipelineError, match=r"different mirrored \(mirrored=True\)"):
-        extract_features(records, tmp_path, FeatureConfig(**FAST), "synthetic", ["val"], progress=False)
-    with pytest.raises(ValueError, match="without features --mirror"):
-        plain.annotations(0, mirrored=True)
-    entry = shards.load_manifest(out)["splits"]["val"]["shards"][0]
-    assert shards.shard_problem(out, entry, dict(shards.load_manifest(out), mirrored=True)).startswith(
-        "not a readable shard"
-    )

@@ -8,8 +8,8 @@ from pipeline.checkpoint import build_decoder, load_checkpoint
 from pipeline.decode import greedy_decode
 from pipeline.errors import PipelineError
 from pipeline.metrics import bleu
-from pipeline.shards import AnnotationShards, CaptionPairs
-from pipeline.train import TrainConfig, bucket_batches, epoch_mirrored, train
+from pipeline.shards import AnnotationShards
+from pipeline.train import TrainConfig, bucket_batches, train
 
 from object_features import write_object_features
 
@@ -231,52 +231,3 @@ def test_weight_average_is_what_is_validated_and_loaded(objects, tmp_path):
     assert (
         round(validate(decoder, AnnotationShards(features, "val"), config, torch.device("cpu"))["bleu"][3], 2) == logged
     )
-
-
-@pytest.fixture(scope="module")
-def mirrored_features(small_corpus, tmp_path_factory):
-    """The small synthetic corpus (captions name 'top left', 'bottom right', ...) encoded with
-    its mirror images (features --mirror, random SqueezeNet)."""
-    from pipeline.datasets import load_karpathy
-    from pipeline.features import FeatureConfig, extract_features
-
-    out = tmp_path_factory.mktemp("mirrored")
-    config = FeatureConfig(encoder="squeezenet1_1", weights="random", num_workers=0, mirror=True)
-    extract_features(load_karpathy(*small_corpus), out, config, "synthetic", progress=False)
-    return out
-
-
-def test_mirrored_pairs_read_the_mirror_image_and_swap_left_and_right(mirrored_features):
-    config = TrainConfig(features="", out="", seed=2)
-    drawn = epoch_mirrored(1000, config, 3, available=True)
-    assert drawn.dtype == torch.bool and 400 < drawn.sum() < 600
-    assert torch.equal(drawn, epoch_mirrored(1000, config, 3, True))  # fixed by seed and epoch
-    assert not torch.equal(drawn, epoch_mirrored(1000, config, 4, True))
-    assert epoch_mirrored(1000, config, 3, available=False) is None
-    assert epoch_mirrored(1000, TrainConfig(features="", out="", mirror_p=0), 3, True) is None
-    assert epoch_mirrored(1000, TrainConfig(features="", out="", mirror_p=1), 3, True).all()
-    data = AnnotationShards(mirrored_features, "train")
-    pairs = CaptionPairs(data)
-    pairs.mirrored = torch.arange(len(pairs)) % 2 == 1
-    vocab, sides = data.vocab, {"left": "right", "right": "left"}
-    for j in range(6):
-        a, caption, i = pairs[j]
-        words, stored = vocab.decode(caption), vocab.decode(data.captions[i][pairs.pairs[j][1]])
-        assert torch.equal(a, data.annotations(i, mirrored=j % 2 == 1))
-        assert words == ([sides.get(w, w) for w in stored] if j % 2 else stored)
-        assert {"left", "right"} & set(stored)  # the corpus names sides, so the swap is exercised
-
-
-def test_mirrored_training_resumes_exactly_and_differs_from_unmirrored(mirrored_features, tmp_path):
-    def run(out, epochs, resume=False, **options):
-        config = TrainConfig(
-            features=str(mirrored_features), out=str(tmp_path / out), epochs=epochs, model=TINY, **options
-        )
-        return train(config, resume=resume, progress=False, given={"epochs"})["model"]
-
-    whole = run("whole", 2)
-    run("split", 1)
-    resumed = run("split", 2, resume=True)
-    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
-    plain = run("plain", 2, mirror_p=0.0)
-    assert any(not torch.equal(whole[k], plain[k]) for k in whole)
