@@ -206,6 +206,13 @@ class TrainConfig:
         "SCST baseline: the mean reward of the image's other samples, or its greedy caption's reward (Rennie et al.).",
         choices=SCST_BASELINES,
     )
+    scst_bleu_weight: float = option(
+        0.0,
+        "SCST: reward each sample with its CIDEr-D plus this times its sentence BLEU-4 (both on the 0-1 scale; "
+        "self-critical.pytorch's --bleu_reward_weight; 0: CIDEr-D alone).",
+        low=0,
+        high=100,
+    )
     val_metric: str = option(
         "auto",
         "Validation score for keeping best.pt, early stopping and learning-rate decay (auto: CIDEr-D for scst, "

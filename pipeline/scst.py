@@ -4,8 +4,8 @@ sampled captions, rewarded by their CIDEr-D, trained with REINFORCE.
 For each image of a minibatch, k captions are sampled from the model (words from p(y_t | ...),
 ``<unk>`` excluded; for hard attention also the locations s_t ~ alpha_t, eq. 8), each is scored by
 CIDEr-D against the image's references (:class:`pipeline.cider.CiderD`, document frequencies over
-the training references), and its sampled tokens' log-probabilities are weighted by its
-advantage, the reward minus a baseline:
+the training references; :class:`Reward`, optionally plus a weight times its sentence BLEU-4), and
+its sampled tokens' log-probabilities are weighted by its advantage, the reward minus a baseline:
 
 - 'mean' (default; the "new SCST" of self-critical.pytorch, Luo 2020): the mean reward of the
   image's other k-1 samples, independent of the sample itself, so the estimate stays unbiased;
@@ -24,12 +24,39 @@ deterministic and gets its gradient through the words' log-probabilities.
 """
 
 import torch
+from pycocoevalcap.bleu.bleu import Bleu
 
 from .cider import CiderD
 from .config import DecodeConfig
 from .decode import free_run, greedy_decode, without_unk
 from .model import Decoder
 from .text import Vocabulary
+
+
+class Reward:
+    """The reward of a sampled caption: its CIDEr-D against its image's references, plus
+    ``bleu_weight`` times its BLEU-4 as a sentence (pycocoevalcap's Bleu, per caption, the closest
+    reference length; self-critical.pytorch's ``--bleu_reward_weight``), both on the 0-1 scale.
+
+    references: per image, its reference captions as word lists (document frequencies of CIDEr-D
+    over them, :class:`pipeline.cider.CiderD`); bleu_weight: >= 0, 0 for CIDEr-D alone.
+    ``reward(images, captions)``: images, a list of indices into ``references``; captions, one
+    word list each -> list of floats. Raises ValueError as :class:`~pipeline.cider.CiderD`.
+    """
+
+    def __init__(self, references: list[list[list[str]]], bleu_weight: float = 0.0):
+        self.cider = CiderD(references)
+        self.bleu_weight = bleu_weight
+        self.references = [[" ".join(r) for r in refs] for refs in references]
+
+    def __call__(self, images: list[int], captions: list[list[str]]) -> list[float]:
+        rewards = [self.cider.score(i, words) for i, words in zip(images, captions)]
+        if not self.bleu_weight:
+            return rewards
+        references = {n: self.references[i] for n, i in enumerate(images)}
+        hypotheses = {n: [" ".join(words)] for n, words in enumerate(captions)}
+        bleu4 = Bleu(4).compute_score(references, hypotheses, verbose=0)[1][3]  # per caption, in key order
+        return [r + self.bleu_weight * b for r, b in zip(rewards, bleu4)]
 
 
 def log_probs(decoder: Decoder, annotations, tokens, locations, vocab: Vocabulary) -> torch.Tensor:
@@ -57,7 +84,7 @@ def scst_loss(
     annotations: torch.Tensor,
     images: list[int],
     vocab: Vocabulary,
-    cider: CiderD,
+    reward: Reward,
     samples: int,
     baseline: str,
     max_len: int,
@@ -65,10 +92,10 @@ def scst_loss(
 ):
     """The self-critical loss of a minibatch of images (the module docstring).
 
-    annotations: (B, L, D) float; images: the B images' indices into ``cider``'s references;
+    annotations: (B, L, D) float; images: the B images' indices into ``reward``'s references;
     samples: k captions sampled per image (k >= 2 for the 'mean' baseline); context: 'expected'
     (soft) or 'sample' (hard attention).
-    Returns (loss: 0-dim tensor, stats: {'reward': mean CIDEr-D of the samples, 'baseline': mean
+    Returns (loss: 0-dim tensor, stats: {'reward': mean reward of the samples, 'baseline': mean
     baseline, 'reward_rms': root mean square of the advantages, 'greedy_reward' for 'greedy'}).
     """
     k, was_training = samples, decoder.training
@@ -78,7 +105,7 @@ def scst_loss(
     tokens, _, locations, mask = free_run(decoder, repeated, vocab, settings, context, sample=True)  # (B*k, T) each
     log_p = log_probs(decoder, repeated, tokens, locations, vocab)  # (B*k, T)
     rewards = torch.tensor(
-        [cider.score(images[row // k], vocab.decode(t)) for row, t in enumerate(tokens.tolist())],
+        reward([images[row // k] for row in range(len(tokens))], [vocab.decode(t) for t in tokens.tolist()]),
         device=log_p.device,
     ).view(-1, k)  # (B, k)
     stats = {}
@@ -86,9 +113,7 @@ def scst_loss(
         base = (rewards.sum(1, keepdim=True) - rewards) / (k - 1)  # (B, k) the others' mean
     else:
         greedy, _ = greedy_decode(decoder, annotations, vocab, settings)  # (B, T), expected context
-        greedy_rewards = torch.tensor(
-            [cider.score(i, vocab.decode(t)) for i, t in zip(images, greedy.tolist())], device=log_p.device
-        )  # (B,)
+        greedy_rewards = torch.tensor(reward(images, [vocab.decode(t) for t in greedy.tolist()]), device=log_p.device)
         base = greedy_rewards.unsqueeze(1).expand_as(rewards)  # (B, k)
         stats["greedy_reward"] = greedy_rewards.mean().item()
     decoder.train(was_training)

@@ -38,7 +38,7 @@ from .metrics import bleu
 from .model import Decoder, attention_entropy, objective
 from .monitor import BOARD, CURVES, Monitor, figure_image
 from .options import specs, write_toml
-from .scst import scst_loss
+from .scst import Reward, scst_loss
 from .shards import AnnotationShards, CaptionPairs, Images
 from .text import tokenize
 
@@ -267,7 +267,7 @@ def scst_step(s: "TrainState", annotations: torch.Tensor, images: list[int]):
             annotations,
             images,
             s.train.vocab,
-            s.cider,
+            s.reward,
             config.scst_samples,
             config.scst_baseline,
             config.max_len,
@@ -377,7 +377,7 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     ema: AveragedModel | None
     pairs: CaptionPairs  # the training (image, caption) pairs, built once
-    cider: CiderD | None = None  # SCST: CIDEr-D against the training references (document frequencies once)
+    reward: Reward | None = None  # SCST: the reward, against the training references
     epoch: int = 0  # epochs finished
     batch: int = 0  # minibatches of epoch ``epoch`` done (a resumed epoch starts here)
     step: int = 0  # optimizer steps taken
@@ -443,7 +443,7 @@ def _setup(config: TrainConfig, saved: dict | None, world: distributed.World) ->
         optimizer,
         ema,
         pairs,
-        CiderD([[tokenize(c) for c in refs] for refs in train_shards.references])
+        Reward([[tokenize(c) for c in refs] for refs in train_shards.references], config.scst_bleu_weight)
         if config.criterion == "scst"
         else None,
     )
@@ -571,7 +571,7 @@ def _epoch(s: TrainState, epoch: int, progress: bool) -> tuple[int, float]:
     batches = epoch_batches(s.pairs, config, epoch)
     batches = s.world.share(batches[: len(batches) - len(batches) % s.world.size])
     loader = DataLoader(
-        Images(s.train) if s.cider is not None else s.pairs,
+        Images(s.train) if s.reward is not None else s.pairs,
         batch_sampler=batches[s.batch :],
         num_workers=config.workers,
         generator=torch.Generator(),
@@ -591,7 +591,7 @@ def _epoch(s: TrainState, epoch: int, progress: bool) -> tuple[int, float]:
     for annotations, *captions, images in bar:  # (B, L, D), [(B, T+1) for XE], (B,)
         annotations = annotations.to(device, non_blocking=True)
         try:
-            if s.cider is not None:
+            if s.reward is not None:
                 loss, stats = scst_step(s, annotations, images.tolist())
                 n = len(images) * config.scst_samples
             else:

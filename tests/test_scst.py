@@ -10,7 +10,7 @@ from pipeline.config import DecodeConfig
 from pipeline.decode import free_run
 from pipeline.errors import PipelineError
 from pipeline.model import Decoder, DecoderConfig
-from pipeline.scst import log_probs, scst_loss
+from pipeline.scst import Reward, log_probs, scst_loss
 from pipeline.shards import AnnotationShards
 from pipeline.text import Vocabulary
 from pipeline.train import TrainConfig, train, validate
@@ -86,10 +86,11 @@ def test_sampling_never_draws_unk_and_masks_after_end():
 @pytest.mark.parametrize("baseline", ["mean", "greedy"])
 def test_advantages_and_rewards(baseline):
     decoder, vocab = _decoder(), Vocabulary(["cat", "dog", "red", "big", "ran"])
-    cider = CiderD([[["a", "red", "cat"], ["big", "cat"]], [["dog", "ran"]], [["a", "dog"]]])
+    references = [[["a", "red", "cat"], ["big", "cat"]], [["dog", "ran"]], [["a", "dog"]]]
+    cider = CiderD(references)
     annotations = torch.randn(3, 5, 8)
     torch.manual_seed(1)
-    loss, stats = scst_loss(decoder, annotations, [0, 1, 2], vocab, cider, 4, baseline, 6, "expected")
+    loss, stats = scst_loss(decoder, annotations, [0, 1, 2], vocab, Reward(references), 4, baseline, 6, "expected")
     loss.backward()
     assert torch.isfinite(loss) and decoder.out_vocab.weight.grad.abs().sum() > 0
     torch.manual_seed(1)  # the same samples again, scored by hand
@@ -102,6 +103,17 @@ def test_advantages_and_rewards(baseline):
         assert stats["baseline"] == pytest.approx(stats["reward"], abs=1e-6)
     else:
         assert stats["baseline"] == pytest.approx(stats["greedy_reward"], abs=1e-6)
+
+
+def test_the_reward_is_cider_d_plus_the_weighted_sentence_bleu4():
+    references = [[["a", "dog", "runs", "on", "the", "grass"], ["a", "brown", "dog"]], [["two", "cats", "sleep"]]]
+    cider, mixed = CiderD(references), Reward(references, bleu_weight=0.5)
+    exact, unmatched = ["a", "dog", "runs", "on", "the", "grass"], ["two", "dogs", "ran", "far", "off"]
+    assert Reward(references)([0, 1], [exact, unmatched]) == [cider.score(0, exact), cider.score(1, unmatched)]
+    rewards = mixed([0, 1, 0], [exact, unmatched, []])
+    assert rewards[0] == pytest.approx(cider.score(0, exact) + 0.5, abs=1e-6)  # a reference itself: BLEU-4 1
+    assert rewards[1] == pytest.approx(cider.score(1, unmatched), abs=1e-6)  # no 4-gram in common: BLEU-4 ~0
+    assert rewards[2] == pytest.approx(0.0, abs=1e-6)  # an empty caption scores nothing
 
 
 def test_log_probs_are_those_the_samples_were_drawn_with():
