@@ -2,6 +2,7 @@
 its features with a decoder trained on them, and builders of tiny corpora in the adapters' formats."""
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,13 +16,16 @@ from pipeline.paths import REPOSITORY as ROOT  # noqa: E402
 
 
 def run_cli(*args, **kwargs) -> subprocess.Popen:
-    """``python cli.py ARGS`` started from the repository root, its output as text pipes."""
+    """``python cli.py ARGS`` started from the repository root, its output as text pipes, and Ctrl-C
+    (SIGINT) acted on as at a terminal, also where the tests themselves run under ``nohup ... &``,
+    which passes SIGINT on as ignored."""
     return subprocess.Popen(
         [sys.executable, str(ROOT / "cli.py"), *args],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         **kwargs,
     )
 
