@@ -13,7 +13,7 @@ from pipeline.model import AttentionTanh, Decoder, DecoderConfig
 from pipeline.text import Vocabulary
 from pipeline.train import native_bf16
 
-from .common import seconds
+from .common import progress, seconds
 
 IMAGES, VOCAB, MAX_LEN = 64, 2600, 20
 Words = Vocabulary([])  # the special words' ids: <start> 1, <end> 2, <unk> 3
@@ -48,6 +48,7 @@ def run(device: str = "cpu") -> list[str]:
                 f"| {k} | {precision} | {IMAGES / batched:.1f} | {IMAGES / single:.1f} | **{single / batched:.1f}** "
                 f"| {IMAGES / fused:.1f} | **{batched / fused:.2f}x** |"
             )
+            progress(lines[-1])
     lines += ["", tanh_rates(device)]
     return lines
 

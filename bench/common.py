@@ -36,6 +36,12 @@ def seconds(fn, repeat: int = 1, warmup: int = 1) -> float:
     return best
 
 
+def progress(line: str) -> None:
+    """Print a table row on stderr as soon as it is measured (a section's table goes to stdout, and
+    to RESULTS.md, only when the whole section is done)."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def machine() -> str:
     """One line: CPU model, cores, torch version and thread count, accelerator if any."""
     cpu = platform.processor() or "unknown CPU"

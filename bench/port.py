@@ -43,8 +43,8 @@ class PortDecoder(nn.Module):
         h, c = self.init_h(mean), self.init_c(mean)
         decode_lengths = [n - 1 for n in lengths]
         T = max(decode_lengths)
-        predictions = torch.zeros(B, T, self.fc.out_features)
-        alphas = torch.zeros(B, T, L)
+        predictions = torch.zeros(B, T, self.fc.out_features, device=encoder_out.device)
+        alphas = torch.zeros(B, T, L, device=encoder_out.device)
         for t in range(T):
             b = sum(n > t for n in decode_lengths)
             context, alpha = self.attention(encoder_out[:b], h[:b])

@@ -19,7 +19,7 @@ from pipeline.compiled import use_compiled
 from pipeline.model import Decoder, DecoderConfig, ObjectiveConfig
 from pipeline.train import TrainConfig, native_bf16, train_step
 
-from .common import ROOT, seconds, sync
+from .common import ROOT, progress, seconds, sync
 from .port import PortDecoder, port_step
 
 VOCAB = 2600  # about Flickr8k's vocabulary at min count 5
@@ -181,8 +181,9 @@ def run(device: str = "cpu") -> list[str]:
             lines.append(
                 f"| {label} | {precision} | {eager['captions_s']:.0f} | {fused['captions_s']:.0f} | "
                 f"**{fused['captions_s'] / eager['captions_s']:.2f}x** | {fused['flops'] / 1e9:.0f}, "
-                f"{fused['flops'] / peak:.2f} | {versus} |"
+                f"{fused['flops'] / peak:.2g} | {versus} |"
             )
+            progress(lines[-1])
     best = list(peaks)[-1]
     label, args = configs[0]
     cold, warm = compile_seconds(*args, best, device)
