@@ -13,6 +13,7 @@ import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.compiled import use_compiled
@@ -122,6 +123,68 @@ def compile_seconds(sizes, L, batch, attention, precision, device) -> tuple[floa
     return took[0], took[1]
 
 
+PRODUCTS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+
+
+class RecordProducts(TorchDispatchMode):
+    """Records the (op, args) of every matrix product dispatched within, its tensors as (shape,
+    stride, dtype)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in PRODUCTS:
+            self.calls.append((func, [(a.shape, a.stride(), a.dtype) if torch.is_tensor(a) else a for a in args]))
+        return func(*args, **(kwargs or {}))
+
+
+def dense(args) -> bool:
+    """Whether a recorded product is a dense one, every side of (m x k) @ (k x n) at least 8: the
+    others (a rank-1 product, a matrix-vector product such as f_att's w or the context's sum over L)
+    are passes over memory that a compiler fuses with their neighbours."""
+    *_, a, b = [shape for shape, _, _ in (arg for arg in args if isinstance(arg, tuple))]
+    return min(a[-2], a[-1], b[-1]) >= 8
+
+
+def products_seconds(sizes, L, batch, attention, precision, device) -> tuple[float, float, int]:
+    """Seconds of one eager training step, and of its dense matrix products alone (:func:`dense`;
+    recorded in one step, replayed on random tensors of the same shapes, strides and dtypes, the
+    best of 5 timings), and how many there are. A compiled step leaves these products to the
+    library (oneDNN, cuBLAS), so the first over the second bounds what compiling can gain."""
+    step = setup(sizes, L, batch, attention, precision, device)
+    step_s = seconds(step, repeat=5)
+    record = RecordProducts()
+    with record:
+        step()
+    calls = [
+        (func, [torch.empty_strided(*arg[:2], dtype=arg[2], device=device).normal_() if isinstance(arg, tuple) else arg
+                for arg in args])
+        for func, args in record.calls
+        if dense(args)
+    ]  # fmt: skip
+    return step_s, seconds(lambda: [func(*args) for func, args in calls], repeat=5), len(calls)
+
+
+def copy_bandwidth(device: str, megabytes: int = 256) -> float:
+    """Bytes/s moved (read plus written) by copying a ``megabytes`` tensor into another, the best
+    of 5: this machine's memory bandwidth as a kernel that only streams sees it."""
+    a = torch.ones(megabytes << 19, dtype=torch.bfloat16, device=device)
+    b = torch.empty_like(a)
+    return 2 * a.nbytes / seconds(lambda: b.copy_(a), repeat=5)
+
+
+def attention_traffic(sizes, L, batch, precision) -> int:
+    """The least bytes a training step's attention moves with one graph per word: per word, the
+    forward reads the projection (B, L, A) and the annotation vectors (B, L, D, for the context
+    vector); the backward reads both again and writes the projection's gradient. Tensors in bf16
+    under autocast, else fp32."""
+    width = 2 if precision == "bf16" else 4
+    _, _, att = sizes
+    return (WORDS + 1) * batch * L * (3 * att + 2 * 512) * width
+
+
 def top_ops(sizes, L, batch, attention, precision, device, compiled, rows: int = 8) -> list[str]:
     """The ``rows`` operators (a compiled graph's kernels among them) with the most self time (CPU
     time, or on CUDA GPU time) over 3 training steps, after 3 (the first steps of a process also
@@ -170,9 +233,11 @@ def run(device: str = "cpu") -> list[str]:
         "| eager vs the quoted 39 captions/s |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    compiled_rate = {}
     for label, args in configs:
         for precision, peak in peaks.items():
             eager, fused = (measure(*args, precision, device, compiled=c) for c in (False, True))
+            compiled_rate[label, precision] = fused["captions_s"]
             versus = (
                 f"**{eager['captions_s'] / port:.1f}x** | {eager['captions_s'] / PORT_CAPTIONS_PER_S:.1f}x"
                 if label.startswith("port")
@@ -186,6 +251,24 @@ def run(device: str = "cpu") -> list[str]:
             progress(lines[-1])
     best = list(peaks)[-1]
     label, args = configs[0]
+    step_s, products_s, count = products_seconds(*args, best, device)
+    bandwidth = copy_bandwidth(device)
+    traffic_s = attention_traffic(*args[:3], best) / bandwidth
+    lines += [
+        "",
+        f"Ceiling of compiling ({label}, {best}, eager): the step's {count} dense matrix products (every side of "
+        f"m x k x n at least 8; recorded in one step and replayed alone on random inputs of the same shapes, "
+        f"strides and dtype) take {1e3 * products_s:.0f} ms of its {1e3 * step_s:.0f} ms. A compiled step, which "
+        f"leaves them to the library, is at most **{step_s / products_s:.2f}x** eager even if all its other work "
+        f"took no time; at 1.5x that work would have to fit in {1e3 * (step_s / 1.5 - products_s):.0f} ms, "
+        f"against {1e3 * (step_s - products_s):.0f} ms eagerly and "
+        f"{1e3 * (args[2] / compiled_rate[label, best] - products_s):.0f} ms in the compiled step of the table. "
+        f"Of that work the attention's least memory traffic (per word, forward: read the (B, L, A) projection and "
+        f"the (B, L, D) annotation vectors; backward: read both, write the projection's gradient; "
+        f"{attention_traffic(*args[:3], best) / 1e9:.2f} GB a step) takes {1e3 * traffic_s:.0f} ms at the copy "
+        f"bandwidth measured here ({bandwidth / 1e9:.1f} GB/s), so the step is at most "
+        f"**{step_s / (products_s + traffic_s):.2f}x** eager.",
+    ]
     cold, warm = compile_seconds(*args, best, device)
     epoch = FLICKR8K_CAPTIONS / measure(*args, best, device, compiled=True)["captions_s"]
     lines += [
