@@ -16,6 +16,7 @@ ENCODER_PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # the encoder's arithmeti
 CONTEXTS = ("expected", "sample", "argmax")  # how a step's context vector is formed (pipeline.model.Decoder.step)
 BASELINES = ("batch", "moving")  # REINFORCE baselines (pipeline.model.objective)
 REWARDS = ("caption", "word")  # REINFORCE reward forms (pipeline.model.objective)
+SHARPNESS_OVER = ("word", "caption")  # what --sharpness-target bounds (pipeline.model.objective)
 CRITERIA = ("xe", "scst")  # training objectives (pipeline.train, pipeline.scst)
 SCST_BASELINES = ("mean", "greedy")  # self-critical baselines (pipeline.scst)
 VAL_METRICS = ("auto", "bleu4", "cider")  # model selection (pipeline.train.validate)
@@ -309,6 +310,13 @@ class ObjectiveConfig:
         "is sharpness_c * sum_t max(0, H(alpha_t) - target)); 0: every word's entropy is penalised. Uniform "
         "attention over L locations has log L (5.13 for 13x13).",
         low=0,
+    )
+    sharpness_over: str = option(
+        "word",
+        "What --sharpness-target bounds: each word's entropy (word: the penalty is sharpness_c * sum_t max(0, "
+        "H(alpha_t) - target)), or the caption's mean entropy over its T words (caption: sharpness_c * T * max(0, "
+        "mean_t H(alpha_t) - target)), which leaves training free to choose the words that attend.",
+        choices=SHARPNESS_OVER,
     )
     baseline: str = option(
         "batch",

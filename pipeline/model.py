@@ -298,7 +298,9 @@ def objective(
     Soft attention / expected context (eq. 14): the summed NLL of each caption, averaged over the
     batch, plus alpha_c * sum_i (1 - sum_t alpha_ti)^2, averaged over the batch (and, not in the
     paper, sharpness_c * sum_t max(0, H(alpha_t) - sharpness_target), the attention's entropy in
-    nats above a target; target 0 penalises all of it).
+    nats above a target; target 0 penalises all of it; with ``sharpness_over`` 'caption',
+    sharpness_c * T * max(0, mean_t H(alpha_t) - sharpness_target): only the caption's mean is
+    bounded).
     Hard attention with sampled locations (``sampled``, eq. 10-12): in addition, the surrogate
     whose gradient is the REINFORCE estimate of dL_s/dW: reward log p(y|s, a) minus a baseline,
     scaled by reinforce_scale, times log p(s|a), plus the entropy bonus entropy_c * H[s].
@@ -323,7 +325,12 @@ def objective(
     doubly_stochastic = ((1.0 - out.alpha.sum(1)) ** 2).sum(1)
     loss = nll + cfg.alpha_c * doubly_stochastic
     if cfg.sharpness_c and not sampled:
-        loss = loss + cfg.sharpness_c * (out.entropy - cfg.sharpness_target).clamp_min(0).sum(1)
+        if cfg.sharpness_over == "caption":
+            T = out.entropy.shape[1]
+            excess = T * (out.entropy.mean(1) - cfg.sharpness_target).clamp_min(0)
+        else:
+            excess = (out.entropy - cfg.sharpness_target).clamp_min(0).sum(1)
+        loss = loss + cfg.sharpness_c * excess
     log_p_y = (-nll).detach()
     if sampled:
         n, per_word = len(log_p_y), cfg.reward == "word"

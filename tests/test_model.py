@@ -88,6 +88,36 @@ def test_sharpness_target_penalises_only_the_entropy_above_it():
     assert after.max() < 1.1 * goal and after.min() > 0.5 * goal > unbounded.max()  # down to the target, not past
 
 
+def test_sharpness_over_the_caption_bounds_only_the_mean_entropy():
+    """With sharpness_over 'caption', the penalty is sharpness_c * T * (mean_t H(alpha_t) - target)
+    where the mean is above the target, and nothing where it is below, even with words above it;
+    trained, the caption's mean entropy comes down to the target while its words may differ."""
+    decoder, a = tiny()
+    captions = torch.tensor([[1, 4, 5, 2]])
+    out = decoder(a, captions)
+    H = attention_entropy(out.alpha[0])  # (T,)
+    plain, _ = objective(out, captions, ObjectiveConfig(alpha_c=0.0))
+
+    def penalised(target):
+        cfg = ObjectiveConfig(alpha_c=0.0, sharpness_c=0.5, sharpness_target=target, sharpness_over="caption")
+        return objective(out, captions, cfg)[0]
+
+    below = H.mean().item() - 0.01
+    torch.testing.assert_close(penalised(below) - plain, 0.5 * len(H) * (H.mean() - below))
+    above = (H.mean() + H.max()).item() / 2
+    assert H.max() > above > H.mean()  # a word above the target, yet the mean is below it
+    torch.testing.assert_close(penalised(above), plain)
+
+    goal = 0.5 * H.mean().item()
+    optimizer = torch.optim.SGD(decoder.parameters(), lr=0.05)
+    for _ in range(60):
+        optimizer.zero_grad()
+        cfg = ObjectiveConfig(alpha_c=0.0, sharpness_c=5.0, sharpness_target=goal, sharpness_over="caption")
+        objective(decoder(a, captions), captions, cfg)[0].backward()
+        optimizer.step()
+    assert 0.8 * goal < attention_entropy(decoder(a, captions).alpha[0]).mean() < 1.1 * goal
+
+
 def _path_log_probs(decoder, a, captions, L, T):
     """log p(s|a) and log p(y|s, a) of every attention path s in {0..L-1}^T."""
     paths = torch.tensor(list(itertools.product(range(L), repeat=T)))
