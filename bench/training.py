@@ -27,6 +27,7 @@ VOCAB = 2600  # about Flickr8k's vocabulary at min count 5
 WORDS = 12  # words per caption (Flickr8k's mean is about 11): 13 predicted tokens with <end>
 PORT_CAPTIONS_PER_S = 39  # the most used PyTorch port at 512/512/512, L=169, batch 32, on this CPU (issue 5)
 FLICKR8K_CAPTIONS = 30_000  # training captions of a Flickr8k epoch (6000 images x 5)
+D = 512  # annotation vector size D (VGG-19's conv5_4 and SqueezeNet's last block alike)
 
 
 def matmul_side(device: str) -> int:
@@ -47,12 +48,12 @@ def setup(sizes: tuple[int, int, int], L: int, batch: int, attention: str, preci
     embed, hidden, att = sizes
     torch.manual_seed(0)
     decoder = Decoder(
-        DecoderConfig(vocab_size=VOCAB, annotation_dim=512, embed_dim=embed, hidden_dim=hidden, attention_dim=att)
+        DecoderConfig(vocab_size=VOCAB, annotation_dim=D, embed_dim=embed, hidden_dim=hidden, attention_dim=att)
     ).to(device)
     use_compiled([decoder], compiled)
     config = TrainConfig(features="", out="", attention=attention, batch_size=batch, precision=precision, device=device)
     optimizer = torch.optim.Adam(decoder.parameters(), lr=config.lr)
-    annotations = torch.randn(batch, L, 512, device=device).relu()
+    annotations = torch.randn(batch, L, D, device=device).relu()
     captions = torch.randint(4, VOCAB, (batch, WORDS + 2), device=device)
 
     def step():
@@ -70,7 +71,7 @@ def port_rate(device: str, L: int = 169, batch: int = 32, steps: int = 4) -> flo
     torch.manual_seed(0)
     decoder = PortDecoder(VOCAB).to(device)
     optimizer = torch.optim.Adam(decoder.parameters(), lr=4e-4)
-    encoder_out = torch.randn(batch, L, 512, device=device).relu()
+    encoder_out = torch.randn(batch, L, D, device=device).relu()
     captions = torch.randint(4, VOCAB, (batch, WORDS + 2), device=device)
     lengths = [WORDS + 2] * batch
     took = seconds(
@@ -182,7 +183,7 @@ def attention_traffic(sizes, L, batch, precision) -> int:
     under autocast, else fp32."""
     width = 2 if precision == "bf16" else 4
     _, _, att = sizes
-    return (WORDS + 1) * batch * L * (3 * att + 2 * 512) * width
+    return (WORDS + 1) * batch * L * (3 * att + 2 * D) * width
 
 
 def top_ops(sizes, L, batch, attention, precision, device, compiled, rows: int = 8) -> list[str]:
