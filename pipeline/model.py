@@ -325,9 +325,8 @@ def objective(
     doubly_stochastic = ((1.0 - out.alpha.sum(1)) ** 2).sum(1)
     loss = nll + cfg.alpha_c * doubly_stochastic
     if cfg.sharpness_c and not sampled:
-        if cfg.sharpness_over == "caption":
-            T = out.entropy.shape[1]
-            excess = T * (out.entropy.mean(1) - cfg.sharpness_target).clamp_min(0)
+        if cfg.sharpness_over == "caption":  # T * max(0, mean_t H - target)
+            excess = (out.entropy.sum(1) - out.entropy.shape[1] * cfg.sharpness_target).clamp_min(0)
         else:
             excess = (out.entropy - cfg.sharpness_target).clamp_min(0).sum(1)
         loss = loss + cfg.sharpness_c * excess
