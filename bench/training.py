@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.compiled import use_compiled
 from pipeline.model import Decoder, DecoderConfig, ObjectiveConfig
-from pipeline.train import TrainConfig, native_bf16, train_step
+from pipeline.train import TrainConfig, make_optimizer, native_bf16, train_step
 
 from .common import ROOT, progress, seconds, sync
 from .port import PortDecoder, port_step
@@ -52,7 +52,7 @@ def setup(sizes: tuple[int, int, int], L: int, batch: int, attention: str, preci
     ).to(device)
     use_compiled([decoder], compiled)
     config = TrainConfig(features="", out="", attention=attention, batch_size=batch, precision=precision, device=device)
-    optimizer = torch.optim.Adam(decoder.parameters(), lr=config.lr)
+    optimizer = make_optimizer(decoder.parameters(), config)
     annotations = torch.randn(batch, L, D, device=device).relu()
     captions = torch.randint(4, VOCAB, (batch, WORDS + 2), device=device)
 
@@ -167,6 +167,22 @@ def products_seconds(sizes, L, batch, attention, precision, device) -> tuple[flo
     return seconds(lambda: [func(*args) for func, args in calls], repeat=5), len(calls)
 
 
+def optimizer_seconds(device: str) -> tuple[float, float, int]:
+    """Seconds of one Adam step over a VGG-sized decoder's parameters (random gradients): the
+    per-parameter loop and the fused kernel (:func:`pipeline.train.make_optimizer`), and the
+    parameter count."""
+    decoder = Decoder(DecoderConfig(vocab_size=VOCAB, annotation_dim=D)).to(device)
+    for p in decoder.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    config = TrainConfig(features="", out="", device=device)
+    loop, fused = (make_optimizer(decoder.parameters(), config, fused=f) for f in (False, True))
+    return (
+        seconds(loop.step, repeat=20),
+        seconds(fused.step, repeat=20),
+        sum(p.numel() for p in decoder.parameters()),
+    )
+
+
 def copy_bandwidth(device: str, megabytes: int = 256) -> float:
     """Bytes/s moved (read plus written) by copying a ``megabytes`` tensor into another, the best
     of 5: this machine's memory bandwidth as a kernel that only streams sees it."""
@@ -270,6 +286,13 @@ def run(device: str = "cpu") -> list[str]:
         f"{traffic / 1e9:.2f} GB a step) takes {1e3 * traffic_s:.0f} ms at the copy "
         f"bandwidth measured here ({bandwidth / 1e9:.1f} GB/s), so the step is at most "
         f"**{step_s / (products_s + traffic_s):.2f}x** eager.",
+    ]
+    loop_s, fused_s, count = optimizer_seconds(device)
+    lines += [
+        "",
+        f"Adam's step over the VGG-sized decoder's {count / 1e6:.1f}M parameters (fp32): {1e3 * loop_s:.1f} ms "
+        f"as a loop over the parameters, {1e3 * fused_s:.1f} ms fused (training's, "
+        f"pipeline.train.make_optimizer): **{loop_s / fused_s:.1f}x**.",
     ]
     cold, warm = compile_seconds(*args, best, device)
     epoch = FLICKR8K_CAPTIONS / measure(*args, best, device, compiled=True)["captions_s"]
