@@ -150,7 +150,7 @@ def new_decoder_config(model: dict, shards: AnnotationShards) -> DecoderConfig:
 def make_optimizer(params, config: TrainConfig, fused: bool = True):
     """The optimizer of ``config.optimizer`` over ``params`` at ``config.lr``: Adam (betas 0.9,
     0.999; with ``fused``, torch's fused kernel, one pass over all parameters, CPU and CUDA alike:
-    its step is about 4x faster than the per-parameter loop on a CPU, bench/RESULTS.md section 2)
+    its step is about 3x faster than the per-parameter loop on a CPU, bench/RESULTS.md section 2)
     or RMSprop (section 4.3)."""
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.999), fused=fused)
