@@ -231,3 +231,39 @@ def test_weight_average_is_what_is_validated_and_loaded(objects, tmp_path):
     assert (
         round(validate(decoder, AnnotationShards(features, "val"), config, torch.device("cpu"))["bleu"][3], 2) == logged
     )
+
+
+def test_fused_adam_takes_the_loops_step_and_resumes_from_its_state():
+    """Training's fused Adam (make_optimizer) moves parameters as the per-parameter loop does, and
+    optimizer state saved by the loop (in checkpoints written before it was fused) resumes in it."""
+    import io
+
+    from pipeline.model import Decoder, DecoderConfig
+    from pipeline.train import make_optimizer
+
+    torch.manual_seed(0)
+    config = TrainConfig(features="", out="")
+    decoders = [Decoder(DecoderConfig(vocab_size=30, annotation_dim=16, embed_dim=8, hidden_dim=12, attention_dim=10))]
+    decoders.append(Decoder(decoders[0].config))
+    decoders[1].load_state_dict(decoders[0].state_dict())
+    loop, fused = (make_optimizer(d.parameters(), config, fused=f) for d, f in zip(decoders, (False, True)))
+
+    def differ() -> float:
+        return max((p0 - p1).abs().max().item() for p0, p1 in zip(decoders[0].parameters(), decoders[1].parameters()))
+
+    for step in range(4):
+        grads = [torch.randn_like(p) for p in decoders[0].parameters()]
+        for decoder, optimizer in zip(decoders, (loop, fused)):
+            for p, g in zip(decoder.parameters(), grads):
+                p.grad = g.clone()
+            optimizer.step()
+        assert differ() < 1e-7  # a step moves parameters by about lr = 4e-4
+        if step == 1:  # resume the second run from the loop's checkpointed state
+            saved = io.BytesIO()
+            torch.save({"optimizer": loop.state_dict(), "model": decoders[0].state_dict()}, saved)
+            saved.seek(0)
+            saved = torch.load(saved, weights_only=True)
+            decoders[1].load_state_dict(saved["model"])
+            fused = make_optimizer(decoders[1].parameters(), config)
+            fused.load_state_dict(saved["optimizer"])
+    assert fused.state_dict()["state"][0]["step"].item() == 4
