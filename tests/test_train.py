@@ -1,3 +1,4 @@
+import io
 import json
 import math
 
@@ -8,8 +9,9 @@ from pipeline.checkpoint import build_decoder, load_checkpoint
 from pipeline.decode import greedy_decode
 from pipeline.errors import PipelineError
 from pipeline.metrics import bleu
+from pipeline.model import Decoder, DecoderConfig
 from pipeline.shards import AnnotationShards
-from pipeline.train import TrainConfig, bucket_batches, train
+from pipeline.train import TrainConfig, bucket_batches, make_optimizer, train
 
 from object_features import write_object_features
 
@@ -236,11 +238,6 @@ def test_weight_average_is_what_is_validated_and_loaded(objects, tmp_path):
 def test_fused_adam_takes_the_loops_step_and_resumes_from_its_state():
     """Training's fused Adam (make_optimizer) moves parameters as the per-parameter loop does, and
     optimizer state saved by the loop (in checkpoints written before it was fused) resumes in it."""
-    import io
-
-    from pipeline.model import Decoder, DecoderConfig
-    from pipeline.train import make_optimizer
-
     torch.manual_seed(0)
     config = TrainConfig(features="", out="")
     decoders = [Decoder(DecoderConfig(vocab_size=30, annotation_dim=16, embed_dim=8, hidden_dim=12, attention_dim=10))]
