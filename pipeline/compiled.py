@@ -17,12 +17,13 @@ product with w (eq. 4), the softmax (eq. 5) and the context vector's sum (eq. 13
 over the (B, L, A) and (B, L, D) tensors instead of one pass per operation; the matrix products
 stay the library's (oneDNN, cuBLAS). Under autocast the step's linear layers compute with
 weights cast once per pass (:func:`cast_once`), as eager autocast's cache has them; cast inside
-the graph, at every word, they made compiled bf16 training 0.85x eager. On the 2-core CPU of
-bench/RESULTS.md compiled batched beam search is 1.2-1.5x eager under bf16 and 1.0-1.4x in fp32,
-fp32 training 1.0-1.2x, and bf16 training 0.92-1.17x (1.04x soft, 1.08x hard side by side in one
-run): the compiled backward's fused kernels cost about what the eager step's in-place kernels
-(:class:`~pipeline.model.AttentionTanh`) do, and the matrix products are the same, so `auto`
-leaves bf16 training on a CPU eager (:data:`SLOWER_BF16_TRAINING`).
+the graph, at every word, they made compiled bf16 training 0.85x eager. With gradients, f_att's
+sigmoid is kept for the backward graph, not evaluated again there (``pipeline.model._keep_sigmoid``).
+On the 2-core CPU of bench/RESULTS.md compiled batched beam search is 1.2-1.5x eager under bf16
+and 1.0-1.4x in fp32, and a training step 1.05-1.13x in fp32 and 1.07-1.16x in bf16; but over a
+Flickr8k epoch (caption lengths and batch sizes vary, the output layer, the weight average and
+the data are outside the step) compiled bf16 training ran 1.04x eager, within the spread of
+eager runs, so `auto` leaves bf16 training on a CPU eager (:data:`SLOWER_BF16_TRAINING`).
 
 The compile cache (inductor's FX-graph and AOTAutograd caches) is kept between runs in
 ``~/.cache/show-attend-tell/inductor`` (``$TORCHINDUCTOR_CACHE_DIR`` where set): a compile that
@@ -44,7 +45,7 @@ from .errors import PipelineError
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "show-attend-tell" / "inductor"
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(CACHE))  # before inductor picks its default
-SLOWER_BF16_TRAINING = "compiled bf16 training measured 0.92-1.17x eager on a CPU, no reliable gain: bench/RESULTS.md"
+SLOWER_BF16_TRAINING = "compiled bf16 training measured 1.04x eager over a Flickr8k epoch on a CPU, no reliable gain"
 RECOMPILE_LIMIT = 64  # graphs of the step kept (torch's default, 8, is reached by a test session)
 _STEP = None  # Decoder.step compiled, built on first use (:func:`compiled_step`)
 

@@ -116,6 +116,24 @@ def test_compiled_pass_under_autocast_casts_the_weights_once_and_equals_eager():
 
 
 @needs_compiler
+def test_compiled_step_keeps_f_atts_sigmoid_for_the_backward_pass():
+    """With gradients, the compiled step saves f_att's sigmoid(2 (W_a a_i + W_h h_{t-1})), (B, L, A),
+    for its backward pass (pipeline.model._keep_sigmoid), where inductor alone would save the inputs
+    and evaluate it again there."""
+    torch.manual_seed(0)
+    decoder = Decoder(DecoderConfig(vocab_size=40, annotation_dim=24, **TINY))
+    compiled.use_compiled([decoder], True)
+    annotations, captions = torch.randn(6, 16, 24).relu(), torch.randint(4, 40, (6, 5))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.detach().clone()) or t, lambda t: t):
+        decoder(annotations, captions)
+    with torch.no_grad():
+        (h, _), proj = decoder.init_state(annotations)
+        first = torch.sigmoid(2 * (proj + decoder.attention.hidden(h).unsqueeze(1)))  # the first word's
+    assert any(t.shape == first.shape and torch.allclose(t, first, atol=1e-6) for t in saved)
+
+
+@needs_compiler
 def test_compiled_training_and_beam_search_equal_eager(objects, tmp_path):
     """One epoch compiled and one eager from the same seed, in the run's precision (bf16 where the CPU
     computes it natively): the same loss to bf16 noise; then beam search of the trained decoder,
