@@ -166,7 +166,7 @@ class Captioner:
         """Caption ``images`` (any mix of what :meth:`load` takes), all in one encoder batch and
         one batched beam search. settings: the decoding options of
         :class:`~pipeline.config.DecodeConfig` by name (beam_size, 1: greedy; max_len in words;
-        length_penalty; allow_unk; compile: 'auto' compiles a call of at least
+        length_penalty; allow_unk; block_trigrams; compile: 'auto' compiles a call of at least
         :data:`~pipeline.config.DECODE_ROWS` images x beam size, 'on' every call, the first one
         compiling, or loading the compile from its cache, :mod:`pipeline.compiled`), each at its
         default unless given.

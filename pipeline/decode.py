@@ -6,10 +6,11 @@ The decoder's recurrent state is an opaque tuple of (rows, ...) tensors: beam se
 by indexing every tensor alike, so another recurrent cell needs no change here.
 
 Decoding settings come as a :class:`~pipeline.config.DecodeConfig` (beam size, length limit,
-length penalty, whether ``<unk>`` may be emitted), the special words' ids as the vocabulary's
-``start``, ``end`` and ``unk`` (:class:`~pipeline.text.Vocabulary`). Where ``<unk>`` is not
-allowed it is never chosen, but the log-probabilities reported are the model's own (not
-renormalised without it).
+length penalty, whether ``<unk>`` may be emitted, whether a caption may repeat a trigram), the
+special words' ids as the vocabulary's ``start``, ``end`` and ``unk``
+(:class:`~pipeline.text.Vocabulary`). Where ``<unk>`` (or a repeating trigram) is not allowed it
+is never chosen, but the log-probabilities reported are the model's own (not renormalised
+without it).
 """
 
 from dataclasses import dataclass, replace
@@ -27,10 +28,27 @@ def without_unk(scores: torch.Tensor, vocab: Vocabulary) -> torch.Tensor:
     return scores.index_fill(scores.dim() - 1, torch.tensor([vocab.unk], device=scores.device), float("-inf"))
 
 
-def next_word_log_probs(decoder: Decoder, embedded, state, z, vocab: Vocabulary, settings: DecodeConfig):
+def repeating_trigrams(words: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """words (rows, t) long, each row a caption so far -> (rows, V) bool: the next words that would
+    repeat one of the row's trigrams, i.e. those that followed an earlier occurrence of its last two
+    words."""
+    rows, t = words.shape
+    repeats = torch.zeros(rows, vocab_size, device=words.device)
+    if t >= 3:
+        earlier = (words[:, :-2] == words[:, -2:-1]) & (words[:, 1:-1] == words[:, -1:])  # (rows, t - 2)
+        repeats.scatter_reduce_(1, words[:, 2:], earlier.float(), reduce="amax")  # the words that followed them
+    return repeats > 0
+
+
+def next_word_log_probs(
+    decoder: Decoder, embedded, state, z, vocab: Vocabulary, settings: DecodeConfig, words: torch.Tensor | None = None
+):
     """log p(y_t | ...) of each row's next word: (rows, V) float, ``<unk>`` at -inf unless allowed
-    (eq. 7's deep output, then a log-softmax)."""
+    (eq. 7's deep output, then a log-softmax); with ``settings.block_trigrams``, also the words that
+    would repeat a trigram of the row's ``words`` so far ((rows, t) long; :func:`repeating_trigrams`)."""
     log_p = torch.log_softmax(decoder.output(embedded, decoder.hidden(state), z), dim=1)  # (rows, V)
+    if settings.block_trigrams and words is not None:
+        log_p = log_p.masked_fill(repeating_trigrams(words, log_p.shape[1]), float("-inf"))
     return log_p if settings.allow_unk else without_unk(log_p, vocab)
 
 
@@ -44,8 +62,8 @@ def free_run(
     sample: bool = False,
 ):
     """Free-running decoding of a batch, one word per step: the most probable, or with ``sample``
-    a draw from p(y_t | ...) (``settings``' ``max_len`` and ``allow_unk``; its beam size does not
-    apply). Stops when every row has emitted ``<end>``.
+    a draw from p(y_t | ...) (``settings``' ``max_len`` and ``allow_unk``; its beam size and
+    ``block_trigrams`` do not apply). Stops when every row has emitted ``<end>``.
 
     annotations: (B, L, D) float; context as in :meth:`Decoder.step` ('sample': hard attention's
     sampled locations). Returns tokens: (B, T) long (T <= max_len; positions after a row's
@@ -182,7 +200,8 @@ def _beam(decoder, annotations, vocab: Vocabulary, settings: DecodeConfig, conte
     for t in range(1, max_len + 1):
         embedded = decoder.embedding(token)  # (B*k, m)
         state, z, alpha, _, s = decoder.step(embedded, state, a, proj, context)  # z (B*k, D); alpha (B*k, L)
-        log_p = next_word_log_probs(decoder, embedded, state, z, vocab, settings)  # (B*k, V)
+        words = history.reshape(B * k, history.shape[2])  # (B*k, t - 1) each live hypothesis so far
+        log_p = next_word_log_probs(decoder, embedded, state, z, vocab, settings, words)  # (B*k, V)
         V = log_p.shape[1]  # vocabulary size
         top, index = (score.view(B * k, 1) + log_p).view(B, k * V).topk(2 * k, dim=1)  # (B, 2k)
         beam, word = torch.div(index, V, rounding_mode="floor"), index % V  # (B, 2k) each

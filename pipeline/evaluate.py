@@ -40,6 +40,8 @@ def output_names(checkpoint_path: Path, split: str, settings: DecodeConfig, feat
         name += f"-lp{settings.length_penalty:g}"
     if settings.allow_unk != DECODE.allow_unk:
         name += "-unk"
+    if settings.block_trigrams != DECODE.block_trigrams:
+        name += "-blocktrigrams"
     if features is not None and Path(features).resolve() != Path(trained_on).resolve():
         name += "-features-" + hashlib.sha256(str(Path(features).resolve()).encode()).hexdigest()[:8]
     folder = Path(out_dir) if out_dir is not None else checkpoint_path.parent

@@ -3,7 +3,7 @@ import torch
 
 from pipeline.checkpoint import build_decoder, load_checkpoint
 from pipeline.config import DecodeConfig
-from pipeline.decode import beam_search, greedy_decode, n_best
+from pipeline.decode import beam_search, greedy_decode, n_best, repeating_trigrams
 from pipeline.model import Decoder, DecoderConfig
 from pipeline.shards import AnnotationShards
 from pipeline.train import TrainConfig, train
@@ -139,3 +139,34 @@ def test_unk_is_never_emitted_unless_allowed():
         )
     tokens, _ = greedy_decode(decoder, a, _Vocab, DecodeConfig(max_len=6))
     assert _Vocab.unk not in tokens.tolist()[0]
+
+
+def _trigrams(tokens: list[int]) -> list[tuple]:
+    return [tuple(tokens[i : i + 3]) for i in range(len(tokens) - 2)]
+
+
+def test_repeating_trigrams_are_the_words_that_followed_the_last_two_before():
+    words = torch.tensor([[5, 6, 7, 5, 6], [1, 2, 3, 4, 5], [8, 8, 8, 8, 8], [5, 6, 7, 5, 6]])
+    words[3, 2] = 4  # a different word after the first "5 6"
+    repeats = repeating_trigrams(words, 10)
+    assert [row.nonzero().flatten().tolist() for row in repeats] == [[7], [], [8], [4]]
+    assert not repeating_trigrams(words[:, :2], 10).any()
+
+
+def test_blocked_trigrams_never_repeat_and_keep_the_models_log_probs():
+    torch.manual_seed(0)
+    decoder = Decoder(DecoderConfig(vocab_size=9, annotation_dim=8, embed_dim=8, hidden_dim=8, attention_dim=8)).eval()
+    with torch.no_grad():
+        decoder.out_vocab.bias[5] = 6.0  # the model's favourite word
+        decoder.out_vocab.bias[_Vocab.end] = -4.0  # and captions do not end at once
+    a = torch.randn(3, 5, 8)
+    free = beam_search(decoder, a, _Vocab, DecodeConfig(beam_size=3, max_len=8))
+    assert all(len(set(_trigrams(c.tokens))) < len(_trigrams(c.tokens)) for c in free)  # "5 5 5 5 ..."
+    for k in (1, 3):
+        captions = beam_search(decoder, a, _Vocab, DecodeConfig(beam_size=k, max_len=8, block_trigrams=True))
+        assert all(len(set(_trigrams(c.tokens))) == len(_trigrams(c.tokens)) for c in captions)
+        assert all(len(c.tokens) >= 4 for c in captions)
+        assert all(
+            c.log_prob == pytest.approx(sequence_log_prob(decoder, x, c.tokens, _Vocab, c.ended), abs=1e-4)
+            for c, x in zip(captions, a)
+        )

@@ -8,7 +8,7 @@ from PIL import Image
 
 from pipeline.config import DecodeConfig
 from pipeline.errors import PipelineError
-from pipeline.evaluate import evaluate
+from pipeline.evaluate import evaluate, output_names
 from pipeline.metrics import score_captions
 
 from conftest import ROOT
@@ -85,3 +85,26 @@ def test_caption_cli_with_attention_plots_and_a_bad_file(trained_run, tmp_path):
     for name in ("att-00001.png", "att-big.png"):
         figure = Image.open(tmp_path / name)
         assert figure.size[0] > 300 and figure.size[1] > 150
+
+
+def test_output_names_carry_every_decoding_setting_off_its_default(tmp_path):
+    ckpt = tmp_path / "run" / "best.pt"
+    names = {
+        str(settings): output_names(ckpt, "dev", settings, None, str(tmp_path / "f"), None)["captions"].name
+        for settings in (
+            DecodeConfig(),
+            DecodeConfig(max_len=30),
+            DecodeConfig(length_penalty=1.0),
+            DecodeConfig(allow_unk=True),
+            DecodeConfig(block_trigrams=True),
+            DecodeConfig(beam_size=5, length_penalty=0.0, allow_unk=True, block_trigrams=True),
+        )
+    }
+    assert list(names.values()) == [
+        "best-dev-beam3.captions.json",
+        "best-dev-beam3-len30.captions.json",
+        "best-dev-beam3-lp1.captions.json",
+        "best-dev-beam3-unk.captions.json",
+        "best-dev-beam3-blocktrigrams.captions.json",
+        "best-dev-beam5-lp0-unk-blocktrigrams.captions.json",
+    ]
