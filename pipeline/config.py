@@ -300,6 +300,17 @@ class ObjectiveConfig:
     command-line option's (:mod:`pipeline.options`)."""
 
     alpha_c: float = option(1.0, "Weight lambda of the doubly stochastic regularisation (eq. 14).", low=0)
+    label_smoothing: float = option(
+        0.0,
+        "XE: each word's target is the reference word's one-hot mixed with the uniform distribution over the "
+        "vocabulary at this weight "
+        "(Szegedy et al. 2016; not in the paper; self-critical.pytorch's --label_smoothing; 0: off). The reported "
+        "NLL, hard attention's reward and SCST are unaffected. Flickr8k dev: 0.1 scored 19.4 BLEU-4 / 44.9 CIDEr "
+        "against 19.3 / 43.8, and after SCST 47.8 CIDEr against 48.0 (README).",
+        low=0,
+        high=1,
+        high_open=True,
+    )
     reinforce_scale: float = option(0.1, "Hard attention: reward scale lambda_r (eq. 12; the authors' 1/10).", low=0)
     entropy_c: float = option(0.002, "Hard attention: entropy bonus weight lambda_e (eq. 12).", low=0)
     sharpness_c: float = option(

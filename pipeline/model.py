@@ -322,12 +322,13 @@ def objective(
 ):
     """The loss to minimise and its parts.
 
-    Soft attention / expected context (eq. 14): the summed NLL of each caption, averaged over the
-    batch, plus alpha_c * sum_i (1 - sum_t alpha_ti)^2, averaged over the batch (and, not in the
-    paper, sharpness_c * sum_t max(0, H(alpha_t) - sharpness_target), the attention's entropy in
-    nats above a target; target 0 penalises all of it; with ``sharpness_over`` 'caption',
-    sharpness_c * T * max(0, mean_t H(alpha_t) - sharpness_target): only the caption's mean is
-    bounded).
+    Soft attention / expected context (eq. 14): the summed NLL of each caption (with
+    ``label_smoothing`` eps, not in the paper: (1 - eps) NLL + eps times the mean over the vocabulary
+    of -log p, per word), averaged over the batch, plus alpha_c * sum_i (1 - sum_t alpha_ti)^2,
+    averaged over the batch (and, not in the paper, sharpness_c * sum_t max(0, H(alpha_t) -
+    sharpness_target), the attention's entropy in nats above a target; target 0 penalises all of
+    it; with ``sharpness_over`` 'caption', sharpness_c * T * max(0, mean_t H(alpha_t) -
+    sharpness_target): only the caption's mean is bounded).
     Hard attention with sampled locations (``sampled``, eq. 10-12): in addition, the surrogate
     whose gradient is the REINFORCE estimate of dL_s/dW: reward log p(y|s, a) minus a baseline,
     scaled by reinforce_scale, times log p(s|a), plus the entropy bonus entropy_c * H[s].
@@ -341,16 +342,22 @@ def objective(
     paper's; None: the batch mean, for the first batch). On Flickr8k, with minibatches of mixed
     lengths in turn, the moving average left rewards of RMS 9.6 nats, the minibatch mean 5.7.
     captions: (B, T+1) long as in :meth:`Decoder.forward`.
-    Returns (loss scalar, dict of floats: 'nll' = mean summed NLL per caption, 'log_p_y' = mean
+    Returns (loss scalar, dict of floats: 'nll' = mean summed NLL per caption (unsmoothed), 'log_p_y' = mean
     log p(y|s, a), 'doubly_stochastic' = the mean regulariser sum_i (1 - sum_t alpha_ti)^2 (before
     its weight), 'beta' = the mean gating scalar, and with ``sampled`` 'reward' = the mean reward
     before its baseline, 'reward_rms' = the root mean square of the rewards after their baseline
     and 'baseline' = the mean baseline, in nats (per word for 'word')).
     """
     targets = captions[:, 1:]
-    nll = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets).sum(1)
+    if cfg.label_smoothing:  # (1 - eps) NLL + eps * the mean over the vocabulary of -log p
+        log_p = out.logits.float().log_softmax(-1)  # (B, T, V)
+        nll = -log_p.gather(-1, targets[..., None]).squeeze(-1).sum(1)
+        fit = (1 - cfg.label_smoothing) * nll - cfg.label_smoothing * log_p.mean(-1).sum(1)
+    else:
+        nll = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets).sum(1)
+        fit = nll
     doubly_stochastic = ((1.0 - out.alpha.sum(1)) ** 2).sum(1)
-    loss = nll + cfg.alpha_c * doubly_stochastic
+    loss = fit + cfg.alpha_c * doubly_stochastic
     if cfg.sharpness_c and not sampled:
         if cfg.sharpness_over == "caption":  # T * max(0, mean_t H - target)
             excess = (out.entropy.sum(1) - out.entropy.shape[1] * cfg.sharpness_target).clamp_min(0)

@@ -39,6 +39,25 @@ def test_doubly_stochastic_term_is_eq_14():
     assert parts["nll"] == pytest.approx(plain.item())
 
 
+def test_label_smoothing_is_torchs_smoothed_cross_entropy_and_leaves_the_nll_reported():
+    """With label_smoothing eps each word's loss is torch's cross-entropy with label_smoothing=eps
+    (summed over the caption), while 'nll' and hard attention's reward stay the plain NLL."""
+    decoder, a = tiny()
+    captions = torch.tensor([[1, 4, 5, 6, 2], [1, 6, 3, 4, 2]])
+    out = decoder(a.expand(2, -1, -1), captions, "sample")
+    plain, parts = objective(out, captions, ObjectiveConfig(alpha_c=0.0))
+    smoothed, smoothed_parts = objective(out, captions, ObjectiveConfig(alpha_c=0.0, label_smoothing=0.2))
+    targets = captions[:, 1:].flatten()
+    expected = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), targets, label_smoothing=0.2) * 4
+    torch.testing.assert_close(smoothed, expected)
+    assert not torch.isclose(smoothed, plain)
+    assert smoothed_parts["nll"] == pytest.approx(parts["nll"]) == pytest.approx(plain.item())
+    sampled = objective(out, captions, ObjectiveConfig(alpha_c=0.0, label_smoothing=0.2), sampled=True)[1]
+    assert sampled["reward"] == pytest.approx(-parts["nll"])
+    with pytest.raises(PipelineError, match="label.smoothing"):
+        ObjectiveConfig(label_smoothing=1.0)
+
+
 def test_sharpness_penalty_adds_the_attention_entropy_and_lowers_it():
     """sharpness_c * sum_t H(alpha_t) is added to the loss of the expected context, and its
     gradient steps make alpha concentrate while the NLL part stays what it was."""
