@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
@@ -349,13 +348,10 @@ def objective(
     and 'baseline' = the mean baseline, in nats (per word for 'word')).
     """
     targets = captions[:, 1:]
-    if cfg.label_smoothing:  # (1 - eps) NLL + eps * the mean over the vocabulary of -log p
-        log_p = out.logits.float().log_softmax(-1)  # (B, T, V)
-        nll = -log_p.gather(-1, targets[..., None]).squeeze(-1).sum(1)
-        fit = (1 - cfg.label_smoothing) * nll - cfg.label_smoothing * log_p.mean(-1).sum(1)
-    else:
-        nll = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets).sum(1)
-        fit = nll
+    log_p = out.logits.float().log_softmax(-1)  # (B, T, V); under autocast, as cross_entropy's, bit for bit
+    nll = -log_p.gather(-1, targets[..., None]).squeeze(-1).sum(1)
+    eps = cfg.label_smoothing  # (1 - eps) NLL + eps * the mean over the vocabulary of -log p
+    fit = (1 - eps) * nll - eps * log_p.mean(-1).sum(1) if eps else nll
     doubly_stochastic = ((1.0 - out.alpha.sum(1)) ** 2).sum(1)
     loss = fit + cfg.alpha_c * doubly_stochastic
     if cfg.sharpness_c and not sampled:
