@@ -171,6 +171,34 @@ class Preprocess:
         pixels = self.pixels()
         return lambda image: self.normalize(pixels(image))
 
+    def border_warning(self, paths, sample: int = 8) -> str | None:
+        """A warning when 'center-crop' would cut the borders off images that are already
+        image_size squares (a corpus resized beforehand, as ../shared's copy of Flickr8k): the
+        first ``sample`` of ``paths`` that open (their headers only) all are. None otherwise, and
+        always for 'resize'. (Flickr8k's 224x224 copy, SqueezeNet, soft attention, dev, one run each:
+        after XE, resized features scored 19.3 BLEU-4 / 18.9 METEOR / 44.8 CIDEr against the centre
+        crops' 19.3 / 18.3 / 43.8; after SCST 20.3 / 19.0 / 48.0 against 21.0 / 18.7 / 48.0; README.)"""
+        if self.mode != "center-crop":
+            return None
+        size, opened = self.image_size, []
+        for path in paths:
+            if len(opened) == sample:
+                break
+            try:
+                with Image.open(path) as img:
+                    opened.append((path, img.size))
+            except (OSError, ValueError, Image.DecompressionBombError):
+                continue  # reported as a bad image when it is decoded
+        if not opened or any(s != (size, size) for _, s in opened):
+            return None
+        enlarged = self.resize or round(size * 256 / 224)
+        kept = round(size * size / enlarged)
+        return (
+            f"{opened[0][0]} and the next images are already {size}x{size} pixels: --preprocess center-crop "
+            f"enlarges each to {enlarged} and keeps its central {kept}x{kept} pixels; --preprocess resize keeps "
+            "them whole"
+        )
+
     def to_dict(self) -> dict:
         """As the manifest records it (``resize`` only where it is not the default)."""
         return {k: v for k, v in asdict(self).items() if k != "resize" or v is not None}

@@ -172,6 +172,8 @@ def extract_features(
     writes every WORLD_SIZE-th of them, and rank 0 writes the one manifest; the shards are the
     same files as one process writes. The summary is the whole run's on every rank.
     Rank 0 holds ``out``'s lock (:func:`pipeline.folders.folder_lock`) for the whole run.
+    Warns (``warnings.warn``) where centre crops would cut the borders off images that are already
+    the encoder's input size (:meth:`pipeline.encoders.Preprocess.border_warning`).
     Raises PipelineError for unknown split names, if another command holds ``out``, if ``out``
     holds files but no manifest (it is not a features folder), or if it holds features made with
     another encoder, weights, preprocessing, dtype, precision, shard size or image list.
@@ -200,6 +202,10 @@ def extract_features(
         if isinstance(plan, PipelineError):
             raise plan
         manifest, todo = plan
+        if world.main and todo:
+            warning = preprocess.border_warning(r.image_path for _, _, recs in todo for r in recs)
+            if warning:
+                warnings.warn(warning, stacklevel=2)
         start = time.perf_counter()
         mine = world.share(todo)
         flat = [r for _, _, recs in mine for r in recs]

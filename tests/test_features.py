@@ -54,6 +54,17 @@ def extracted(corpus_with_bad_images, tmp_path_factory):
     return out, summary, load_karpathy(json_path, root)
 
 
+@pytest.mark.parametrize("mode", ["center-crop", "resize"])
+def test_extraction_warns_where_centre_crops_would_cut_the_borders(small_corpus, tmp_path, mode, recwarn):
+    json_path, root = small_corpus  # 224x224 images
+    config = FeatureConfig(**FAST, preprocess=mode)
+    extract_features(load_karpathy(json_path, root), tmp_path, config, "synthetic", ["val"], progress=False)
+    messages = [str(w.message) for w in recwarn if "--preprocess resize keeps them whole" in str(w.message)]
+    assert len(messages) == (mode == "center-crop")
+    extract_features(load_karpathy(json_path, root), tmp_path, config, "synthetic", ["val"], progress=False)
+    assert len([w for w in recwarn if "keeps them whole" in str(w.message)]) == len(messages)  # nothing left to encode
+
+
 def test_shards_manifest_and_text(extracted):
     out, summary, records = extracted
     manifest = shards.load_manifest(out)
