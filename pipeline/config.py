@@ -220,6 +220,14 @@ class TrainConfig:
         low=0,
         high=100,
     )
+    scst_xe_weight: float = option(
+        0.0,
+        "SCST: add this times the cross-entropy of the minibatch images' reference captions (nats per word, "
+        "teacher-forced with dropout, as XE training) to the self-critical loss, a mixed objective (Paulus et al. "
+        "2018; 0: SCST alone).",
+        low=0,
+        high=100,
+    )
     val_metric: str = option(
         "auto",
         "Validation score for keeping best.pt, early stopping and learning-rate decay (auto: CIDEr-D for scst, "

@@ -25,6 +25,7 @@ TAGS = {
     "beta": "train/gating_beta",
     "reward": "train/scst_reward_cider_d",
     "greedy_reward": "train/scst_greedy_reward_cider_d",
+    "reference_nll": "train/scst_reference_nll_per_word",
     "reward_rms": "train/reinforce_reward_rms",
     "baseline": "train/reinforce_baseline",
     "lr": "run/learning_rate",

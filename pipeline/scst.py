@@ -12,11 +12,14 @@ its sampled tokens' log-probabilities are weighted by its advantage, the reward 
 - 'greedy' (Rennie et al.): the reward of the image's greedy caption (test-time inference).
 
 loss = -sum_samples (r - b) sum_t log p(w_t) / (sampled tokens, ``<end>`` included), the mean over
-tokens of self-critical.pytorch's RewardCriterion. The captions are sampled without gradients
-(:func:`pipeline.decode.free_run`, the loop of greedy decoding with a draw in place of the
-argmax), then scored by one teacher-forced pass with them (:func:`log_probs`), whose output layer
-runs once over all steps: several times faster on a CPU than keeping the sampling loop's graph.
-Dropout is off in both, so the policy sampled is the one differentiated. Hard attention: the reward is a function of the
+tokens of self-critical.pytorch's RewardCriterion; ``--scst-xe-weight`` adds that weight times the
+references' cross-entropy per word (:func:`reference_nll`), a mixed objective (Paulus et al. 2018).
+The captions are sampled without gradients (:func:`pipeline.decode.free_run`, the loop of greedy
+decoding with a draw in place of the argmax), then scored by one teacher-forced pass with them
+(:func:`log_probs`), whose output layer runs once over all steps: several times faster on a CPU than
+keeping the sampling loop's graph.
+Dropout is off in both, so the policy sampled is the one differentiated (the references' cross-entropy
+keeps it, as XE training). Hard attention: the reward is a function of the
 whole sample, words and locations together, so the score function is that of their joint
 probability: each sampled location's log alpha_{t, s_t} receives the same advantage as the words
 (the paper's eq. 11, with CIDEr-D in place of log p(y | s, a)). Soft attention's context is
@@ -77,6 +80,28 @@ def log_probs(decoder: Decoder, annotations, tokens, locations, vocab: Vocabular
             token_log_p + out.alpha.float().gather(2, locations.unsqueeze(2)).squeeze(2).clamp_min(1e-12).log()
         )
     return token_log_p
+
+
+def reference_nll(decoder: Decoder, annotations: torch.Tensor, references: list[list[list[int]]], vocab: Vocabulary):
+    """The negative log-likelihood per word of the images' reference captions, teacher-forced with
+    the expected context (XE training's term, eq. 14 without the regulariser, averaged over words),
+    dropout as the decoder's mode has it: the cross-entropy of ``--scst-xe-weight``.
+
+    annotations: (B, L, D) float; references: per image, its captions as token ids ``<start> ...
+    <end>`` (padded here to the longest; the padding is left out of the mean).
+    Returns a 0-dim float tensor, nats per word (``<end>`` included).
+    """
+    rows = [(i, c) for i, caps in enumerate(references) for c in caps]
+    captions = torch.full((len(rows), max(len(c) for _, c in rows)), vocab.pad, dtype=torch.long)
+    for r, (_, c) in enumerate(rows):
+        captions[r, : len(c)] = torch.tensor(c)
+    captions = captions.to(annotations.device)  # (R, T+1)
+    owners = torch.tensor([i for i, _ in rows], device=annotations.device)  # (R,)
+    out = decoder(annotations[owners], captions, "expected")  # logits (R, T, V)
+    targets = captions[:, 1:]  # (R, T)
+    nll = -out.logits.float().log_softmax(-1).gather(2, targets.unsqueeze(2)).squeeze(2)  # (R, T)
+    mask = targets != vocab.pad
+    return (nll * mask).sum() / mask.sum()
 
 
 def scst_loss(

@@ -38,7 +38,7 @@ from .metrics import bleu
 from .model import Decoder, attention_entropy, objective
 from .monitor import BOARD, CURVES, Monitor, figure_image
 from .options import specs, write_toml
-from .scst import Reward, scst_loss
+from .scst import Reward, reference_nll, scst_loss
 from .shards import AnnotationShards, CaptionPairs, Images
 from .text import tokenize
 
@@ -157,7 +157,17 @@ def make_optimizer(params, config: TrainConfig, fused: bool = True):
     return torch.optim.RMSprop(params, lr=config.lr)
 
 
-EPOCH_STATS = ("loss", "nll", "doubly_stochastic", "beta", "reward", "greedy_reward", "reward_rms", "baseline")
+EPOCH_STATS = (
+    "loss",
+    "nll",
+    "doubly_stochastic",
+    "beta",
+    "reward",
+    "greedy_reward",
+    "reward_rms",
+    "baseline",
+    "reference_nll",
+)
 
 
 def _accumulate(sums: dict, stats: dict, n: int) -> None:
@@ -261,7 +271,8 @@ def update(decoder: Decoder, optimizer, loss: torch.Tensor, clip: float) -> None
 
 
 def scst_step(s: "TrainState", annotations: torch.Tensor, images: list[int]):
-    """One self-critical update (:func:`pipeline.scst.scst_loss`) on a minibatch of images:
+    """One self-critical update (:func:`pipeline.scst.scst_loss`, plus ``scst_xe_weight`` times
+    :func:`pipeline.scst.reference_nll`, whose value stats['reference_nll'] holds) on a minibatch of images:
     annotations (B, L, D) float, images their indices in the training split. Hard attention
     samples its locations. Returns (loss, stats). Raises NonFinite as :func:`update`."""
     config = s.config
@@ -277,6 +288,9 @@ def scst_step(s: "TrainState", annotations: torch.Tensor, images: list[int]):
             config.max_len,
             "sample" if config.attention == "hard" else "expected",
         )
+        if config.scst_xe_weight:
+            nll = reference_nll(s.decoder, annotations, [s.train.captions[i] for i in images], s.train.vocab)
+            loss, stats["reference_nll"] = loss + config.scst_xe_weight * nll, nll.item()
     update(s.decoder, s.optimizer, loss, config.clip)
     return loss, stats
 

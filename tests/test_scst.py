@@ -1,6 +1,8 @@
 """Self-critical sequence training (pipeline.scst): it raises held-out CIDEr-D from an
 under-trained XE decoder, its baselines, and what it samples."""
 
+import json
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from pipeline.config import DecodeConfig
 from pipeline.decode import free_run
 from pipeline.errors import PipelineError
 from pipeline.model import Decoder, DecoderConfig
-from pipeline.scst import Reward, log_probs, scst_loss
+from pipeline.scst import Reward, log_probs, reference_nll, scst_loss
 from pipeline.shards import AnnotationShards
 from pipeline.text import Vocabulary
 from pipeline.train import TrainConfig, train, validate
@@ -140,3 +142,43 @@ def test_log_probs_are_those_the_samples_were_drawn_with():
                 live = mask[:, t].bool()
                 torch.testing.assert_close(scored[live, t], expected[live], atol=1e-5, rtol=1e-5)
                 token = tokens[:, t]
+
+
+def test_reference_nll_is_the_per_word_nll_of_each_reference_scored_alone():
+    """The mixed objective's cross-entropy: references of different lengths padded into one pass
+    give each caption's own teacher-forced NLL, summed over the words and divided by their count."""
+    decoder, vocab = _decoder(), Vocabulary(["cat", "dog", "red", "big", "ran"])
+    decoder.eval()
+    annotations = torch.randn(2, 5, 8)
+    s, e = vocab.start, vocab.end
+    references = [[[s, 4, 5, e], [s, 6, e]], [[s, 7, 8, 4, 5, e]]]  # 3, 2 and 5 words with <end>
+    total, words = 0.0, 0
+    for image, captions in enumerate(references):
+        for caption in captions:
+            tokens = torch.tensor([caption])
+            logits = decoder(annotations[image : image + 1], tokens, "expected").logits  # (1, T, V)
+            total -= logits.log_softmax(-1).gather(2, tokens[:, 1:].unsqueeze(2)).sum().item()
+            words += len(caption) - 1
+    nll = reference_nll(decoder, annotations, references, vocab)
+    assert nll.item() == pytest.approx(total / words, rel=1e-5)
+    nll.backward()
+    assert decoder.out_vocab.weight.grad.abs().sum() > 0
+
+
+def test_scst_xe_weight_adds_the_references_cross_entropy_to_the_loss(tmp_path):
+    features = tmp_path / "features"
+    write_object_features(features, sizes={"train": 60, "val": 10})
+    common = dict(features=str(features), ema_decay=0.0, val_beam_size=1, precision="fp32", model=TINY)
+    train(TrainConfig(out=str(tmp_path / "xe"), epochs=1, batch_size=32, **common), progress=False)
+    init = str(tmp_path / "xe" / "best.pt")
+    runs = {}
+    for weight in (0.0, 2.0):
+        config = TrainConfig(
+            out=str(tmp_path / f"scst{weight}"), criterion="scst", init=init, epochs=1, lr=1e-9, batch_size=20,
+            scst_xe_weight=weight, **common
+        )  # fmt: skip
+        train(config, progress=False)
+        runs[weight] = [json.loads(line) for line in (tmp_path / f"scst{weight}" / "metrics.jsonl").open()][-1]
+    assert "reference_nll" not in runs[0.0] and runs[2.0]["reference_nll"] > 0
+    # the same samples (same seed, weights moved by lr 1e-9 only): the loss differs by the weighted term
+    assert runs[2.0]["loss"] - runs[0.0]["loss"] == pytest.approx(2.0 * runs[2.0]["reference_nll"], rel=1e-3)
