@@ -224,7 +224,7 @@ class TrainConfig:
         0.0,
         "SCST: add this times the cross-entropy of the minibatch images' reference captions (nats per word, "
         "teacher-forced with dropout, as XE training) to the self-critical loss, a mixed objective (Paulus et al. "
-        "2018; 0: SCST alone).",
+        "2018; 0: SCST alone). Flickr8k dev: 0.1 scored 46.9 CIDEr against 48.0 without it (README).",
         low=0,
         high=100,
     )
