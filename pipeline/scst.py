@@ -17,17 +17,17 @@ references' cross-entropy per word (:func:`reference_nll`), a mixed objective (P
 The captions are sampled without gradients (:func:`pipeline.decode.free_run`, the loop of greedy
 decoding with a draw in place of the argmax), then scored by one teacher-forced pass with them
 (:func:`log_probs`), whose output layer runs once over all steps: several times faster on a CPU than
-keeping the sampling loop's graph.
-Dropout is off in both, so the policy sampled is the one differentiated (the references' cross-entropy
-keeps it, as XE training). Hard attention: the reward is a function of the
-whole sample, words and locations together, so the score function is that of their joint
-probability: each sampled location's log alpha_{t, s_t} receives the same advantage as the words
-(the paper's eq. 11, with CIDEr-D in place of log p(y | s, a)). Soft attention's context is
-deterministic and gets its gradient through the words' log-probabilities.
+keeping the sampling loop's graph. Dropout is off in both, so the policy sampled is the one
+differentiated (the references' cross-entropy keeps it, as XE training). Hard attention: the reward
+is a function of the whole sample, words and locations together, so the score function is that of
+their joint probability: each sampled location's log alpha_{t, s_t} receives the same advantage as
+the words (the paper's eq. 11, with CIDEr-D in place of log p(y | s, a)). Soft attention's context
+is deterministic and gets its gradient through the words' log-probabilities.
 """
 
 import torch
 from pycocoevalcap.bleu.bleu import Bleu
+from torch.nn.utils.rnn import pad_sequence
 
 from .cider import CiderD
 from .config import DecodeConfig
@@ -91,11 +91,9 @@ def reference_nll(decoder: Decoder, annotations: torch.Tensor, references: list[
     <end>`` (padded here to the longest; the padding is left out of the mean).
     Returns a 0-dim float tensor, nats per word (``<end>`` included).
     """
-    rows = [(i, c) for i, caps in enumerate(references) for c in caps]
-    captions = torch.full((len(rows), max(len(c) for _, c in rows)), vocab.pad, dtype=torch.long)
-    for r, (_, c) in enumerate(rows):
-        captions[r, : len(c)] = torch.tensor(c)
-    captions = captions.to(annotations.device)  # (R, T+1)
+    rows = [(i, torch.tensor(c)) for i, caps in enumerate(references) for c in caps]
+    captions = pad_sequence([c for _, c in rows], batch_first=True, padding_value=vocab.pad)  # (R, T+1)
+    captions = captions.to(annotations.device)
     owners = torch.tensor([i for i, _ in rows], device=annotations.device)  # (R,)
     out = decoder(annotations[owners], captions, "expected")  # logits (R, T, V)
     targets = captions[:, 1:]  # (R, T)
