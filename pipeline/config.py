@@ -284,7 +284,14 @@ class DecoderConfig:
     attention_layers: int = option(
         1, "Layers of f_att: 1 as in eq. 4; 2 as in the authors' COCO config.", low=1, high=2
     )
-    dropout: float = option(0.5, "Dropout probability on h_t and the deep output layer.", low=0, high=1, high_open=True)
+    dropout: float = option(
+        0.5,
+        "Dropout probability on h_t and the deep output layer. Flickr8k dev: 0.3 reached the same 43.8 CIDEr an epoch "
+        "sooner, and after SCST scored 45.7 against 48.0 (README).",
+        low=0,
+        high=1,
+        high_open=True,
+    )
     gating: bool = option(True, "Drop the gating scalar beta_t (section 4.2.1).")
     prev2out: bool = True  # E y_{t-1} in the deep output (eq. 7)
     ctx2out: bool = True  # L_z z_t in the deep output (eq. 7)
