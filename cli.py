@@ -71,6 +71,16 @@ class Finite(click.FloatRange):
         return super().convert(number, param, ctx)
 
 
+class FileOrNone(click.Path):
+    """A file that exists, or '' (an option's default: no file)."""
+
+    def __init__(self):
+        super().__init__(exists=True, dir_okay=False)
+
+    def convert(self, value, param, ctx):
+        return value if value == "" else super().convert(value, param, ctx)
+
+
 class Device(click.ParamType):
     """A torch device that this machine has: cpu, cuda or cuda:N."""
 
@@ -95,10 +105,6 @@ class Device(click.ParamType):
 
 
 POSITIVE = click.IntRange(min=1)
-COUNT = click.IntRange(min=0)
-PROBABILITY = Finite(0, 1, max_open=True)
-SIZE = click.IntRange(1, 16384)
-WORKERS = click.IntRange(0, 64)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -136,6 +142,8 @@ def _option_kwargs(default, spec) -> dict:
         return {"is_flag": True, "flag_value": not default, "default": default, "show_default": False, "help": help}
     if spec.kind == "device":
         kind = Device()
+    elif spec.kind == "path":
+        kind = FileOrNone()
     elif spec.choices:
         kind = click.Choice(spec.choices)
     elif isinstance(default, float):
@@ -285,8 +293,8 @@ def features(dataset, data_dir, karpathy_json, image_dir, splits, out, skip_bad_
     "--resume",
     is_flag=True,
     help="Continue the run in --out from its last.pt, with its saved options (--features and --out as given). It may "
-    "change --epochs, --patience, --checkpoint-every, --workers and --no-tensorboard; any other option given with "
-    "another value than the run's is refused.",
+    "change --epochs, --patience, --checkpoint-every, --workers, --no-tensorboard and --compile; any other option "
+    "given with another value than the run's is refused.",
 )
 @config_options(TrainConfig, DecoderConfig, ObjectiveConfig)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
@@ -394,7 +402,7 @@ def evaluate(checkpoint, split, features_dir, batch_size, device, out_dir, no_pr
 
     Writes the captions (COCO results json), the references (COCO caption annotation json) and
     the scores (json) into --out-dir, named by the checkpoint, split and every setting that is not
-    its default (NAME-SPLIT-beamK[-lenN][-lpP][-unk][-features-HASH]), so no two settings collide; a
+    its default (NAME-SPLIT-beamK[-lenN][-lpP][-unk][-blocktrigrams][-features-HASH]), so no two settings collide; a
     rerun replaces only the files an earlier run wrote.
     """
     from pipeline.evaluate import evaluate as run_evaluation
@@ -451,10 +459,11 @@ def caption(images, checkpoint, model, attention_plot, jsonl, device, **settings
     inputs = [*map(Path, images), *(Path(p) for p in (checkpoint, model) if p)]
     settings = DecodeConfig(**settings)
     header = {"checkpoint": str(checkpoint) if checkpoint else None, "model": model, **vars(settings)}
+    results = caption_images(images, checkpoint, model, settings, attention_plot, device)  # checked and loaded
     lines = open_jsonl(jsonl, inputs, header) if jsonl else None
     failed = 0
     try:
-        for result in caption_images(images, checkpoint, model, settings, attention_plot, device):
+        for result in results:
             if result.error:
                 failed += 1
                 click.echo(f"{result.path}: error: {result.error}", err=True)

@@ -8,6 +8,7 @@ fills up (then a PipelineError says so, naming the file).
 import contextlib
 import ctypes
 import errno
+import fnmatch
 import hashlib
 import json
 import os
@@ -122,15 +123,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(folder) -> list[Path]:
-    """Delete temporary files left in ``folder`` by killed runs; returns what was removed.
-
-    A temporary file whose writer process is still alive (another rank, say) is left alone.
+def remove_stale_temps(folder, names) -> list[Path]:
+    """Delete the temporary files (``NAME.tmp-PID``) that killed runs left in ``folder`` for the
+    files it writes there, ``names`` (glob patterns: ``"best.pt"``, ``"shard-*.h5"``); returns
+    what was removed. Any other file is left alone, whatever its name, and so is a temporary file
+    whose writer process is still alive (another rank, say).
     """
     stale = []
     for p in Path(folder).glob(f"*{TMP_MARK}*"):
-        pid = p.name.rsplit(TMP_MARK, 1)[1]
-        if p.is_file() and not (pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid))):
+        name, pid = p.name.rsplit(TMP_MARK, 1)
+        ours = pid.isdigit() and any(fnmatch.fnmatchcase(name, pattern) for pattern in names)
+        if ours and p.is_file() and not (int(pid) != os.getpid() and _alive(int(pid))):
             p.unlink(missing_ok=True)
             stale.append(p)
     return stale

@@ -99,18 +99,25 @@ def caption_images(
     paths, checkpoint=None, model=None, settings: DecodeConfig = DECODE, plot=None, device: str = "cpu"
 ) -> Iterator[ImageCaption]:
     """Caption each image file with the :class:`~pipeline.captioner.Captioner` of a checkpoint
-    (or of a model folder or Hub id, ``model``), yielding each result as soon as it is done;
-    unreadable files get an ``error`` and the others go on. settings: beam search's.
+    (or of a model folder or Hub id, ``model``): returns an iterator that yields each result as
+    soon as it is done; unreadable files get an ``error`` and the others go on. settings: beam
+    search's.
 
-    plot: where to save attention figures (see :func:`plot_path`), or None; the figure names are
-    checked (:func:`plot_paths`) before the first image is read.
+    plot: where to save attention figures (see :func:`plot_path`), or None. The figure names are
+    checked (:func:`plot_paths`) and the captioner loaded by this call, before it returns: a caller
+    may start writing its outputs once it has returned.
     Raises PipelineError for an unusable checkpoint, model or figure path.
     """
     paths = [Path(p) for p in paths]
     plots = plot_paths(paths, plot, [*paths, *(Path(p) for p in (checkpoint, model) if p)])
     captioner = Captioner.from_source(checkpoint, model, device)
     on = decide_decoding(settings, device, len(paths), note=False)  # a caption line per image, no note
-    settings = replace(settings, compile="on" if on else "off")
+    return _caption_each(captioner, paths, plots, replace(settings, compile="on" if on else "off"))
+
+
+def _caption_each(
+    captioner: Captioner, paths: list[Path], plots: list, settings: DecodeConfig
+) -> Iterator[ImageCaption]:
     for path, plot_file in zip(paths, plots):
         try:
             caption = captioner([path], **vars(settings))[0]

@@ -59,13 +59,25 @@ def load_checkpoint(path) -> dict:
     return state
 
 
+def decoder_config(checkpoint: dict, path) -> DecoderConfig:
+    """The decoder's configuration stored in ``checkpoint`` (read from ``path``).
+    Raises PipelineError if its fields or values are not this version's (a damaged or edited file)."""
+    try:
+        return DecoderConfig(**checkpoint["model_config"])
+    except (TypeError, PipelineError) as e:
+        raise PipelineError(
+            f"{path}: its model configuration does not fit this version ({describe(e)}); the file is damaged or "
+            "was edited: use another checkpoint"
+        ) from None
+
+
 def build_decoder(checkpoint: dict, path) -> tuple[Decoder, Vocabulary]:
     """The decoder and vocabulary stored in ``checkpoint`` (read from ``path``): the moving average
     of the weights where the run kept one (``ema_decay``), else the trained weights; weights of
     earlier versions are brought to this one's keys (:func:`pipeline.model.upgrade_state_dict`).
     Raises PipelineError if the weights or the vocabulary do not fit the model's config, or a
     weight is nan or inf."""
-    config = DecoderConfig(**checkpoint["model_config"])
+    config = decoder_config(checkpoint, path)
     weights = checkpoint["model"]
     if "ema" in checkpoint:
         weights = {k.removeprefix("module."): v for k, v in checkpoint["ema"].items() if k != "n_averaged"}

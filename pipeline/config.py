@@ -9,7 +9,7 @@ building a configuration in Python checks the same ranges (:func:`pipeline.optio
 from dataclasses import asdict, dataclass, field
 
 from .errors import PipelineError
-from .options import check_config, option
+from .options import check_config, check_values, option
 
 ENCODER_NAMES = ("vgg19", "vgg16", "resnet101", "resnet152", "squeezenet1_1")  # pipeline.encoders.ENCODERS
 ENCODER_PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # the encoder's arithmetic (pipeline.features)
@@ -142,16 +142,18 @@ class TrainConfig:
     )
     batch_size: int = option(64, "Captions per minibatch (all of one length).", unit="captions", low=1)
     epochs: int = option(20, "Maximum epochs.", low=1)
-    patience: int = option(5, "Early stopping: epochs without a better validation BLEU-4 (0: never stop early).", low=0)
+    patience: int = option(
+        5, "Early stopping: epochs without a better validation score (--val-metric) (0: never stop early).", low=0
+    )
     lr_decay: float = option(
         0.5,
-        "Multiply the learning rate by this when validation BLEU-4 stops improving (1: constant).",
+        "Multiply the learning rate by this when the validation score (--val-metric) stops improving (1: constant).",
         low=0,
         high=1,
         low_open=True,
     )
     lr_patience: int = option(
-        0, "Epochs without a better validation BLEU-4 tolerated before each learning-rate decay.", low=0
+        0, "Epochs without a better validation score (--val-metric) tolerated before each learning-rate decay.", low=0
     )
     clip: float = option(5.0, "Gradient L2-norm clipping threshold (0: off).", low=0)
     ema_decay: float = option(
@@ -254,6 +256,8 @@ class TrainConfig:
 
     def __post_init__(self):
         check_config(self)
+        check_values(DecoderConfig, self.model, "model: ")
+        check_values(ObjectiveConfig, self.objective, "objective: ")
         if self.criterion == "scst" and not self.init:
             raise PipelineError(
                 "--objective scst trains an XE-trained decoder: give its checkpoint with --init RUN/best.pt"
@@ -305,6 +309,9 @@ class DecoderConfig:
         "unscaled).",
         low=0,
     )
+
+    def __post_init__(self):
+        check_config(self)
 
     def to_dict(self) -> dict:
         return asdict(self)

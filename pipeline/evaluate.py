@@ -1,7 +1,7 @@
 """Scoring a checkpoint: beam-search captions of a split of the features, coco-caption scores.
 
 Writes into the output folder (default: the checkpoint's) three files named by every setting
-that changes them, ``NAME-SPLIT-beamK[-lenN][-lpP][-unk][-features-HASH]``:
+that changes them, ``NAME-SPLIT-beamK[-lenN][-lpP][-unk][-blocktrigrams][-features-HASH]``:
 
 - ``.captions.json``: the captions in the COCO results format ``[{"image_id", "caption"}]``;
 - ``.references.json``: the split's reference captions in the COCO caption annotation format,

@@ -33,6 +33,7 @@ from .options import write_toml
 from .text import Vocabulary, tokenize
 
 CONFIG = "config.toml"
+OWN_FILES = (shards.MANIFEST, shards.VOCAB, shards.CAPTIONS, shards.BAD_IMAGES, CONFIG)  # written in --out
 PRECISIONS = {"auto": None, "fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -257,6 +258,7 @@ def _setup(encoder, preprocess, config: FeatureConfig, dataset: str) -> dict:
         "precision": compute_precision(config, encoder.device),
         "shard_size": config.shard_size,
         "weights_name": encoder.weights_name,  # torchvision's weights enum, for 'imagenet'
+        "min_count": config.min_count,  # of vocab.json, rewritten by every run
     }
 
 
@@ -265,7 +267,7 @@ def _plan(
 ) -> tuple[dict, list]:
     """Prepare ``out`` for a run: the manifest to continue (damaged shards dropped from it and
     deleted), the text files, and the shards still to write: (manifest, [(split, k, records)])."""
-    remove_stale_temps(out)  # a manifest or text file being written when a run was killed
+    remove_stale_temps(out, OWN_FILES)  # a manifest or text file being written when a run was killed
     if not (out / shards.MANIFEST).exists():
         foreign = sorted(p.name for p in out.iterdir())
         if foreign:
@@ -297,7 +299,7 @@ def _plan(
                 warnings.warn(f"{out / entry['file']}: {problem}; extracting it again", stacklevel=2)
                 (out / entry["file"]).unlink()
         (out / split).mkdir(exist_ok=True)
-        remove_stale_temps(out / split)
+        remove_stale_temps(out / split, ("shard-*.h5",))
         for k in range(0, -(-len(recs) // config.shard_size)):
             name = shards.shard_name(split, k)
             if name not in entries and (out / name).exists():  # renamed, but the manifest not yet written
@@ -320,8 +322,9 @@ def _resume_manifest(out: Path, setup: dict) -> dict:
     """The manifest to continue from: the existing one if it matches ``setup``, else a new one."""
     if not (out / shards.MANIFEST).exists():
         return dict(setup, splits={})
-    # keys that came later: fp32 was the only precision, and the weights' name went unrecorded
-    old = dict({"precision": "fp32", "weights_name": setup["weights_name"]}, **shards.load_manifest(out))
+    # keys that came later: fp32 was the only precision; the weights' name and min_count went unrecorded
+    later = {"precision": "fp32", "weights_name": setup["weights_name"], "min_count": setup["min_count"]}
+    old = dict(later, **shards.load_manifest(out))
     differs = [k for k in setup if old.get(k) != setup[k]]
     if differs:
         raise PipelineError(

@@ -22,7 +22,7 @@ class Spec:
     help: one sentence or two (for a switch on by default, what its ``--no-NAME`` flag does);
     unit: of the value ('' where it has none); choices: the allowed
     values; low, high: the allowed range, each end open if ``*_open``; kind: 'device' (a torch
-    device this machine has), 'path' (a file or folder) or '' (none); flag: the option's name if
+    device this machine has), 'path' (a file that must exist, or '' for none) or '' (none); flag: the option's name if
     not the field's (``--no-gating`` for ``gating``); cli: False for a field with no option.
     """
 
@@ -40,8 +40,7 @@ class Spec:
 
 def option(default, help: str, **spec):
     """A dataclass field with ``default`` and its :class:`Spec` (keyword arguments as Spec's)."""
-    factory = {"default_factory": default} if callable(default) else {"default": default}
-    return field(metadata={"spec": Spec(help, **spec)}, **factory)
+    return field(default=default, metadata={"spec": Spec(help, **spec)})
 
 
 def specs(cls) -> dict:
@@ -49,8 +48,7 @@ def specs(cls) -> dict:
     out = {}
     for f in dataclasses.fields(cls):
         if "spec" in f.metadata:
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            out[f.name] = (default, f.metadata["spec"])
+            out[f.name] = (f.default, f.metadata["spec"])
     return out
 
 
@@ -61,6 +59,12 @@ def flag_name(name: str, default, spec: Spec) -> str:
         return spec.flag
     base = name.replace("_", "-")
     return f"--no-{base}" if default is True else f"--{base}"
+
+
+def field_flag(cls, name: str) -> str:
+    """The command-line flag of field ``name`` of dataclass ``cls`` (:func:`flag_name`)."""
+    default, spec = specs(cls)[name]
+    return flag_name(name, default, spec)
 
 
 def problem(value, default, spec: Spec) -> str | None:
@@ -96,10 +100,21 @@ def range_text(spec: Spec) -> str:
 def check_config(config, prefix: str = "") -> None:
     """Raise PipelineError naming the first field of dataclass instance ``config`` whose value its
     Spec does not allow (a configuration built in Python, not through the command line)."""
-    for name, (default, spec) in specs(type(config)).items():
-        why = problem(getattr(config, name), default, spec)
-        if why:
-            raise PipelineError(f"{prefix}{flag_name(name, None, spec)}: {why}")
+    check_values(type(config), {name: getattr(config, name) for name in specs(type(config))}, prefix)
+
+
+def check_values(cls, values: dict, prefix: str = "") -> None:
+    """Raise PipelineError naming the first of ``values`` (field name -> value) that is not a field
+    of dataclass ``cls``, or whose value the field's Spec does not allow."""
+    fields, known = {f.name for f in dataclasses.fields(cls)}, specs(cls)
+    for name, value in values.items():
+        if name not in fields:
+            raise PipelineError(f"{prefix}{name}: not a field of {cls.__name__}")
+        if name in known:
+            default, spec = known[name]
+            why = problem(value, default, spec)
+            if why:
+                raise PipelineError(f"{prefix}{flag_name(name, None, spec)}: {why}")
 
 
 def read_toml(path) -> dict:

@@ -17,6 +17,7 @@ from .atomic import atomic_path  # noqa: E402
 from .folders import OWNER  # noqa: E402
 
 MARK = {"Software": f"{OWNER} attention figure"}  # a PNG text chunk: how a rerun knows the file is its own
+CURVES_MARK = {"Software": f"{OWNER} training curves"}  # not an attention figure: `caption` may not replace it
 
 
 def upsample(alpha: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
@@ -84,7 +85,7 @@ def training_curves(records: list[dict], split: str, path) -> None:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80, metadata=MARK)
+        fig.savefig(tmp, format="png", dpi=80, metadata=CURVES_MARK)
     plt.close(fig)
 
 

@@ -2,10 +2,11 @@
 
 Minibatches hold captions of a single length (paper section 4.3), so no padding enters the loss.
 Each epoch ends with free-running beam-search decoding of the validation split (beam 3 by
-default, as the captions are scored), scored with coco-caption BLEU-4 (never teacher-forced); the
-learning rate decays (halves, by default) and early stopping counts whenever that score fails to
-improve. ``last.pt`` is written every epoch (and every ``checkpoint_every`` steps) and ``best.pt``
-when BLEU-4 improves, atomically; ``resume`` continues a killed run from ``last.pt`` and gives the
+default, as the captions are scored), scored with coco-caption BLEU-4 and CIDEr-D (never
+teacher-forced); the learning rate decays (halves, by default) and early stopping counts whenever
+the validation score (``val_metric``: BLEU-4 for XE, CIDEr-D for SCST) fails to improve.
+``last.pt`` is written every epoch (and every ``checkpoint_every`` steps) and ``best.pt`` when
+that score improves, atomically; ``resume`` continues a killed run from ``last.pt`` and gives the
 same weights as an uninterrupted run (on CPU, for a given seed).
 """
 
@@ -26,7 +27,14 @@ from tqdm import tqdm
 
 from . import distributed
 from .atomic import atomic_path, remove_stale_temps
-from .checkpoint import build_decoder, check_features, feature_identity, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    build_decoder,
+    check_features,
+    decoder_config,
+    feature_identity,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .cider import CiderD
 from .compiled import SLOWER_BF16_TRAINING, decide, use_compiled
 from .config import TRAIN_CAPTIONS, DecodeConfig, DecoderConfig, ObjectiveConfig, TrainConfig
@@ -37,7 +45,7 @@ from .memory import configure_allocator
 from .metrics import bleu
 from .model import Decoder, attention_entropy, objective
 from .monitor import BOARD, CURVES, Monitor, figure_image
-from .options import specs, write_toml
+from .options import field_flag, specs, write_toml
 from .scst import Reward, reference_nll, scst_loss
 from .shards import AnnotationShards, CaptionPairs, Images
 from .text import tokenize
@@ -209,12 +217,21 @@ def _log(out: Path, record: dict) -> None:
 
 
 def _truncate_log(out: Path, epochs_done: int) -> None:
-    """Drop log lines of epochs after ``epochs_done`` (written by a run killed before its checkpoint)."""
+    """Drop log lines of epochs after ``epochs_done`` (written by a run killed before its checkpoint),
+    and a line cut short (by a kill or a full disk while it was appended)."""
     path = out / METRICS
     if path.exists():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] <= epochs_done]
+        keep = [line for line in path.read_text().splitlines() if (_logged_epoch(line) or math.inf) <= epochs_done]
         with atomic_path(path) as tmp:
             tmp.write_text("".join(line + "\n" for line in keep))
+
+
+def _logged_epoch(line: str) -> int | None:
+    """The epoch of a line of metrics.jsonl; None for a line that is not a whole record."""
+    try:
+        return json.loads(line)["epoch"]
+    except (ValueError, TypeError, KeyError):
+        return None
 
 
 class NonFinite(PipelineError):
@@ -331,24 +348,37 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, give
         return _train(config, resume, progress and world.main, world, given or set())
 
 
-def resumed_config(saved: dict, config: TrainConfig, given: set[str], checkpoint_path) -> TrainConfig:
-    """The configuration of a resumed run: the ``saved`` one (``train_config`` of its last.pt),
-    with the folders of ``config`` (its features folder where ``config.features`` is empty) and
-    those of ``RESUMABLE`` that are in ``given``.
-    Raises PipelineError naming every other option in ``given`` whose value differs from the run's."""
-    new, old = _flat(asdict(config)), _flat(saved)
+def resumed_config(checkpoint: dict, config: TrainConfig, given: set[str], checkpoint_path) -> TrainConfig:
+    """The configuration of a resumed run: the saved one (``train_config`` of its last.pt,
+    ``checkpoint``), with the folders of ``config`` (its features folder where ``config.features``
+    is empty) and those of ``RESUMABLE`` that are in ``given``.
+    Raises PipelineError naming every other option in ``given`` whose value differs from the run's
+    (the decoder's as its ``model_config`` has them where the run was not given them)."""
+    saved = checkpoint["train_config"]
+    objective = {k: default for k, (default, _) in specs(ObjectiveConfig).items()}
+    run = dict(
+        saved,
+        model=dict({k: checkpoint["model_config"][k] for k in specs(DecoderConfig)}, **saved["model"]),
+        objective=dict(objective, **saved["objective"]),
+    )
+    new, old = _flat(asdict(config)), _flat(run)
     refused = sorted(k for k in given if k not in (*RESUMABLE, "features", "out") and new.get(k) != old.get(k))
     if refused:
-        flags = ", ".join(
-            f"--{k.split('.')[-1].replace('_', '-')} (the run has {old.get(k)}, given {new.get(k)})" for k in refused
-        )
+        flags = ", ".join(f"{_flag(k)} (the run has {old.get(k)}, given {new.get(k)})" for k in refused)
         raise PipelineError(
             f"{checkpoint_path}: a resumed run keeps its options, so {flags} cannot be used; drop "
             f"the flag, or start a new run in another --out (a resume may change "
-            f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE)})"
+            f"{', '.join(map(_flag, RESUMABLE))})"
         )
     changed = {k: new[k] for k in RESUMABLE if k in given}
     return TrainConfig(**dict(saved, features=config.features or saved["features"], out=config.out, **changed))
+
+
+def _flag(key: str) -> str:
+    """The command-line flag of a key of :func:`_flat`: ``--lr`` for 'lr', ``--no-gating`` for
+    'model.gating', ``--objective`` for 'criterion'."""
+    section, _, name = key.rpartition(".")
+    return field_flag({"": TrainConfig, "model": DecoderConfig, "objective": ObjectiveConfig}[section], name)
 
 
 def _flat(config: dict) -> dict:
@@ -359,12 +389,13 @@ def _flat(config: dict) -> dict:
     return flat
 
 
-def write_config(config: TrainConfig) -> None:
+def write_config(config: TrainConfig, model_config: DecoderConfig) -> None:
     """Record the run's resolved options as ``OUT/config.toml``: one flat table of option names
-    (the model's and objective's defaults filled in), so ``cli.py train --config`` repeats it."""
+    (the decoder's as ``model_config`` has them where not given, those of ``--init``'s checkpoint
+    included, and the objective's defaults filled in), so ``cli.py train --config`` repeats it."""
     values = {k: v for k, v in asdict(config).items() if k not in ("model", "objective")}
-    for cls, given in ((DecoderConfig, config.model), (ObjectiveConfig, config.objective)):
-        values.update({k: default for k, (default, spec) in specs(cls).items()}, **given)
+    values.update({k: getattr(model_config, k) for k in specs(DecoderConfig)}, **config.model)
+    values.update({k: default for k, (default, spec) in specs(ObjectiveConfig).items()}, **config.objective)
     write_toml(Path(config.out) / CONFIG, values, "the options of this run (cli.py train --config FILE repeats it)")
 
 
@@ -434,7 +465,7 @@ def _setup(config: TrainConfig, saved: dict | None, world: distributed.World) ->
     train_shards, val_shards, val_split = _open_features(config)
     torch.manual_seed(config.seed)
     if saved is not None:
-        decoder = Decoder(DecoderConfig(**saved["model_config"]))
+        decoder = Decoder(decoder_config(saved, Path(config.out) / LAST))
     elif config.init:
         decoder = _initial_decoder(config, train_shards)
     else:
@@ -477,9 +508,9 @@ def _initial_decoder(config: TrainConfig, shards: AnnotationShards) -> Decoder:
     _check_trained_on(checkpoint, shards, config.init, "start from it")
     decoder, _ = build_decoder(checkpoint, config.init)
     differs = [
-        f"--{k.replace('_', '-')} {v} (it has {getattr(decoder.config, k)})"
+        f"{field_flag(DecoderConfig, k)}{'' if isinstance(v, bool) else f' {v}'} (it has {k} = {has})"
         for k, v in config.model.items()
-        if getattr(decoder.config, k) != v
+        if (has := getattr(decoder.config, k)) != v
     ]
     if differs:
         raise PipelineError(
@@ -552,7 +583,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool, world: distributed
     out, saved = Path(config.out), None
     if resume:
         saved = load_checkpoint(out / LAST)  # its options, but the folders given now (they may have moved)
-        config = resumed_config(saved["train_config"], config, given, out / LAST)
+        config = resumed_config(saved, config, given, out / LAST)
         if len(saved["rng"]["cpu"]) != world.size:
             n = len(saved["rng"]["cpu"])
             raise PipelineError(
@@ -567,9 +598,9 @@ def _train(config: TrainConfig, resume: bool, progress: bool, world: distributed
     if world.main:
         if resume:
             _truncate_log(out, s.epoch)
-            remove_stale_temps(out)  # a checkpoint being written when the run was killed
+            remove_stale_temps(out, (LAST, BEST, METRICS, CURVES, CONFIG))  # being written when the run was killed
         out.mkdir(parents=True, exist_ok=True)
-        write_config(config)
+        write_config(config, s.model_config)
     state = None if resume else _checkpoint(s, out / LAST)  # a fresh run's folder can be resumed from its start
     monitor = Monitor(out, s.val_split, config.tensorboard, s.epoch) if world.main else None
     for epoch in range(s.epoch, config.epochs):

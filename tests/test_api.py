@@ -27,8 +27,14 @@ def _images(root, n=3):
     return sorted((root / "images").glob("*.jpg"))[:n]
 
 
-def test_a_mixed_batch_captions_as_one_image_at_a_time_and_as_the_command(trained_run, tmp_path):
+def _files(*folders) -> dict:
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for f in folders for p in Path(f).rglob("*")}
+
+
+def test_a_mixed_batch_captions_as_one_image_at_a_time_and_as_the_command(trained_run, tmp_path, monkeypatch):
     out, root = trained_run
+    monkeypatch.chdir(tmp_path)  # where a stray relative write would land
+    before = _files(out, root)
     checkpoint = out / "run" / "best.pt"
     captioner = Captioner.from_checkpoint(checkpoint)
     files = _images(root)
@@ -44,7 +50,7 @@ def test_a_mixed_batch_captions_as_one_image_at_a_time_and_as_the_command(traine
         assert c.tokens == c.text.split() and c.log_prob < 0
         assert c.attention.shape == (len(c.tokens), *grid)
         assert torch.allclose(c.attention.sum((1, 2)), torch.ones(len(c.tokens)), atol=1e-3)
-    assert list(tmp_path.iterdir()) == []  # nothing written unless asked
+    assert list(tmp_path.iterdir()) == [] and _files(out, root) == before  # nothing written unless asked
     figure = captioner.attention_figure(batch[0], tmp_path / "att.png")
     assert Image.open(figure).size[0] > 300
 

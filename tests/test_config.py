@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 import cli
 from pipeline import encoders, shards
+from pipeline.checkpoint import build_decoder
 from pipeline.config import (
     DECODE,
     ENCODER_NAMES,
@@ -47,6 +48,20 @@ def test_decode_settings_are_checked_in_python_too():
         DecodeConfig(max_len=2.0)
     with pytest.raises(PipelineError, match=r"--allow-unk: 1 is not true or false"):
         DecodeConfig(allow_unk=1)
+
+
+def test_decoder_settings_are_checked_in_python_and_in_checkpoints(tmp_path):
+    with pytest.raises(PipelineError, match=r"--dropout: 2 is not in the range 0<=x<1"):
+        DecoderConfig(vocab_size=10, annotation_dim=4, dropout=2)
+    with pytest.raises(PipelineError, match=r"model: --dropout: 2 is not in the range 0<=x<1"):
+        TrainConfig(features="f", out="o", model={"dropout": 2})
+    with pytest.raises(PipelineError, match=r"model: hiden_dim: not a field of DecoderConfig"):
+        TrainConfig(features="f", out="o", model={"hiden_dim": 8})
+    with pytest.raises(PipelineError, match=r"objective: --alpha-c: -1 is not in the range 0<=x"):
+        TrainConfig(features="f", out="o", objective={"alpha_c": -1})
+    edited = {"model_config": {"vocab_size": 10, "annotation_dim": 4, "hidden_dim": 0}}
+    with pytest.raises(PipelineError, match=r"x.pt: its model configuration does not fit .*--hidden-dim: 0 is not in"):
+        build_decoder(edited, tmp_path / "x.pt")
 
 
 def test_config_toml_repeats_a_run_exactly(tmp_path):

@@ -7,6 +7,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,18 +27,25 @@ from conftest import ROOT, run_cli
 from object_features import write_object_features
 
 
-def _kill_at_random_moment(args, seconds, seed):
+def _kill_at_random_moment(args, seconds, seed, out):
     """Start ``cli.py ARGS`` and SIGKILL its process group after a delay drawn by ``seed`` from 5% to
-    95% of ``seconds`` (an uninterrupted run's duration); returns the delay, or None if it ended first."""
+    95% of ``seconds`` (an uninterrupted run's duration); returns the delay. A run that ends first
+    (faster than the reference: warm caches) has its ``out`` folder removed and is started again
+    with half the delay, so that every call kills a run."""
     delay = random.Random(seed).uniform(0.05, 0.95) * seconds
-    proc = run_cli(*args, start_new_session=True)
-    try:
-        proc.wait(timeout=delay)
-        return None
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        return delay
+    for _ in range(5):
+        proc = run_cli(*args, start_new_session=True)
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            return delay
+        _, err = proc.communicate()
+        assert proc.returncode == 0, err
+        shutil.rmtree(out)
+        delay /= 2
+    raise AssertionError(f"{args[0]} always ended before it could be killed (last delay {delay:.2f} s)")
 
 
 def _timed(args):
@@ -99,7 +107,7 @@ def assert_same_features(reference, folder):
 def test_features_killed_at_a_random_moment_then_rerun(small_corpus, features_reference, tmp_path, seed):
     reference, seconds = features_reference
     args = _features_args(small_corpus, tmp_path / "out")
-    delay = _kill_at_random_moment(args, seconds, seed)
+    delay = _kill_at_random_moment(args, seconds, seed, tmp_path / "out")
     rerun = run_cli(*args)
     out, err = rerun.communicate()
     assert rerun.returncode == 0, f"killed after {delay} s: {err}"
@@ -214,7 +222,7 @@ def test_training_killed_at_a_random_moment_then_resumed(objects, tmp_path, opti
         options = (*options, "--init", str(request.getfixturevalue("xe_checkpoint")))
     seconds, _ = _timed(_train_args(objects, tmp_path / "ref", *options))
     args = _train_args(objects, tmp_path / "run", *options)
-    delay = _kill_at_random_moment(args, seconds, seed)
+    delay = _kill_at_random_moment(args, seconds, seed, tmp_path / "run")
     resume = ["--resume"] if (tmp_path / "run" / "last.pt").exists() else []  # killed before the first checkpoint
     finished = subprocess.run(
         [sys.executable, str(ROOT / "cli.py"), *args, *resume], cwd=ROOT, capture_output=True, text=True

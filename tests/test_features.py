@@ -166,6 +166,12 @@ def test_rerun_skips_finished_shards_and_refuses_other_settings(extracted, corpu
         extract_features(records, out, FeatureConfig(**dict(FAST, precision="bf16")), "synthetic")
     with pytest.raises(PipelineError, match="unknown split.*dev.*has train, val, test"):
         extract_features(records, out, FeatureConfig(**FAST), "synthetic", ["train", "dev"])
+    text = {p: p.read_bytes() for p in (out / shards.VOCAB, out / shards.CAPTIONS, out / shards.MANIFEST)}
+    with pytest.raises(PipelineError, match=r"different min_count \(min_count=\d+\)"):
+        extract_features(records, out, FeatureConfig(**dict(FAST, min_count=1)), "synthetic")
+    with pytest.raises(PipelineError, match=r"the \w+ shards were made from a different image list"):
+        extract_features([r for r in records if r is not records[0]], out, FeatureConfig(**FAST), "synthetic")
+    assert {p: p.read_bytes() for p in text} == text and {p: p.stat().st_mtime_ns for p in out.glob("*/*.h5")} == mtimes
 
 
 @pytest.mark.parametrize(
@@ -212,8 +218,9 @@ def _features_args(json_path, root, out, *extra):
 
 def test_cli_exit_status_with_bad_images(corpus_with_bad_images, tmp_path):
     args = _features_args(*corpus_with_bad_images, tmp_path / "f", "--splits", "train", "--shard-size", "50")
-    out, err = run_cli(*args).communicate()
-    assert "features: 40 images extracted" in out and "0 failed" not in out
+    proc = run_cli(*args)
+    out, err = proc.communicate()
+    assert proc.returncode == 1 and "features: 40 images extracted" in out and "0 failed" not in out
     assert "4 images could not be used" in err and "skipped" in out + err and "--skip-bad-images" in err
     proc = run_cli(*args, "--skip-bad-images")
     out, err = proc.communicate()

@@ -2,6 +2,7 @@
 under-trained XE decoder, its baselines, and what it samples."""
 
 import json
+import tomllib
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch
 from pipeline.checkpoint import build_decoder, load_checkpoint
 from pipeline.cider import CiderD
 from pipeline.config import DecodeConfig
-from pipeline.decode import free_run
+from pipeline.decode import free_run, greedy_decode
 from pipeline.errors import PipelineError
 from pipeline.model import Decoder, DecoderConfig
 from pipeline.scst import Reward, log_probs, reference_nll, scst_loss
@@ -42,6 +43,8 @@ def test_scst_raises_held_out_cider_of_an_under_trained_decoder(tmp_path, attent
     before, after = held_out_cider(tmp_path / "xe", features), held_out_cider(tmp_path / "scst", features)
     assert after >= before + 50, (before, after)  # CIDEr-D in %
     assert state["train_config"]["criterion"] == "scst" and state["run"]["best_score"] > 0
+    recorded = tomllib.loads((tmp_path / "scst" / "config.toml").read_text())
+    assert (recorded["hidden_dim"], recorded["embed_dim"]) == (32, 16)  # --init's decoder, not the defaults
 
 
 def test_scst_needs_an_init_checkpoint_of_the_same_sizes(tmp_path):
@@ -56,7 +59,8 @@ def test_scst_needs_an_init_checkpoint_of_the_same_sizes(tmp_path):
         features=str(features), out=str(tmp_path / "b"), init=str(tmp_path / "xe" / "best.pt"), model={"hidden_dim": 64}
     )
     with pytest.raises(
-        PipelineError, match=r"sizes and switches come from this checkpoint; drop --hidden-dim 64 \(it has 32\)"
+        PipelineError,
+        match=r"sizes and switches come from this checkpoint; drop --hidden-dim 64 \(it has hidden_dim = 32\)",
     ):
         train(other, progress=False)
 
@@ -96,15 +100,24 @@ def test_advantages_and_rewards(baseline):
     loss.backward()
     assert torch.isfinite(loss) and decoder.out_vocab.weight.grad.abs().sum() > 0
     torch.manual_seed(1)  # the same samples again, scored by hand
-    tokens, _, _, _ = free_run(
-        decoder.eval(), annotations.repeat_interleave(4, 0), vocab, DecodeConfig(max_len=6), sample=True
-    )
-    rewards = torch.tensor([cider.score(r // 4, vocab.decode(t)) for r, t in enumerate(tokens.tolist())])
+    repeated, settings = annotations.repeat_interleave(4, 0), DecodeConfig(max_len=6)
+    tokens, _, locations, mask = free_run(decoder.eval(), repeated, vocab, settings, sample=True)
+    rewards = torch.tensor([cider.score(r // 4, vocab.decode(t)) for r, t in enumerate(tokens.tolist())]).view(3, 4)
     assert stats["reward"] == pytest.approx(rewards.mean().item(), abs=1e-6)
-    if baseline == "mean":  # each sample's baseline is the mean of its image's other samples: advantages sum to 0
-        assert stats["baseline"] == pytest.approx(stats["reward"], abs=1e-6)
-    else:
-        assert stats["baseline"] == pytest.approx(stats["greedy_reward"], abs=1e-6)
+    if baseline == "mean":  # each sample's baseline: the mean of its image's 3 other samples
+        base = torch.stack(
+            [torch.stack([rewards[i, [j for j in range(4) if j != s]].mean() for s in range(4)]) for i in range(3)]
+        )
+    else:  # each image's greedy caption's reward, for all 4 of its samples
+        greedy, _ = greedy_decode(decoder, annotations, vocab, settings)
+        greedy_rewards = torch.tensor([cider.score(i, vocab.decode(t)) for i, t in enumerate(greedy.tolist())])
+        assert stats["greedy_reward"] == pytest.approx(greedy_rewards.mean().item(), abs=1e-6)
+        base = greedy_rewards[:, None].expand(3, 4)
+    advantage = (rewards - base).view(-1, 1)
+    assert stats["baseline"] == pytest.approx(base.mean().item(), abs=1e-6)
+    assert stats["reward_rms"] == pytest.approx(advantage.pow(2).mean().sqrt().item(), abs=1e-6)
+    log_p = log_probs(decoder, repeated, tokens, locations, vocab)
+    assert loss.item() == pytest.approx((-(advantage * log_p * mask).sum() / mask.sum()).item(), rel=1e-5)
 
 
 def test_the_reward_is_cider_d_plus_the_weighted_sentence_bleu4():

@@ -181,29 +181,36 @@ def test_validation_is_free_running_beam_search(objects, tmp_path):
     assert validate(decoder, val, greedy, torch.device("cpu"))["captions"] == [vocab.decode(t) for t in tokens.tolist()]
 
 
+def _stalled(objects, out, **options) -> TrainConfig:
+    """A run whose learning rate (8e-9) is too small to change the captions: its validation score
+    never improves after epoch 1."""
+    features, _ = objects
+    return TrainConfig(
+        features=str(features), out=str(out), lr=8e-9, val_images=20, val_beam_size=1, model=TINY, **options
+    )
+
+
 @pytest.mark.parametrize("lr_patience, expected", [(0, [8e-9, 8e-9, 4e-9, 2e-9]), (1, [8e-9, 8e-9, 8e-9, 4e-9])])
 def test_learning_rate_decays_when_validation_bleu_stalls(objects, tmp_path, lr_patience, expected):
     """With a learning rate too small to change the captions, BLEU-4 never improves after epoch 1,
     so the rate halves after every epoch (lr_patience 0) or every second one (1); the log shows
     the rate each epoch ran with, and last.pt carries the rate for the next epoch to a resume."""
-    features, _ = objects
-    config = TrainConfig(
-        features=str(features),
-        out=str(tmp_path / "r"),
-        epochs=4,
-        lr=8e-9,
-        lr_patience=lr_patience,
-        patience=0,
-        val_images=20,
-        val_beam_size=1,
-        model=TINY,
-    )
-    state = train(config, progress=False)
+    state = train(_stalled(objects, tmp_path / "r", epochs=4, lr_patience=lr_patience, patience=0), progress=False)
     log = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert len({entry["val_bleu4"] for entry in log}) == 1
     assert [entry["lr"] for entry in log] == pytest.approx(expected)
     following = expected[-1] / 2 if lr_patience == 0 else expected[-1]  # epoch 4 is the 3rd stale one
     assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(following)
+
+
+def test_a_stalled_run_stops_early_and_keeps_its_best_epoch(objects, tmp_path):
+    """With the validation score (here CIDEr-D, --val-metric) stalled after epoch 1, patience 2
+    stops the run after epoch 3 of 6, and best.pt stays the epoch-1 state that scored it."""
+    state = train(_stalled(objects, tmp_path / "r", epochs=6, patience=2, val_metric="cider"), progress=False)
+    log = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    best = torch.load(tmp_path / "r" / "best.pt", weights_only=True)
+    assert [entry["epoch"] for entry in log] == [1, 2, 3] and state["position"]["epoch"] == 3
+    assert best["position"]["epoch"] == 1 and best["run"]["best_score"] == pytest.approx(log[0]["val_cider"], abs=0.005)
 
 
 def test_weight_average_is_what_is_validated_and_loaded(objects, tmp_path):
