@@ -357,14 +357,13 @@ def _given(ctx: click.Context, *ignored: str) -> list[str]:
     ]
 
 
-def checkpoint_option(required: bool = False):
+def checkpoint_option(required: bool = False, help: str = "A best.pt or last.pt of `cli.py train`."):
     return click.option(
         "--checkpoint",
         type=click.Path(dir_okay=False),
         required=required,
         default=None,
-        help="A best.pt or last.pt of `cli.py train`."
-        + ("" if required else " [default: the newest best.pt under data/runs]"),
+        help=help + ("" if required else " [default: the newest best.pt under data/runs]"),
     )
 
 
@@ -517,12 +516,7 @@ def serve(checkpoint, model, host, port, examples, device, **settings):
 
 
 @main.command()
-@click.option(
-    "--checkpoint",
-    type=click.Path(dir_okay=False),
-    required=True,
-    help="A best.pt or last.pt of `cli.py train` (its weight average where the run kept one).",
-)
+@checkpoint_option(True, "A best.pt or last.pt of `cli.py train` (its weight average where the run kept one).")
 @click.option(
     "--out",
     type=click.Path(file_okay=False),

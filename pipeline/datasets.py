@@ -40,8 +40,16 @@ def load_records(dataset: str, data_dir=None, karpathy_json=None, image_dir=None
 
     data_dir: the dataset's folder (default: ``data/DATASET``).
     karpathy_json, image_dir: for 'karpathy' only.
-    Raises PipelineError for an unknown dataset or unusable files.
+    Raises PipelineError for an unknown dataset, unusable files, or a folder or file the dataset
+    does not read (given, it would be ignored).
     """
+    if dataset != "karpathy" and (karpathy_json or image_dir):
+        raise PipelineError(
+            f"--karpathy-json and --image-dir are read with --dataset karpathy only; --dataset {dataset} reads "
+            "--data-dir"
+        )
+    if dataset == "karpathy" and data_dir:
+        raise PipelineError("--dataset karpathy reads --karpathy-json and --image-dir, not --data-dir")
     if dataset == "flickr8k":
         return load_flickr8k(data_dir or "data/flickr8k")
     if dataset in KARPATHY_LAYOUTS:

@@ -21,7 +21,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_path, write_json
-from .checkpoint import build_decoder, load_checkpoint
+from .checkpoint import load_checkpoint
 from .errors import PipelineError, describe
 from .folders import check_writable
 from .model import Decoder, DecoderConfig
@@ -32,14 +32,16 @@ FILES = ("model.safetensors", "encoder.safetensors", "config.json", "vocab.json"
 
 
 def _scores(checkpoint_path: Path) -> dict:
-    """{'SPLIT beam K': scores} of every `evaluate` of the checkpoint found beside it."""
+    """{'SPLIT-beamK[-settings]': scores} of every `evaluate` of the checkpoint found beside it,
+    each named by its file (:func:`pipeline.evaluate.output_names`: every setting that is not
+    the default, other features included), so that no two settings share a row."""
     found = {}
     for path in sorted(checkpoint_path.parent.glob(f"{checkpoint_path.stem}-*.scores.json")):
         try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-            found[f"{record['split']}, beam {record['beam_size']}"] = record["scores"]
+            scores = json.loads(path.read_text(encoding="utf-8"))["scores"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
+        found[path.name[len(checkpoint_path.stem) + 1 : -len(".scores.json")]] = scores
     return found
 
 
@@ -55,8 +57,7 @@ def export_model(checkpoint_path, out) -> Path:
     check_writable(out, "--out")
     checkpoint = load_checkpoint(checkpoint_path)
     captioner = Captioner.from_checkpoint(checkpoint_path)
-    decoder, _ = build_decoder(checkpoint, checkpoint_path)
-    identity = checkpoint["features"]
+    decoder, identity = captioner.decoder, checkpoint["features"]
     config = {
         "format": FORMAT,
         "decoder": decoder.config.to_dict(),
@@ -77,7 +78,7 @@ def export_model(checkpoint_path, out) -> Path:
     ):
         with atomic_path(out / name) as tmp:
             save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-    Vocabulary(checkpoint["vocab"]).save(out / "vocab.json")
+    captioner.vocab.save(out / "vocab.json")
     with atomic_path(out / "README.md") as tmp:
         tmp.write_text(model_card(config, len(checkpoint["vocab"])), encoding="utf-8")
     write_json(out / "config.json", config)  # last: its format marks the folder as an export
@@ -115,7 +116,7 @@ over the {config["grid"][0]}x{config["grid"][1]}x{config["D"]} {e["layer"]} feat
 Decoder: embedding {d["embed_dim"]}, LSTM {d["hidden_dim"]}, attention MLP {d["attention_dim"]},
 vocabulary {vocab_size} words. Preprocessing: {config["preprocess"]}.
 
-| split | BLEU-1 | BLEU-4 | METEOR | ROUGE-L | CIDEr |
+| `cli.py evaluate` (SPLIT-beamK, then any setting not its default) | BLEU-1 | BLEU-4 | METEOR | ROUGE-L | CIDEr |
 | --- | --- | --- | --- | --- | --- |
 {rows}
 ## Use

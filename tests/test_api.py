@@ -1,6 +1,7 @@
 """The captioner in a person's hands: the three commands as written in a fresh copy of the
 repository, and the Python API."""
 
+import json
 import os
 import random
 import re
@@ -13,6 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from torchvision.transforms.functional import pil_to_tensor
 
 import cli
@@ -185,6 +187,31 @@ def test_export_then_from_pretrained_captions_as_the_checkpoint(trained_run, tmp
     assert "Show, Attend and Tell" in card and "Captioner.from_pretrained" in card
     again = CliRunner().invoke(cli.main, ["export", "--checkpoint", str(checkpoint), "--out", str(model)])
     assert again.exit_code == 0  # its own earlier export may be replaced
+
+
+def test_export_names_each_evaluation_and_refuses_what_is_not_its_own(trained_run, tmp_path):
+    out, _ = trained_run
+    checkpoint = Path(shutil.copy(out / "run" / "best.pt", tmp_path / "best.pt"))
+    for name, bleu4 in (("test-beam3", 20.0), ("test-beam3-lp0", 19.0)):  # as `evaluate` names them
+        record = {"split": "test", "beam_size": 3, "scores": {"BLEU-4": bleu4}}
+        (tmp_path / f"best-{name}.scores.json").write_text(json.dumps(record))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    refused = CliRunner().invoke(cli.main, ["export", "--checkpoint", str(checkpoint), "--out", str(mine)])
+    assert refused.exit_code == 2 and "mine: holds files that `cli.py export` did not write" in refused.output
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    model = tmp_path / "model"
+    assert CliRunner().invoke(cli.main, ["export", "--checkpoint", str(checkpoint), "--out", str(model)]).exit_code == 0
+    scores = json.loads((model / "config.json").read_text())["scores"]
+    assert scores == {"test-beam3": {"BLEU-4": 20.0}, "test-beam3-lp0": {"BLEU-4": 19.0}}
+    card = (model / "README.md").read_text()
+    assert "| test-beam3 | nan | 20.0 |" in card and "| test-beam3-lp0 | nan | 19.0 |" in card
+    trunk = load_file(str(model / "encoder.safetensors"))
+    first = next(iter(trunk))
+    save_file(dict(trunk, **{first: trunk[first] + 1}), str(model / "encoder.safetensors"))
+    with pytest.raises(PipelineError, match=r"encoder.safetensors does not hold the squeezenet1_1 weights"):
+        Captioner.from_pretrained(model)
 
 
 def test_from_pretrained_says_what_is_wrong(tmp_path):

@@ -1131,6 +1131,23 @@ CASES += [
         2,
     ),
     (
+        "features-karpathy-json-with-flickr8k",
+        lambda t, r, i: (
+            [*_flickr8k(t, ["1000_a.jpg#0\ta dog runs"]), "--karpathy-json", str(i / "dataset_synthetic.json")],
+            r"--karpathy-json and --image-dir are read with --dataset karpathy only; --dataset flickr8k reads "
+            r"--data-dir",
+        ),
+        2,
+    ),
+    (
+        "features-data-dir-with-karpathy",
+        lambda t, r, i: (
+            [*_features_cmd(t, *_small_corpus(i)), "--data-dir", str(t)],
+            r"--dataset karpathy reads --karpathy-json and --image-dir, not --data-dir",
+        ),
+        2,
+    ),
+    (
         "features-weights-is-a-folder",
         lambda t, r, i: (_features_cmd(t, *_small_corpus(i), "--weights", str(t)), r"not a loadable state dict"),
         2,
