@@ -3,8 +3,10 @@ its features with a decoder trained on them, and builders of tiny corpora in the
 
 import json
 import signal
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -90,4 +92,15 @@ def karpathy_json(folder: Path, images: list[dict], name: str = "dataset_coco.js
     """A Karpathy-split json holding ``images``."""
     path = folder / name
     path.write_text(json.dumps({"dataset": name.removeprefix("dataset_").removesuffix(".json"), "images": images}))
+    return path
+
+
+def png_header(path, width, height):
+    """A PNG whose header claims width x height pixels (its pixel data is absent)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunks = b"".join(
+        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        for kind, data in ((b"IHDR", ihdr), (b"IDAT", b""), (b"IEND", b""))
+    )
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunks)
     return path

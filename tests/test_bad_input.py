@@ -12,9 +12,7 @@ import json
 import os
 import re
 import shutil
-import struct
 import subprocess
-import zlib
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,7 @@ from click.testing import CliRunner
 
 import cli
 
-from conftest import karpathy_json, tiny_flickr8k
+from conftest import karpathy_json, png_header, tiny_flickr8k
 
 
 def _features_cmd(tmp, *args):
@@ -90,17 +88,6 @@ def _checkpoint(run, tmp, edit):
     edit(state)
     torch.save(state, tmp / "edited.pt")
     return tmp / "edited.pt"
-
-
-def _png_header(path, width, height):
-    """A PNG whose header claims width x height pixels (its pixel data is absent)."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    chunks = b"".join(
-        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        for kind, data in ((b"IHDR", ihdr), (b"IDAT", b""), (b"IEND", b""))
-    )
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunks)
-    return path
 
 
 class Pickled:
@@ -341,7 +328,7 @@ CASES = [
     ),
     (
         "image-decompression-bomb",
-        lambda t, r, i: (_caption(r, _png_header(t / "bomb.png", 40000, 40000)), r"bomb.png: error: too large"),
+        lambda t, r, i: (_caption(r, png_header(t / "bomb.png", 40000, 40000)), r"bomb.png: error: too large"),
         1,
     ),
     ("image-missing", lambda t, r, i: (_caption(r, t / "absent.jpg"), r"absent.jpg: error: missing"), 1),
@@ -1144,6 +1131,14 @@ CASES += [
         lambda t, r, i: (
             [*_features_cmd(t, *_small_corpus(i)), "--data-dir", str(t)],
             r"--dataset karpathy reads --karpathy-json and --image-dir, not --data-dir",
+        ),
+        2,
+    ),
+    (
+        "train-features-without-a-validation-split",
+        lambda t, r, i: (
+            _train(_copy_features(r, t, lambda m: m["splits"].pop("val")), t / "run"),
+            r"features: no 'dev' or 'val' features to validate on; pass --val-split",
         ),
         2,
     ),

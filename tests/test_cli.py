@@ -19,3 +19,32 @@ def test_errors_are_one_line_without_traceback(tmp_path):
     result = CliRunner().invoke(cli.main, ["evaluate", "--checkpoint", str(tmp_path / "none.pt")])
     assert result.exit_code == 2
     assert result.output.strip() == f"Error: {tmp_path / 'none.pt'}: no such checkpoint"
+
+
+def test_default_paths_say_what_to_run_first(tmp_path, monkeypatch):
+    """Run where data/ holds nothing (or too much), the commands that fall back on data/ say which
+    command makes what they need, or which option chooses; and two captioners are refused."""
+    monkeypatch.chdir(tmp_path)
+
+    def line(*args):
+        result = CliRunner().invoke(cli.main, list(args))
+        assert result.exit_code == 2, result.output
+        return result.output.strip()
+
+    assert line("train", "--attention", "hard") == (
+        "Error: no features under data/features: run `make features DATASET=flickr8k` (or `python cli.py "
+        "features`) first, or pass --features DIR"
+    )
+    assert line("caption", "img.jpg").startswith("Error: no trained checkpoint under data/runs: train one with")
+    for name in ("a", "b"):
+        (tmp_path / "data" / "features" / name).mkdir(parents=True)
+        (tmp_path / "data" / "features" / name / "manifest.json").write_text("{}")
+    assert line("train") == (
+        "Error: 2 features folders under data/features (a, b) and none is flickr8k-vgg19: choose one with "
+        "--features DIR"
+    )
+    (tmp_path / "best.pt").write_bytes(b"")
+    assert line("caption", "img.jpg", "--checkpoint", "best.pt", "--model", "m") == (
+        "Error: --checkpoint and --model name two captioners: give one"
+    )
+    assert not (tmp_path / "data" / "runs").exists()

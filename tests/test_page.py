@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, png_header, run_cli
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
@@ -108,3 +108,20 @@ def test_the_page_captions_an_upload_as_the_command_does(page, browser, trained_
     assert "notes.jpg could not be captioned: this is not an image file" in message
     assert server.poll() is None  # the server goes on
     assert _upload(browser, url, image, _caption) == command.stdout.split(": ", 1)[1].strip()
+
+
+def test_an_upload_too_large_or_not_an_image_is_refused_before_decoding(tmp_path):
+    from PIL import Image
+
+    from pipeline.app import MAX_BYTES, upload_problem
+
+    Image.new("RGB", (40, 30)).save(tmp_path / "small.png")
+    assert upload_problem(tmp_path / "small.png") is None
+    with open(tmp_path / "big.jpg", "wb") as f:  # sparse: no disk is spent on it
+        f.truncate(MAX_BYTES + 1)
+    assert upload_problem(tmp_path / "big.jpg") == "the file has 20.0 MiB; the limit is 20 MiB"
+    assert upload_problem(png_header(tmp_path / "wide.png", 8000, 8000)) == (
+        "the image has 8000 x 8000 pixels; the limit is 40 megapixels"
+    )
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert upload_problem(tmp_path / "notes.txt") == "this is not an image file (JPEG, PNG, ...)"
