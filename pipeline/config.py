@@ -143,7 +143,7 @@ class TrainConfig:
     batch_size: int = option(64, "Captions per minibatch (all of one length).", unit="captions", low=1)
     epochs: int = option(20, "Maximum epochs.", low=1)
     patience: int = option(
-        5, "Early stopping: epochs without a better validation score (--val-metric) (0: never stop early).", low=0
+        5, "Early stopping: epochs without a better validation score (--val-metric; 0: never stop early).", low=0
     )
     lr_decay: float = option(
         0.5,

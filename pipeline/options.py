@@ -20,10 +20,10 @@ class Spec:
     """What the command line knows of a configuration field.
 
     help: one sentence or two (for a switch on by default, what its ``--no-NAME`` flag does);
-    unit: of the value ('' where it has none); choices: the allowed
-    values; low, high: the allowed range, each end open if ``*_open``; kind: 'device' (a torch
-    device this machine has), 'path' (a file that must exist, or '' for none) or '' (none); flag: the option's name if
-    not the field's (``--no-gating`` for ``gating``); cli: False for a field with no option.
+    unit: of the value ('' where it has none); choices: the allowed values; low, high: the
+    allowed range, each end open if ``*_open``; kind: 'device' (a torch device this machine has),
+    'path' (a file that must exist, or '' for none) or '' (none); flag: the option's name if not
+    the field's (``--no-gating`` for ``gating``); cli: False for a field with no option.
     """
 
     help: str

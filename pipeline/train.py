@@ -355,12 +355,9 @@ def resumed_config(checkpoint: dict, config: TrainConfig, given: set[str], check
     Raises PipelineError naming every other option in ``given`` whose value differs from the run's
     (the decoder's as its ``model_config`` has them where the run was not given them)."""
     saved = checkpoint["train_config"]
+    decoder = {k: checkpoint["model_config"].get(k, default) for k, (default, _) in specs(DecoderConfig).items()}
     objective = {k: default for k, (default, _) in specs(ObjectiveConfig).items()}
-    run = dict(
-        saved,
-        model=dict({k: checkpoint["model_config"][k] for k in specs(DecoderConfig)}, **saved["model"]),
-        objective=dict(objective, **saved["objective"]),
-    )
+    run = dict(saved, model=dict(decoder, **saved["model"]), objective=dict(objective, **saved["objective"]))
     new, old = _flat(asdict(config)), _flat(run)
     refused = sorted(k for k in given if k not in (*RESUMABLE, "features", "out") and new.get(k) != old.get(k))
     if refused:
