@@ -227,11 +227,19 @@ def test_attention_input_scale_divides_what_f_att_sees():
     torch.testing.assert_close(state, plain_state)
 
 
-@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan")])
-def test_an_unresolved_attention_input_scale_is_refused(scale):
+@pytest.mark.parametrize(
+    "scale, message",
+    [
+        (0.0, r"attention_input_scale 0.0: give a positive number .*new_decoder_config"),
+        (-1.0, r"--attention-input-scale: -1.0 is not in the range 0<=x"),
+        (float("nan"), r"--attention-input-scale: nan is not a finite number"),
+    ],
+)
+def test_an_unresolved_attention_input_scale_is_refused(scale, message):
     """0 stands for the training annotation vectors' RMS, which only training can resolve; built
-    with it (or a negative or NaN scale) the decoder would divide by it, so it refuses instead."""
-    with pytest.raises(PipelineError, match=r"attention_input_scale .*new_decoder_config"):
+    with it the decoder would divide by it, so it refuses instead (a negative or NaN scale is out
+    of DecoderConfig's range)."""
+    with pytest.raises(PipelineError, match=message):
         tiny(attention_input_scale=scale)
 
 
