@@ -253,6 +253,46 @@ def test_a_non_finite_loss_stops_training_before_the_weights_change(objects, tmp
     assert all(t.isfinite().all() for t in state["model"].values() if t.is_floating_point())
 
 
+def test_a_weight_gone_non_finite_is_never_checkpointed(objects, tmp_path, monkeypatch):
+    """A step whose update overflows a weight (its loss and gradients finite) leaves last.pt at the
+    step before, and the run stops naming the step."""
+    import pipeline.train as training
+
+    make_optimizer = training.make_optimizer
+
+    def overflowing(params, *args, **kwargs):
+        params = list(params)
+        optimizer, steps = make_optimizer(params, *args, **kwargs), []
+        step = optimizer.step
+
+        def step_then_overflow(*a, **k):
+            step(*a, **k)
+            steps.append(1)
+            if len(steps) == 3:
+                with torch.no_grad():
+                    params[0].view(-1)[0] = float("inf")
+
+        optimizer.step = step_then_overflow
+        return optimizer
+
+    monkeypatch.setattr(training, "make_optimizer", overflowing)
+    config = TrainConfig(
+        features=str(objects),
+        out=str(tmp_path / "run"),
+        epochs=1,
+        batch_size=16,
+        checkpoint_every=1,
+        model=dict(embed_dim=16, hidden_dim=32, attention_dim=16),
+    )
+    with pytest.raises(
+        PipelineError, match=r"last.pt: not written: the weights hold nan or inf values at epoch 1, step 3"
+    ):
+        train(config, progress=False)
+    state = torch.load(tmp_path / "run" / LAST, weights_only=True)
+    assert state["position"]["step"] == 2
+    assert all(t.isfinite().all() for t in state["model"].values() if t.is_floating_point())
+
+
 def test_caption_prints_each_image_as_soon_as_it_is_done(trained_run, tmp_path):
     """Interrupted in the middle of 300 images, the captions already printed are kept, each a whole
     line, and the JSON lines file holds them too."""
