@@ -234,21 +234,27 @@ def test_a_non_finite_loss_stops_training_before_the_weights_change(objects, tmp
         return (loss * float("nan"), stats) if len(calls) == 3 else (loss, stats)
 
     monkeypatch.setattr(training, "objective", diverging)
+    _stopped_at_step_3(
+        objects,
+        tmp_path / "run",
+        r"epoch 1, step 3: the loss \(nan\) or the gradient norm .* is not finite \(minibatch of images ",
+    )
+
+
+def _stopped_at_step_3(objects, out, message):
+    """Train with a checkpoint every step until a fault at step 3 stops the run with ``message``:
+    last.pt must hold step 2's weights, all finite."""
     config = TrainConfig(
         features=str(objects),
-        out=str(tmp_path / "run"),
+        out=str(out),
         epochs=1,
         batch_size=16,
         checkpoint_every=1,
         model=dict(embed_dim=16, hidden_dim=32, attention_dim=16),
     )
-    with pytest.raises(
-        PipelineError,
-        match=r"epoch 1, step 3: the loss \(nan\) or the gradient norm .* is not finite "
-        r"\(minibatch of images ",
-    ):
+    with pytest.raises(PipelineError, match=message):
         train(config, progress=False)
-    state = torch.load(tmp_path / "run" / LAST, weights_only=True)
+    state = torch.load(out / LAST, weights_only=True)
     assert state["position"]["step"] == 2
     assert all(t.isfinite().all() for t in state["model"].values() if t.is_floating_point())
 
@@ -276,21 +282,9 @@ def test_a_weight_gone_non_finite_is_never_checkpointed(objects, tmp_path, monke
         return optimizer
 
     monkeypatch.setattr(training, "make_optimizer", overflowing)
-    config = TrainConfig(
-        features=str(objects),
-        out=str(tmp_path / "run"),
-        epochs=1,
-        batch_size=16,
-        checkpoint_every=1,
-        model=dict(embed_dim=16, hidden_dim=32, attention_dim=16),
+    _stopped_at_step_3(
+        objects, tmp_path / "run", r"last.pt: not written: the weights hold nan or inf values at epoch 1, step 3"
     )
-    with pytest.raises(
-        PipelineError, match=r"last.pt: not written: the weights hold nan or inf values at epoch 1, step 3"
-    ):
-        train(config, progress=False)
-    state = torch.load(tmp_path / "run" / LAST, weights_only=True)
-    assert state["position"]["step"] == 2
-    assert all(t.isfinite().all() for t in state["model"].values() if t.is_floating_point())
 
 
 def test_caption_prints_each_image_as_soon_as_it_is_done(trained_run, tmp_path):
