@@ -67,15 +67,16 @@ class Captioner:
         self.grid, self.storage, self.context = tuple(grid), storage, context
 
     @classmethod
-    def from_checkpoint(cls, path, device: str = "cpu") -> "Captioner":
+    def from_checkpoint(cls, path, device: str = "cpu", checkpoint: dict | None = None) -> "Captioner":
         """The captioner of a ``best.pt`` or ``last.pt`` written by `cli.py train` (its weight
-        average where the run kept one), on ``device`` ('cpu', 'cuda', 'cuda:1').
+        average where the run kept one), on ``device`` ('cpu', 'cuda', 'cuda:1'); ``checkpoint``:
+        the file as :func:`pipeline.checkpoint.load_checkpoint` already returned it, not read again.
 
         Raises PipelineError if the file is not such a checkpoint, its features came from no image
         encoder, or the encoder weights it names cannot be loaded or differ from those its
         features were made with.
         """
-        checkpoint = load_checkpoint(path)
+        checkpoint = load_checkpoint(path) if checkpoint is None else checkpoint
         identity = checkpoint["features"]
         recorded = identity["encoder"]
         if recorded.get("weights") is None:

@@ -56,7 +56,7 @@ def export_model(checkpoint_path, out) -> Path:
         raise PipelineError(f"{out}: holds files that `cli.py export` did not write; pass a new or empty --out")
     check_writable(out, "--out")
     checkpoint = load_checkpoint(checkpoint_path)
-    captioner = Captioner.from_checkpoint(checkpoint_path)
+    captioner = Captioner.from_checkpoint(checkpoint_path, checkpoint=checkpoint)
     decoder, identity = captioner.decoder, checkpoint["features"]
     config = {
         "format": FORMAT,

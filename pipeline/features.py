@@ -299,7 +299,7 @@ def _plan(
                 warnings.warn(f"{out / entry['file']}: {problem}; extracting it again", stacklevel=2)
                 (out / entry["file"]).unlink()
         (out / split).mkdir(exist_ok=True)
-        remove_stale_temps(out / split, ("shard-*.h5",))
+        remove_stale_temps(out / split, (shards.SHARD_GLOB,))
         for k in range(0, -(-len(recs) // config.shard_size)):
             name = shards.shard_name(split, k)
             if name not in entries and (out / name).exists():  # renamed, but the manifest not yet written

@@ -52,6 +52,11 @@ def specs(cls) -> dict:
     return out
 
 
+def defaults(cls) -> dict:
+    """name -> default of the fields of dataclass ``cls`` that have a Spec (:func:`specs`)."""
+    return {name: default for name, (default, _) in specs(cls).items()}
+
+
 def flag_name(name: str, default, spec: Spec) -> str:
     """The option's name on the command line: ``--embed-dim``; a switch on by default is turned
     off by ``--no-NAME``."""

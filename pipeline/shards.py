@@ -39,6 +39,9 @@ MANIFEST, VOCAB, CAPTIONS, BAD_IMAGES = "manifest.json", "vocab.json", "captions
 RESERVE_FIXED, RESERVE_PER_IMAGE = 1 << 16, 256
 
 
+SHARD_GLOB = "shard-*.h5"  # the files of a split's folder that shard_name names
+
+
 def shard_name(split: str, k: int) -> str:
     """Path of shard ``k`` of ``split``, relative to the features folder."""
     return f"{split}/shard-{k:05d}.h5"

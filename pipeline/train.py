@@ -45,7 +45,7 @@ from .memory import configure_allocator
 from .metrics import bleu
 from .model import Decoder, attention_entropy, objective
 from .monitor import BOARD, CURVES, Monitor, figure_image
-from .options import field_flag, specs, write_toml
+from .options import defaults, field_flag, specs, write_toml
 from .scst import Reward, reference_nll, scst_loss
 from .shards import AnnotationShards, CaptionPairs, Images
 from .text import tokenize
@@ -355,9 +355,9 @@ def resumed_config(checkpoint: dict, config: TrainConfig, given: set[str], check
     Raises PipelineError naming every other option in ``given`` whose value differs from the run's
     (the decoder's as its ``model_config`` has them where the run was not given them)."""
     saved = checkpoint["train_config"]
-    decoder = {k: checkpoint["model_config"].get(k, default) for k, (default, _) in specs(DecoderConfig).items()}
-    objective = {k: default for k, (default, _) in specs(ObjectiveConfig).items()}
-    run = dict(saved, model=dict(decoder, **saved["model"]), objective=dict(objective, **saved["objective"]))
+    decoder = {k: checkpoint["model_config"].get(k, default) for k, default in defaults(DecoderConfig).items()}
+    objective = dict(defaults(ObjectiveConfig), **saved["objective"])
+    run = dict(saved, model=dict(decoder, **saved["model"]), objective=objective)
     new, old = _flat(asdict(config)), _flat(run)
     refused = sorted(k for k in given if k not in (*RESUMABLE, "features", "out") and new.get(k) != old.get(k))
     if refused:
@@ -392,7 +392,7 @@ def write_config(config: TrainConfig, model_config: DecoderConfig) -> None:
     included, and the objective's defaults filled in), so ``cli.py train --config`` repeats it."""
     values = {k: v for k, v in asdict(config).items() if k not in ("model", "objective")}
     values.update({k: getattr(model_config, k) for k in specs(DecoderConfig)}, **config.model)
-    values.update({k: default for k, (default, spec) in specs(ObjectiveConfig).items()}, **config.objective)
+    values.update(defaults(ObjectiveConfig), **config.objective)
     write_toml(Path(config.out) / CONFIG, values, "the options of this run (cli.py train --config FILE repeats it)")
 
 
