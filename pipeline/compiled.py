@@ -2,7 +2,7 @@
 word of one caption) compiled by torch.compile's inductor backend into fused C++ (CPU) or Triton
 (CUDA) kernels, for training's teacher-forced pass and for every decoder (beam search, greedy
 decoding, SCST sampling). ``--compile`` on `train`, `evaluate`, `caption` and `serve`, and
-``compile=`` of :class:`~pipeline.captioner.Captioner`, take one of :data:`COMPILE_MODES`.
+``compile=`` of a :class:`~pipeline.captioner.Captioner` call, take one of :data:`COMPILE_MODES`.
 
 What is compiled, and why the step: the teacher-forced pass loops over the T words of a minibatch,
 and compiling the pass would unroll that loop, one graph per caption length (Flickr8k has about 20
