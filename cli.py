@@ -360,7 +360,7 @@ def _given(ctx: click.Context, *ignored: str) -> list[str]:
 def checkpoint_option(required: bool = False, help: str = "A best.pt or last.pt of `cli.py train`."):
     return click.option(
         "--checkpoint",
-        type=click.Path(dir_okay=False),
+        type=click.Path(exists=True, dir_okay=False),
         required=required,
         default=None,
         help=help + ("" if required else " [default: the newest best.pt under data/runs]"),

@@ -21,6 +21,7 @@ from .plots import attention_overlay
 
 MAX_BYTES = 20 * 2**20  # bytes per upload
 MAX_PIXELS = 40_000_000  # width x height of an uploaded image
+TITLE = "Show, Attend and Tell"
 IMAGE_TYPES = [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"]
 
 
@@ -33,7 +34,11 @@ def upload_problem(path) -> str | None:
     try:
         with Image.open(path) as image:
             width, height = image.size
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:  # PIL's own limit, far above MAX_PIXELS
+        return (
+            f"the image has over {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels; the limit is {MAX_PIXELS / 1e6:.0f}"
+        )
+    except (UnidentifiedImageError, OSError, ValueError):
         return "this is not an image file (JPEG, PNG, ...)"
     if width * height > MAX_PIXELS:
         return f"the image has {width} x {height} pixels; the limit is {MAX_PIXELS / 1e6:.0f} megapixels"
@@ -64,18 +69,13 @@ def caption_upload(captioner: Captioner, path, beam_size: int, settings: DecodeC
     return best.text, rows, overlays, f"{name}: {len(captions)} best of beam size {int(beam_size)}."
 
 
-def build_page(
-    captioner: Captioner,
-    examples: list[str] | None = None,
-    settings: DecodeConfig = DECODE,
-    title: str = "Show, Attend and Tell",
-):
+def build_page(captioner: Captioner, examples: list[str] | None = None, settings: DecodeConfig = DECODE):
     """The Gradio Blocks of the page (not started); its beam size starts at ``settings``'."""
     import gradio as gr
 
-    with gr.Blocks(title=title) as page:
+    with gr.Blocks(title=TITLE) as page:
         gr.Markdown(
-            f"# {title}\nNeural image captioning with visual attention (Xu et al. 2015). Upload an image; "
+            f"# {TITLE}\nNeural image captioning with visual attention (Xu et al. 2015). Upload an image; "
             "the attention of each word of the best caption is shown over the image."
         )
         with gr.Row():
@@ -116,8 +116,16 @@ def serve(
     examples: list[str] | None = None,
     settings: DecodeConfig = DECODE,
 ) -> None:
-    """Start the page and serve it until interrupted (Ctrl-C)."""
+    """Start the page and serve it until interrupted (Ctrl-C).
+    Raises PipelineError if nothing can listen at ``host``:``port`` (a port in use, an address
+    this machine does not have)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the machine
-    build_page(captioner, examples, settings).launch(
-        server_name=host, server_port=port, max_file_size=MAX_BYTES, show_error=True, quiet=True
-    )
+    try:
+        build_page(captioner, examples, settings).launch(
+            server_name=host, server_port=port, max_file_size=MAX_BYTES, show_error=True, quiet=True
+        )
+    except OSError as e:  # Gradio's "Cannot find empty port" (no strerror), or the socket's own error
+        why = e.strerror or "the port is in use, or the address is not this machine's"
+        raise PipelineError(
+            f"{host}:{port}: the page cannot listen there ({why}); pass another --port or --host"
+        ) from None

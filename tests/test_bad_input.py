@@ -1100,6 +1100,29 @@ CASES += [
         2,
     ),
     (
+        "export-checkpoint-missing",
+        lambda t, r, i: (
+            ["export", "--checkpoint", str(t / "typo.pt"), "--out", str(t / "models" / "new")],
+            r"Invalid value for '--checkpoint': File '.*typo.pt' does not exist",
+        ),
+        2,
+    ),
+    (
+        "caption-checkpoint-missing",
+        lambda t, r, i: (
+            [
+                "caption",
+                str(_first_image(i)),
+                "--checkpoint",
+                str(t / "typo.pt"),
+                "--attention-plot",
+                str(t / "a" / "b" / "out.png"),
+            ],
+            r"Invalid value for '--checkpoint': File '.*typo.pt' does not exist",
+        ),
+        2,
+    ),
+    (
         "train-init-with-other-sizes",
         lambda t, r, i: (
             _train(r / "features", t / "run", "--init", str(r / "run" / "best.pt"), "--hidden-dim", "7"),

@@ -123,5 +123,26 @@ def test_an_upload_too_large_or_not_an_image_is_refused_before_decoding(tmp_path
     assert upload_problem(png_header(tmp_path / "wide.png", 8000, 8000)) == (
         "the image has 8000 x 8000 pixels; the limit is 40 megapixels"
     )
+    assert upload_problem(png_header(tmp_path / "huge.png", 15000, 15000)) == (  # past PIL's own limit
+        f"the image has over {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels; the limit is 40"
+    )
     (tmp_path / "notes.txt").write_text("not an image")
     assert upload_problem(tmp_path / "notes.txt") == "this is not an image file (JPEG, PNG, ...)"
+
+
+def test_serve_on_a_port_in_use_says_so(tmp_path):
+    """A second page on a port something listens on: one PipelineError naming the address and
+    the option to change, not Gradio's advice about its environment variable."""
+    from pipeline.app import serve
+    from pipeline.errors import PipelineError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(PipelineError) as e:
+            serve(None, "127.0.0.1", port)  # refused before any upload reaches the captioner
+    assert str(e.value) == (
+        f"127.0.0.1:{port}: the page cannot listen there (the port is in use, or the address is not this "
+        "machine's); pass another --port or --host"
+    )
