@@ -107,10 +107,15 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
+def json_text(obj) -> str:
+    """``obj`` as the indented JSON text this pipeline writes (no NaN or infinity)."""
+    return json.dumps(obj, indent=1, sort_keys=False, allow_nan=False) + "\n"
+
+
 def write_json(path, obj) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=1, sort_keys=False, allow_nan=False) + "\n", encoding="utf-8")
+        tmp.write_text(json_text(obj), encoding="utf-8")
 
 
 def _alive(pid: int) -> bool:

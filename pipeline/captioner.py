@@ -23,10 +23,33 @@ from .compiled import decide_decoding, use_compiled
 from .config import DecodeConfig
 from .decode import n_best
 from .encoders import Encoder, Preprocess, build_encoder, encoder_from_state, open_rgb, to_rgb
-from .errors import PipelineError
+from .errors import PipelineError, describe
 from .model import Decoder
 from .plots import attention_figure
+from .shards import identity_problem
 from .text import Vocabulary
+
+
+def checked_preprocess(identity, where, fix: str) -> Preprocess:
+    """The preprocessing recorded in ``identity`` (a checkpoint's ``features``, an export's
+    config.json: :func:`pipeline.shards.identity_problem`), its encoder record checked too (a
+    name; weights and their SHA-256 as strings, or no weights for features made without an
+    image encoder).
+    Raises PipelineError naming ``where`` and saying ``fix`` for anything missing or malformed."""
+    problem = identity_problem(identity)
+    if problem is None:
+        encoder = identity["encoder"]
+        if not isinstance(encoder.get("name"), str) or (
+            encoder.get("weights") is not None
+            and not all(isinstance(encoder.get(k), str) for k in ("weights", "weights_sha256"))
+        ):
+            problem = "malformed 'encoder'"
+    if problem is None:
+        try:
+            return Preprocess(**identity["preprocess"])
+        except (TypeError, PipelineError) as e:
+            problem = f"malformed 'preprocess' ({describe(e)})"
+    raise PipelineError(f"{where}: its record of the features' making has {problem}; {fix}")
 
 
 @dataclass
@@ -78,6 +101,7 @@ class Captioner:
         """
         checkpoint = load_checkpoint(path) if checkpoint is None else checkpoint
         identity = checkpoint["features"]
+        preprocess = checked_preprocess(identity, path, "the file is damaged or was edited: use another checkpoint")
         recorded = identity["encoder"]
         if recorded.get("weights") is None:
             raise PipelineError(f"{path}: trained on features with no image encoder; it cannot caption images")
@@ -98,7 +122,7 @@ class Captioner:
         decoder, vocab = build_decoder(checkpoint, path)
         return cls(
             encoder,
-            Preprocess(**identity["preprocess"]),
+            preprocess,
             decoder.to(device),
             vocab,
             identity["grid"],
@@ -117,6 +141,7 @@ class Captioner:
         from .export import load_model_folder
 
         config, trunk, decoder, vocab = load_model_folder(str(model), device)
+        preprocess = checked_preprocess(config, model, "export it again")
         recorded = config["encoder"]
         encoder = encoder_from_state(recorded["name"], trunk, recorded["weights"], device)
         if encoder.weights_sha256 != recorded["weights_sha256"]:
@@ -126,7 +151,7 @@ class Captioner:
             )
         return cls(
             encoder,
-            Preprocess(**config["preprocess"]),
+            preprocess,
             decoder,
             vocab,
             config["grid"],

@@ -7,7 +7,8 @@
       encoder.safetensors   the encoder trunk's weights, so the folder captions on its own
       config.json           format, decoder sizes, decoding context, the encoder (name, layer,
                             weights' name and SHA-256), preprocessing, grid, storage dtype, and
-                            the scores `cli.py evaluate` wrote for the checkpoint
+                            the scores `cli.py evaluate` wrote for the checkpoint, and the
+                            SHA-256 of the other four (a rerun replaces only files it wrote)
       vocab.json            the vocabulary
       README.md             a model card: what it is, how it was trained, its scores, how to use it
 
@@ -18,12 +19,14 @@ Hugging Face Hub repository holding the same files.
 import json
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
-from .atomic import atomic_path, write_json
+from .atomic import remove_stale_temps
 from .checkpoint import load_checkpoint
+from .config import CONTEXTS
 from .errors import PipelineError, describe
-from .folders import check_writable
+from .folders import check_owned, check_writable, write_owned
 from .model import Decoder, DecoderConfig
 from .text import Vocabulary
 
@@ -46,17 +49,23 @@ def _scores(checkpoint_path: Path) -> dict:
 
 
 def export_model(checkpoint_path, out) -> Path:
-    """Write the model folder of a checkpoint into ``out`` (new, empty, or an earlier export).
+    """Write the model folder of a checkpoint into ``out`` (new, empty, or an earlier export whose
+    files are as export wrote them: config.json lists each file's SHA-256, and goes first, without
+    its format, and last, so that a killed export is no model folder until it is run again).
     Raises PipelineError for an unusable checkpoint, a checkpoint whose features came from no
-    image encoder, or an ``out`` that holds other files."""
+    image encoder, or an ``out`` that holds other files, or files edited since (a model card)."""
     from .captioner import Captioner
 
     checkpoint_path, out = Path(checkpoint_path), Path(out)
-    if out.is_dir() and any(out.iterdir()) and _format(out) != FORMAT:
-        raise PipelineError(f"{out}: holds files that `cli.py export` did not write; pass a new or empty --out")
-    check_writable(out, "--out")
+    record = out / "config.json"
+    if out.is_dir():
+        remove_stale_temps(out, FILES)
+        if any(p.name not in FILES for p in out.iterdir()):
+            raise PipelineError(f"{out}: holds files that `cli.py export` did not write; pass a new or empty --out")
+    check_owned(record, [out / name for name in FILES if name != record.name], "`cli.py export`", "--out")
     checkpoint = load_checkpoint(checkpoint_path)
     captioner = Captioner.from_checkpoint(checkpoint_path, checkpoint=checkpoint)
+    check_writable(out, "--out")
     decoder, identity = captioner.decoder, checkpoint["features"]
     config = {
         "format": FORMAT,
@@ -72,17 +81,18 @@ def export_model(checkpoint_path, out) -> Path:
         "dataset": identity["dataset"],
         "scores": _scores(checkpoint_path),
     }
-    for name, state in (
-        ("model.safetensors", decoder.state_dict()),
-        ("encoder.safetensors", captioner.encoder.trunk.state_dict()),
-    ):
-        with atomic_path(out / name) as tmp:
-            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-    captioner.vocab.save(out / "vocab.json")
-    with atomic_path(out / "README.md") as tmp:
-        tmp.write_text(model_card(config, len(checkpoint["vocab"])), encoding="utf-8")
-    write_json(out / "config.json", config)  # last: its format marks the folder as an export
+    files = {
+        out / "model.safetensors": _safetensors(decoder.state_dict()),
+        out / "encoder.safetensors": _safetensors(captioner.encoder.trunk.state_dict()),
+        out / "vocab.json": captioner.vocab.to_json(),
+        out / "README.md": model_card(config, len(checkpoint["vocab"])),
+    }
+    write_owned(record, files, config)
     return out
+
+
+def _safetensors(state: dict) -> bytes:
+    return safetensors_bytes({k: v.contiguous() for k, v in state.items()})
 
 
 def _format(folder: Path):
@@ -164,13 +174,17 @@ def load_model_folder(model: str, device: str = "cpu"):
             f"{', '.join(missing) or 'config.json'})"
         )
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if not isinstance(config.get("decoder"), dict) or config.get("decode_context") not in CONTEXTS:
+        raise PipelineError(
+            f"{folder}: config.json has a missing or malformed 'decoder' or 'decode_context'; export it again"
+        )
     try:
         decoder = Decoder(DecoderConfig(**config["decoder"]))
         decoder.load_state_dict(load_file(str(folder / "model.safetensors")))
         trunk = load_file(str(folder / "encoder.safetensors"))
     except Exception as e:  # noqa: BLE001 - safetensors and torch raise many kinds for damaged files
         raise PipelineError(f"{folder}: its weights cannot be loaded ({describe(e)}); export it again") from None
-    vocab = Vocabulary.load(folder / "vocab.json")
+    vocab = Vocabulary.load(folder / "vocab.json", fix="export it again")
     if len(vocab) != decoder.config.vocab_size:
         raise PipelineError(f"{folder}: vocab.json has {len(vocab)} words, the decoder {decoder.config.vocab_size}")
     return config, trunk, decoder.to(device), vocab

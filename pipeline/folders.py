@@ -147,17 +147,19 @@ def _owned_record(path: Path) -> bool:
 
 
 def write_owned(record_path, files: dict, record: dict) -> None:
-    """Write ``files`` (path beside ``record_path`` -> text) and then ``record`` as JSON at
-    ``record_path``, with ``written_by`` and the SHA-256 of each file, each write atomic.
+    """Write ``files`` (path beside ``record_path`` -> text or bytes) and then ``record`` as JSON
+    at ``record_path``, with ``written_by`` and the SHA-256 of each file, each write atomic.
 
-    Before the files are replaced, the record lists both their old and new digests, so that a
-    kill at any moment leaves every file listed with its contents and a rerun may replace it."""
+    Before the files are replaced, the record lists both their old and new digests (and nothing
+    of ``record``), so that a kill at any moment leaves every file listed with its contents, a
+    reader of ``record`` finds none, and a rerun may replace them."""
     record_path = Path(record_path)
     old = _listed(record_path)
-    new = {Path(p).name: hashlib.sha256(text.encode("utf-8")).hexdigest() for p, text in files.items()}
+    data = {Path(p): text.encode("utf-8") if isinstance(text, str) else text for p, text in files.items()}
+    new = {path.name: hashlib.sha256(content).hexdigest() for path, content in data.items()}
     pending = {name: sorted(set(old.get(name, [])) | {digest}) for name, digest in new.items()}
     write_json(record_path, {"written_by": OWNER, "complete": False, "files": pending})
-    for path, text in files.items():
+    for path, content in data.items():
         with atomic_path(path) as tmp:
-            tmp.write_text(text, encoding="utf-8")
+            tmp.write_bytes(content)
     write_json(record_path, dict(record, written_by=OWNER, files={name: [digest] for name, digest in new.items()}))

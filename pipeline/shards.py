@@ -214,13 +214,15 @@ def load_manifest(features_dir) -> dict:
 _SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
-def manifest_problem(manifest: dict) -> str | None:
-    """What is missing or malformed in a manifest (None if nothing): every key that training,
-    scoring and captioning read, of its type, and each shard file named ``SPLIT/shard-NNNNN.h5``,
-    so that no path read from a manifest leads outside its folder."""
+def identity_problem(identity) -> str | None:
+    """What is missing or malformed in the record of how features were made (None if nothing):
+    the keys of a manifest that training, scoring and captioning read, of their types, as a
+    manifest, a checkpoint's ``features`` and an export's config.json hold them."""
+    if not isinstance(identity, dict):
+        return "not a JSON object"
 
     def fits(key, kind, test=lambda v: True):
-        return isinstance(manifest.get(key), kind) and test(manifest[key])
+        return isinstance(identity.get(key), kind) and test(identity[key])
 
     checks = {
         "dataset": fits("dataset", str),
@@ -231,16 +233,23 @@ def manifest_problem(manifest: dict) -> str | None:
             "L",
             int,
             lambda n: (
-                fits("grid", list) and len(manifest["grid"]) == 2 and n == manifest["grid"][0] * manifest["grid"][1]
+                fits("grid", list) and len(identity["grid"]) == 2 and n == identity["grid"][0] * identity["grid"][1]
             ),
         ),
         "D": fits("D", int, lambda n: n > 0),
         "dtype": fits("dtype", str, lambda d: d in ("float16", "float32")),
-        "splits": fits("splits", dict),
     }
     bad = [key for key, ok in checks.items() if not ok]
-    if bad:
-        return f"missing or malformed {', '.join(repr(k) for k in bad)}"
+    return f"missing or malformed {', '.join(repr(k) for k in bad)}" if bad else None
+
+
+def manifest_problem(manifest: dict) -> str | None:
+    """What is missing or malformed in a manifest (None if nothing): :func:`identity_problem`,
+    its splits, and each shard file named ``SPLIT/shard-NNNNN.h5``, so that no path read from a
+    manifest leads outside its folder."""
+    problem = identity_problem(manifest)
+    if problem or not isinstance(manifest.get("splits"), dict):
+        return problem or "missing or malformed 'splits'"
     for split, entry in manifest["splits"].items():
         if not _SPLIT_NAME.fullmatch(split) or not isinstance(entry, dict) or not isinstance(entry.get("shards"), list):
             return f"malformed split {split!r}"

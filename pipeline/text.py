@@ -11,7 +11,7 @@ from pathlib import Path
 
 from nltk.tokenize import TreebankWordTokenizer
 
-from .atomic import write_json
+from .atomic import atomic_path, json_text
 from .errors import PipelineError
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
@@ -71,21 +71,26 @@ class Vocabulary:
                 words.append(self.words[i])
         return words
 
+    def to_json(self) -> str:
+        """The JSON text that :meth:`save` writes: the word list."""
+        return json_text({"words": self.words})
+
     def save(self, path) -> None:
-        """Write the word list as JSON (atomically)."""
-        write_json(path, {"words": self.words})
+        """Write :meth:`to_json` to ``path`` (atomically)."""
+        with atomic_path(path) as tmp:
+            tmp.write_text(self.to_json(), encoding="utf-8")
 
     @classmethod
-    def load(cls, path) -> "Vocabulary":
+    def load(cls, path, fix: str = "rerun `cli.py features`") -> "Vocabulary":
         """Read a vocabulary written by :meth:`save`.
 
-        Raises PipelineError if the file is missing or not a vocabulary.
+        Raises PipelineError, saying ``fix``, if the file is missing or not a vocabulary.
         """
         path = Path(path)
         try:
             words = json.loads(path.read_text(encoding="utf-8"))["words"]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise PipelineError(f"{path}: not a readable vocabulary file ({e}); rerun `cli.py features`") from e
-        if list(words[: len(SPECIALS)]) != list(SPECIALS):
-            raise PipelineError(f"{path}: vocabulary must start with {', '.join(SPECIALS)}")
+            raise PipelineError(f"{path}: not a readable vocabulary file ({e}); {fix}") from e
+        if not isinstance(words, list) or words[: len(SPECIALS)] != list(SPECIALS):
+            raise PipelineError(f"{path}: vocabulary must start with {', '.join(SPECIALS)}; {fix}")
         return cls(words)

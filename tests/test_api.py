@@ -187,6 +187,10 @@ def test_export_then_from_pretrained_captions_as_the_checkpoint(trained_run, tmp
     assert "Show, Attend and Tell" in card and "Captioner.from_pretrained" in card
     again = CliRunner().invoke(cli.main, ["export", "--checkpoint", str(checkpoint), "--out", str(model)])
     assert again.exit_code == 0  # its own earlier export may be replaced
+    (model / "README.md").write_text(card + "\nMy notes.\n")  # a model card edited before a Hub push
+    edited = CliRunner().invoke(cli.main, ["export", "--checkpoint", str(checkpoint), "--out", str(model)])
+    assert edited.exit_code == 2 and "README.md: exists and was not written by `cli.py export`" in edited.output
+    assert (model / "README.md").read_text().endswith("My notes.\n")
 
 
 def test_export_names_each_evaluation_and_refuses_what_is_not_its_own(trained_run, tmp_path):
@@ -207,6 +211,11 @@ def test_export_names_each_evaluation_and_refuses_what_is_not_its_own(trained_ru
     assert scores == {"test-beam3": {"BLEU-4": 20.0}, "test-beam3-lp0": {"BLEU-4": 19.0}}
     card = (model / "README.md").read_text()
     assert "| test-beam3 | nan | 20.0 |" in card and "| test-beam3-lp0 | nan | 19.0 |" in card
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "dtype"}))
+    with pytest.raises(PipelineError, match=r"missing or malformed 'dtype'; export it again"):
+        Captioner.from_pretrained(model)
+    (model / "config.json").write_text(json.dumps(config))
     trunk = load_file(str(model / "encoder.safetensors"))
     first = next(iter(trunk))
     save_file(dict(trunk, **{first: trunk[first] + 1}), str(model / "encoder.safetensors"))
@@ -220,3 +229,31 @@ def test_from_pretrained_says_what_is_wrong(tmp_path):
         Captioner.from_pretrained(tmp_path / "empty")
     with pytest.raises(PipelineError, match="could not be had from the Hugging Face Hub"):
         Captioner.from_pretrained("nobody-here/no-such-model")  # no network here: the hub client's error, worded
+
+
+def test_an_export_killed_while_it_replaces_files_is_no_model_until_rerun(trained_run, tmp_path, monkeypatch):
+    """config.json is rewritten first without its format and last with it: an export stopped in
+    between (here by an error at its second file) leaves a folder that loads as no model, and a
+    rerun, which finds only files it wrote, completes it."""
+    import pipeline.folders
+    from pipeline.export import export_model
+
+    checkpoint, model = trained_run[0] / "run" / "best.pt", tmp_path / "model"
+    args = ["export", "--checkpoint", str(checkpoint), "--out", str(model)]
+    assert CliRunner().invoke(cli.main, args).exit_code == 0
+    real, calls = pipeline.folders.atomic_path, []
+
+    def dies_at_the_second_file(path):
+        calls.append(path)
+        if len(calls) == 2:  # after the pending config.json and model.safetensors
+            raise KeyboardInterrupt
+        return real(path)
+
+    monkeypatch.setattr(pipeline.folders, "atomic_path", dies_at_the_second_file)
+    with pytest.raises(KeyboardInterrupt):
+        export_model(checkpoint, model)
+    monkeypatch.setattr(pipeline.folders, "atomic_path", real)
+    with pytest.raises(PipelineError, match="not a model folder written by `cli.py export`"):
+        Captioner.from_pretrained(model)
+    assert CliRunner().invoke(cli.main, args).exit_code == 0
+    assert Captioner.from_pretrained(model).vocab.words == Captioner.from_checkpoint(checkpoint).vocab.words
