@@ -4,6 +4,7 @@ Every option is checked as it is parsed (ranges, finite numbers, an available de
 value reaches torch; every error ends as one line and exit status 2, never a traceback.
 """
 
+import contextlib
 import errno
 import math
 import os
@@ -450,18 +451,14 @@ def caption(images, checkpoint, model, attention_plot, jsonl, device, **settings
     it is done. Unreadable files are reported and the others still captioned; the exit status is 1
     if any failed.
     """
-    from pathlib import Path
-
-    from pipeline.caption import caption_images, open_jsonl
+    from pipeline.caption import JsonLines, caption_images
 
     checkpoint, model = _captioner_source(checkpoint, model)
-    inputs = [*map(Path, images), *(Path(p) for p in (checkpoint, model) if p)]
     settings = DecodeConfig(**settings)
     header = {"checkpoint": str(checkpoint) if checkpoint else None, "model": model, **vars(settings)}
-    results = caption_images(images, checkpoint, model, settings, attention_plot, device)  # checked and loaded
-    lines = open_jsonl(jsonl, inputs, header) if jsonl else None
+    results = caption_images(images, checkpoint, model, settings, attention_plot, device, jsonl)  # checked, loaded
     failed = 0
-    try:
+    with JsonLines(jsonl, header) if jsonl else contextlib.nullcontext() as lines:
         for result in results:
             if result.error:
                 failed += 1
@@ -469,11 +466,7 @@ def caption(images, checkpoint, model, attention_plot, jsonl, device, **settings
             else:
                 click.echo(f"{result.path}: {result.caption}" + (f"  [{result.plot}]" if result.plot else ""))
             if lines:
-                lines.write(result.to_json() + "\n")
-                lines.flush()
-    finally:
-        if lines:
-            lines.close()
+                lines.write(result.to_json())
     if failed:
         sys.exit(1)
 

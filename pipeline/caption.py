@@ -7,10 +7,12 @@ come keeps everything finished when it is interrupted.
 """
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from .atomic import temp_name
 from .captioner import Captioner
 from .compiled import decide_decoding
 from .config import DECODE, DecodeConfig
@@ -44,7 +46,8 @@ class ImageCaption:
 
 
 def plot_path(pattern: Path, image: Path, many: bool) -> Path:
-    """``out.png`` for one image; ``out-IMAGESTEM.png`` for each of several."""
+    """``pattern`` itself for one image (``out.png``); ``out-IMAGESTEM.png`` for each of several
+    (``.png`` where ``pattern`` has no suffix)."""
     return pattern.with_name(f"{pattern.stem}-{image.stem}{pattern.suffix or '.png'}") if many else pattern
 
 
@@ -56,7 +59,7 @@ def plot_paths(paths: list[Path], pattern, inputs: list[Path]) -> list[Path | No
     if pattern is None:
         return [None] * len(paths)
     plots = [plot_path(Path(pattern), p, len(paths) > 1) for p in paths]
-    taken = {p.resolve() for p in inputs if p.exists()}
+    taken = {p.resolve() for p in inputs}
     seen = {}
     for image, plot in zip(paths, plots):
         if plot.resolve() in seen:
@@ -73,14 +76,13 @@ def plot_paths(paths: list[Path], pattern, inputs: list[Path]) -> list[Path | No
     return plots
 
 
-def open_jsonl(path, inputs: list[Path], header: dict):
-    """Open ``path`` to write JSON lines as results come: refused if it is an input, or an existing
-    file whose first line is not the header this pipeline writes. Returns the open file (its
-    header line written and flushed)."""
-    path = Path(path)
+def check_jsonl(path: Path, taken: list[Path]) -> None:
+    """Refuse ``path`` for ``--jsonl`` if it is one of ``taken`` (the command's inputs and figures)
+    or an existing file whose first line is not the header this pipeline writes; check its folder
+    is writable. Raises PipelineError naming it."""
+    if path.resolve() in {p.resolve() for p in taken}:
+        raise PipelineError(f"{path}: is an input or an attention figure of this command; pass another --jsonl")
     if path.exists():
-        if path.resolve() in {p.resolve() for p in inputs if p.exists()}:
-            raise PipelineError(f"{path}: is an input of this command; pass another --jsonl")
         try:
             with open(path, encoding="utf-8") as f:
                 ours = json.loads(f.readline()).get("written_by") == OWNER
@@ -89,27 +91,51 @@ def open_jsonl(path, inputs: list[Path], header: dict):
         if not ours:
             refuse_foreign(path, "`cli.py caption`", "--jsonl")
     check_writable(path.parent, "--jsonl")
-    f = open(path, "w", encoding="utf-8")
-    f.write(json.dumps(dict(header, written_by=OWNER)) + "\n")
-    f.flush()
-    return f
+
+
+class JsonLines:
+    """The ``--jsonl`` file, as a context manager: a header line (``header`` and this pipeline's
+    mark), then :meth:`write` a line per result, each flushed, into a temporary file that replaces
+    ``path`` when the block ends, also when it ends by an interruption (the lines done are kept);
+    a killed command leaves ``path`` as it was."""
+
+    def __init__(self, path, header: dict):
+        self.path = Path(path)
+        self.tmp = temp_name(self.path)
+        self.file = open(self.tmp, "w", encoding="utf-8")
+        self.write(json.dumps(dict(header, written_by=OWNER)))
+
+    def write(self, line: str) -> None:
+        self.file.write(line + "\n")
+        self.file.flush()
+
+    def __enter__(self) -> "JsonLines":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+        os.replace(self.tmp, self.path)
 
 
 def caption_images(
-    paths, checkpoint=None, model=None, settings: DecodeConfig = DECODE, plot=None, device: str = "cpu"
+    paths, checkpoint=None, model=None, settings: DecodeConfig = DECODE, plot=None, device: str = "cpu", jsonl=None
 ) -> Iterator[ImageCaption]:
     """Caption each image file with the :class:`~pipeline.captioner.Captioner` of a checkpoint
     (or of a model folder or Hub id, ``model``): returns an iterator that yields each result as
     soon as it is done; unreadable files get an ``error`` and the others go on. settings: beam
     search's.
 
-    plot: where to save attention figures (see :func:`plot_path`), or None. The figure names are
-    checked (:func:`plot_paths`) and the captioner loaded by this call, before it returns: a caller
-    may start writing its outputs once it has returned.
-    Raises PipelineError for an unusable checkpoint, model or figure path.
+    plot: where to save attention figures (see :func:`plot_path`), or None; jsonl: where the
+    caller will write the results as JSON lines (:class:`JsonLines`), or None. Both are checked
+    (:func:`plot_paths`, :func:`check_jsonl`) and the captioner loaded by this call, before it
+    returns: a caller may start writing its outputs once it has returned.
+    Raises PipelineError for an unusable checkpoint, model, figure path or JSON lines path.
     """
     paths = [Path(p) for p in paths]
-    plots = plot_paths(paths, plot, [*paths, *(Path(p) for p in (checkpoint, model) if p)])
+    inputs = [*paths, *(Path(p) for p in (checkpoint, model) if p)]
+    plots = plot_paths(paths, plot, inputs)
+    if jsonl:
+        check_jsonl(Path(jsonl), [*inputs, *(p for p in plots if p)])
     captioner = Captioner.from_source(checkpoint, model, device)
     on = decide_decoding(settings, device, len(paths), note=False)  # a caption line per image, no note
     return _caption_each(captioner, paths, plots, replace(settings, compile="on" if on else "off"))

@@ -198,14 +198,21 @@ class Captioner:
         default unless given.
         Returns one :class:`Caption` per image, in order.
         Raises PipelineError for an image that cannot be read (naming it) or a bad setting."""
+        if "n" in settings:
+            raise PipelineError(
+                "n: a call gives each image's best caption; for the n best, captioner.n_best(images, n)"
+            )
         return [found[0] for found in self.n_best(images, n=1, **settings)]
 
     @torch.inference_mode()
     def n_best(self, images: list, n: int | None = None, **settings) -> list[list[Caption]]:
         """As :meth:`__call__`, but the ``n`` best captions of each image (default: the beam size),
-        best first (the first is :meth:`__call__`'s caption; fewer where fewer ended)."""
+        best first (the first is :meth:`__call__`'s caption; fewer where fewer ended).
+        Raises PipelineError as :meth:`__call__`, and for an ``n`` that is not a whole number >= 1."""
         if isinstance(images, (str, Path, Image.Image, torch.Tensor)):
             raise PipelineError("pass a list of images, even for one: captioner([image])")
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise PipelineError(f"n={n!r}: give the number of captions per image, a whole number >= 1")
         try:
             settings = DecodeConfig(**settings)
         except TypeError as e:

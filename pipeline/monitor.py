@@ -1,10 +1,11 @@
 """Watching a training run: TensorBoard scalars and attention figures, and ``curves.png``.
 
-Each epoch, :class:`Monitor` writes into ``RUN/tensorboard`` (torch.utils.tensorboard) every
-number of that epoch's metrics.jsonl line, under the tag ``train/...``, ``SPLIT/...`` or ``run/...``
-at step = epoch, and the attention figure of the first validation image as decoded after that
-epoch; and it rewrites ``RUN/curves.png`` (training loss and validation BLEU-4 by epoch) for those
-who do not run TensorBoard. ``make tensorboard RUN=...`` opens the board.
+Each epoch, :class:`Monitor` writes into ``RUN/tensorboard`` (torch.utils.tensorboard) the
+numbers of that epoch's metrics.jsonl line that :func:`tag` names (each one scalar),
+under the tag ``train/...``, ``SPLIT/...`` or ``run/...`` at step = epoch, and the attention figure
+of the first validation image as decoded after that epoch; and it rewrites ``RUN/curves.png``
+(training loss, validation BLEU-4 and CIDEr-D by epoch) for those who do not run TensorBoard.
+``make tensorboard RUN=...`` opens the board.
 """
 
 import json

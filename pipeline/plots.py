@@ -65,10 +65,16 @@ def attention_plot(image, words: list[str], alpha: torch.Tensor, grid: tuple[int
 
 def attention_figure(image, words: list[str], alpha: torch.Tensor, grid: tuple[int, int], path) -> None:
     """Save :func:`attention_plot` as PNG at ``path`` (atomically), marked as this pipeline's."""
-    fig = attention_plot(image, words, alpha, grid)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80, metadata=MARK)
-    plt.close(fig)
+    _save(attention_plot(image, words, alpha, grid), path, MARK)
+
+
+def _save(fig, path, mark: dict) -> None:
+    """Save ``fig`` as PNG at ``path`` (atomically) with ``mark`` in its metadata, and close it."""
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=80, metadata=mark)
+    finally:
+        plt.close(fig)
 
 
 def training_curves(records: list[dict], split: str, path) -> None:
@@ -84,9 +90,7 @@ def training_curves(records: list[dict], split: str, path) -> None:
         ax.set(xlabel="epoch", ylabel=label)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80, metadata=CURVES_MARK)
-    plt.close(fig)
+    _save(fig, path, CURVES_MARK)
 
 
 def is_attention_figure(path) -> bool:

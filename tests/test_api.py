@@ -71,12 +71,20 @@ def test_a_mixed_batch_captions_as_one_image_at_a_time_and_as_the_command(traine
         (["absent.jpg"], {}, r"absent.jpg: missing"),
         ([Image.new("RGB", (8, 8))], {"beam_size": 0}, r"--beam-size: 0 is not in the range 1<=x<=100"),
         ([Image.new("RGB", (8, 8))], {"max_len": 1.5}, r"--max-len: 1.5 is not an integer"),
+        ([Image.new("RGB", (8, 8))], {"n": 2}, r"n: a call gives each image's best caption; for the n best"),
     ],
 )
 def test_bad_inputs_raise_one_documented_error(trained_run, images, kwargs, message):
     captioner = Captioner.from_checkpoint(trained_run[0] / "run" / "best.pt")
     with pytest.raises(PipelineError, match=message):
         captioner(images, **kwargs)
+
+
+@pytest.mark.parametrize("n", [0, -1, 2.0, True])
+def test_n_best_refuses_a_count_that_is_not_one_or_more(trained_run, n):
+    captioner = Captioner.from_checkpoint(trained_run[0] / "run" / "best.pt")
+    with pytest.raises(PipelineError, match=rf"n={n!r}: give the number of captions per image, a whole number >= 1"):
+        captioner.n_best([Image.new("RGB", (8, 8))], n=n)
 
 
 def test_from_checkpoint_refuses_other_encoder_weights(trained_run, tmp_path):
@@ -257,3 +265,20 @@ def test_an_export_killed_while_it_replaces_files_is_no_model_until_rerun(traine
         Captioner.from_pretrained(model)
     assert CliRunner().invoke(cli.main, args).exit_code == 0
     assert Captioner.from_pretrained(model).vocab.words == Captioner.from_checkpoint(checkpoint).vocab.words
+
+
+def test_a_checkpoints_damaged_record_of_its_features_is_named(trained_run):
+    from pipeline.checkpoint import load_checkpoint
+
+    path = trained_run[0] / "run" / "best.pt"
+    for edit, problem in (
+        (lambda f: f.pop("grid"), r"missing or malformed 'grid', 'L'"),
+        (lambda f: f["encoder"].update(weights=7), r"malformed 'encoder'"),
+        (lambda f: f["preprocess"].update(mode="stretch"), r"malformed 'preprocess' \(PipelineError: .*stretch"),
+    ):
+        checkpoint = load_checkpoint(path)
+        edit(checkpoint["features"])
+        with pytest.raises(
+            PipelineError, match=rf"best.pt: its record of the features' making has {problem}.*use another"
+        ):
+            Captioner.from_checkpoint(path, checkpoint=checkpoint)

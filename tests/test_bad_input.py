@@ -681,6 +681,14 @@ CASES += [
         2,
     ),
     (
+        "caption-jsonl-onto-its-figure",
+        lambda t, r, i: (
+            _caption_with(r, _first_image(i), "--attention-plot", str(t / "o.x"), "--jsonl", str(t / "o.x")),
+            r"o.x: is an input or an attention figure of this command; pass another --jsonl",
+        ),
+        2,
+    ),
+    (
         "train-into-a-run-with-best-but-no-last",
         lambda t, r, i: (
             _train(r / "features", _run_without_last(r, t)),

@@ -303,7 +303,7 @@ def test_caption_prints_each_image_as_soon_as_it_is_done(trained_run, tmp_path):
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
     assert 1 <= len(printed) < 300 and all(line == printed[0] for line in printed)
     lines = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]
-    assert lines[0]["written_by"] == folders.OWNER and len(lines) >= len(printed)  # the last one may be cut short
+    assert lines[0]["written_by"] == folders.OWNER and len(lines) >= len(printed)  # one may be done, not printed
     assert all(f"{r['image']}: {r['caption']}" == printed[0] for r in lines[1:])
     rerun = run_cli(
         "caption", image, "--checkpoint", str(out / "run" / "best.pt"), "--jsonl", str(tmp_path / "c.jsonl")
