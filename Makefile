@@ -1,5 +1,6 @@
-# Show, Attend and Tell. Every target chains `cli.py` commands; the virtual environment lives outside
-# the clone, keyed by a hash of requirements.txt, and is built on first use.
+# Show, Attend and Tell. Every target chains `cli.py` commands (bench, test, lint and tensorboard run
+# their own tools); the virtual environment lives outside the clone, keyed by a hash of
+# requirements.txt, and is built on first use.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV_HOME ?= $(HOME)/.cache/show-attend-tell
@@ -46,7 +47,7 @@ venv: $(VENV)/.complete
 # The hash in the path tracks requirements.txt, so the stamp needs no prerequisite.
 $(VENV)/.complete:
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet pip==26.3
 	$(VENV)/bin/pip install --quiet -r requirements.txt
 	touch $@
 

@@ -61,6 +61,8 @@ def main(sections, results, device):
         raise click.UsageError(f"--device {device}: this machine has no CUDA GPU that torch can use")
     if on_gpu:
         sections &= {"features", "training", "beam"}
+        if not sections:
+            raise click.UsageError(f"--device {device}: memory and reading run on the CPU only; drop --device")
     results = Path(results)
     if "features" in sections and sections != {"features"}:  # in a process of its own: see configure_allocator
         subprocess.run(
@@ -74,10 +76,15 @@ def main(sections, results, device):
     provenance = f"`{' '.join(['python -m bench', *sys.argv[1:]])}` on {machine()}, {datetime.date.today().isoformat()}"
 
     def section(name, lines, started):
+        """Print a measured section and write RESULTS.md with it (so a later section's failure
+        loses none that are done)."""
         title = TITLES[name] + (", CUDA" if on_gpu else "")
         block = "\n".join([f"## {title}", "", f"{provenance}; {time.perf_counter() - started:.0f} s.", "", *lines, ""])
         click.echo(block)
         kept[title] = block
+        order = sorted(kept, key=lambda title: title.split(".")[0])
+        with atomic_path(results) as tmp:
+            tmp.write_text("# Benchmarks\n\n" + "\n".join(kept[title] for title in order), encoding="utf-8")
 
     with tempfile.TemporaryDirectory(prefix="bench-") as workspace:
         for name, module in (("features", features), ("training", training), ("beam", beam)):
@@ -91,9 +98,6 @@ def main(sections, results, device):
             if "reading" in sections:
                 started = time.perf_counter()
                 section("reading", reading.run(features_7000), started)
-    order = sorted(kept, key=lambda title: title.split(".")[0])
-    with atomic_path(results) as tmp:
-        tmp.write_text("# Benchmarks\n\n" + "\n".join(kept[title] for title in order), encoding="utf-8")
     click.echo(f"written to {results}")
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.paths import FLICKR8K, SHARED, SQUEEZENET_WEIGHTS  # noqa: F401 - one definition, shared with the tests
+from pipeline.paths import FLICKR8K, SQUEEZENET_WEIGHTS  # noqa: F401 - the sections import them from here
 from pipeline.paths import REPOSITORY as ROOT
 
 

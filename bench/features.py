@@ -38,7 +38,14 @@ def bare_forward(encoder, batches, mode: str, half) -> float:
 
 
 def bench_encoder(name: str, weights: str, n: int, device: str, batch: int) -> dict:
-    records, _ = corpus_records(Path(tempfile.mkdtemp(prefix="bench-images-")), n)
+    """End-to-end `cli.py features` images/s of encoder ``name`` over ``n`` images (Flickr8k's
+    where ../shared has them, else generated), beside its bare forward pass in each mode."""
+    with tempfile.TemporaryDirectory(prefix="bench-images-") as images:
+        return _bench_encoder(name, weights, corpus_records(Path(images), n)[0], device, batch)
+
+
+def _bench_encoder(name: str, weights: str, records: list, device: str, batch: int) -> dict:
+    n = len(records)
     encoder = build_encoder(name, weights, device)
     config = FeatureConfig(encoder=name, weights=weights, batch_size=batch, shard_size=n, device=device)
     precision = compute_precision(config, encoder.device)
@@ -68,6 +75,8 @@ def bench_encoder(name: str, weights: str, n: int, device: str, batch: int) -> d
 
 
 def run(device: str = "cpu") -> list[str]:
+    """The feature-extraction table on ``device``: VGG-19 (random weights) and SqueezeNet v1.1
+    (ImageNet weights where ../shared has them), end to end beside the bare forward pass."""
     squeezenet_weights = str(SQUEEZENET_WEIGHTS) if SQUEEZENET_WEIGHTS.exists() else "random"
     cpu = device == "cpu"
     batch = 32 if cpu else 128

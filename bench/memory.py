@@ -11,6 +11,8 @@ import json
 import shutil
 from pathlib import Path
 
+from pipeline import shards
+from pipeline.atomic import file_sha256
 from pipeline.shards import AnnotationShards, CaptionPairs
 from pipeline.train import TrainConfig, epoch_batches
 
@@ -93,6 +95,10 @@ def run(workspace: Path) -> tuple[list[str], Path]:
     same_vocab = workspace / "features-1000-vocab-7000"  # the 1000 images' shards, the 7000's vocabulary
     shutil.copytree(workspace / "features-1000", same_vocab, copy_function=shutil.copy)
     shutil.copy(workspace / "features-7000" / "vocab.json", same_vocab / "vocab.json")
+    manifest = shards.load_manifest(same_vocab)  # the copy's record of its text files, as features writes it
+    manifest["text"][shards.VOCAB] = file_sha256(same_vocab / shards.VOCAB)
+    manifest["vocab_size"] = len(json.loads((same_vocab / shards.VOCAB).read_text())["words"])
+    shards.save_manifest(same_vocab, manifest)
     trained = run_measuring_memory(
         ["cli.py", "train", "--features", str(same_vocab), "--out", str(workspace / "run-1000-vocab-7000"), *TRAIN_ARGS]
     )

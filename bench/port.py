@@ -10,6 +10,9 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 
 class PortDecoder(nn.Module):
+    """The decoder of the most used PyTorch port (sgrvinod's tutorial), its training step's work
+    as that code does it, for the side-by-side rate of bench.training."""
+
     def __init__(
         self,
         vocab_size: int,
@@ -31,6 +34,7 @@ class PortDecoder(nn.Module):
         self.fc = nn.Linear(decoder_dim, vocab_size)
 
     def attention(self, encoder_out, h):
+        """The port's attention: encoder_out (B, L, D), h (B, hidden) -> context (B, D), alpha (B, L)."""
         att = self.full_att(torch.relu(self.encoder_att(encoder_out) + self.decoder_att(h).unsqueeze(1))).squeeze(2)
         alpha = torch.softmax(att, dim=1)
         return (encoder_out * alpha.unsqueeze(2)).sum(dim=1), alpha

@@ -25,6 +25,8 @@ def read_rate(pairs: CaptionPairs, batches: list[list[int]], workers: int) -> fl
 
 
 def run(features: Path) -> list[str]:
+    """The shard-reading table: captions/s that DataLoaders of 0-N workers read from the ``features``
+    folder (:func:`bench.memory.run`'s 7000 images), against the rate training consumes them."""
     shards = AnnotationShards(features, "train")
     pairs = CaptionPairs(shards)
     batches = epoch_batches(pairs, TrainConfig(features="", out=""), 0)
