@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.compiled import use_compiled
-from pipeline.model import Decoder, DecoderConfig, ObjectiveConfig
+from pipeline.model import Attention, Decoder, DecoderConfig, ObjectiveConfig
 from pipeline.train import TrainConfig, make_optimizer, native_bf16, train_step
 
 from .common import ROOT, progress, seconds, sync
@@ -169,6 +169,36 @@ def products_seconds(sizes, L, batch, attention, precision, device) -> tuple[flo
     return seconds(lambda: [func(*args) for func, args in calls], repeat=5), len(calls)
 
 
+def attention_seconds(sizes, L, batch, precision, device) -> float:
+    """Seconds of a training step's attention alone, compiled as training compiles it: per word,
+    f_att's tanh and its product with w, the softmax and the context vector (:class:`Attention`
+    with W_h h given, so no dense product), forward and backward over WORDS + 1 words, with the
+    gradient of the (B, L, A) projection summed over them; the best of 5 timings. What the
+    generated kernels take for the step's largest elementwise work."""
+    _, _, att = sizes
+    torch.manual_seed(0)
+    attention = Attention(D, att, att).to(device)
+    attention.hidden = torch.nn.Identity()  # att_h given: W_h h is one of the dense products
+    compiled = torch.compile(attention)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    annotations = torch.randn(batch, L, D, device=device).relu().to(dtype)
+    att_h = [torch.randn(batch, att, device=device, dtype=dtype) for _ in range(WORDS + 1)]
+    grad_z, grad_alpha = torch.randn(batch, D, device=device), torch.randn(batch, L, device=device)
+    projected = torch.randn(batch, L, att, device=device, dtype=dtype)
+
+    def step():
+        proj = projected.detach().requires_grad_()
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = 0
+            for h in att_h:
+                alpha, z, _ = compiled(annotations, proj, h.detach().requires_grad_())
+                loss = loss + (z.float() * grad_z).sum() + (alpha.float() * grad_alpha).sum()
+        loss.backward()
+
+    step()  # compiles
+    return seconds(step, repeat=5)
+
+
 def optimizer_seconds(device: str) -> tuple[float, float, int]:
     """Seconds of one Adam step over a VGG-sized decoder's parameters (random gradients): the
     per-parameter loop and the fused kernel (:func:`pipeline.train.make_optimizer`), and the
@@ -275,6 +305,7 @@ def run(device: str = "cpu") -> list[str]:
     products_s, count = products_seconds(*args, best, device)
     bandwidth, traffic = copy_bandwidth(device), attention_traffic(*args[:3], best)
     traffic_s = traffic / bandwidth
+    attention_s = attention_seconds(*args[:3], best, device)
     lines += [
         "",
         f"Ceiling of compiling ({label}, {best}, eager): the step's {count} dense matrix products (every side of "
@@ -289,7 +320,12 @@ def run(device: str = "cpu") -> list[str]:
         f"the (B, L, D) annotation vectors; backward: read both, write the projection's gradient; "
         f"{traffic / 1e9:.2f} GB a step) takes {1e3 * traffic_s:.0f} ms at the copy "
         f"bandwidth measured here ({bandwidth / 1e9:.1f} GB/s), so the step is at most "
-        f"**{step_s / (products_s + traffic_s):.2f}x** eager.",
+        f"**{step_s / (products_s + traffic_s):.2f}x** eager. "
+        f"The attention alone, compiled as training compiles it (f_att's tanh and product with w, the softmax "
+        f"and the context vector, forward and backward over the step's {WORDS + 1} words, W_h h given; "
+        f"bench.training.attention_seconds), takes {1e3 * attention_s:.0f} ms: with the kernels inductor "
+        f"generates, the step is at most **{step_s / (products_s + attention_s):.2f}x** eager even if all else "
+        f"(the LSTM's gates, the output layer's softmax and loss, dropout, Adam) took no time.",
     ]
     loop_s, fused_s, count = optimizer_seconds(device)
     lines += [
