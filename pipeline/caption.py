@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .atomic import temp_name
+from .atomic import remove_stale_temps, temp_name
 from .captioner import Captioner
 from .compiled import decide_decoding
 from .config import DECODE, DecodeConfig
@@ -79,7 +79,7 @@ def plot_paths(paths: list[Path], pattern, inputs: list[Path]) -> list[Path | No
 def check_jsonl(path: Path, taken: list[Path]) -> None:
     """Refuse ``path`` for ``--jsonl`` if it is one of ``taken`` (the command's inputs and figures)
     or an existing file whose first line is not the header this pipeline writes; check its folder
-    is writable. Raises PipelineError naming it."""
+    is writable, and remove what a killed run left of it. Raises PipelineError naming it."""
     if path.resolve() in {p.resolve() for p in taken}:
         raise PipelineError(f"{path}: is an input or an attention figure of this command; pass another --jsonl")
     if path.exists():
@@ -91,6 +91,7 @@ def check_jsonl(path: Path, taken: list[Path]) -> None:
         if not ours:
             refuse_foreign(path, "`cli.py caption`", "--jsonl")
     check_writable(path.parent, "--jsonl")
+    remove_stale_temps(path.parent, (path.name,))  # a killed caption's unfinished file
 
 
 class JsonLines:
