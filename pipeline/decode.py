@@ -8,9 +8,9 @@ by indexing every tensor alike, so another recurrent cell needs no change here.
 Decoding settings come as a :class:`~pipeline.config.DecodeConfig` (beam size, length limit,
 length penalty, whether ``<unk>`` may be emitted, whether a caption may repeat a trigram), the
 special words' ids as the vocabulary's ``start``, ``end`` and ``unk``
-(:class:`~pipeline.text.Vocabulary`). Where ``<unk>`` (or a repeating trigram) is not allowed it
-is never chosen, but the log-probabilities reported are the model's own (not renormalised
-without it).
+(:class:`~pipeline.text.Vocabulary`). ``<pad>`` and ``<start>`` are never chosen, nor ``<unk>`` (or
+a repeating trigram) where it is not allowed, but the log-probabilities reported are the model's
+own (not renormalised without them).
 """
 
 from dataclasses import dataclass, replace
@@ -23,9 +23,11 @@ from .model import Decoder, in_autocast_dtype
 from .text import Vocabulary
 
 
-def without_unk(scores: torch.Tensor, vocab: Vocabulary) -> torch.Tensor:
-    """scores (..., V) over the vocabulary with ``<unk>``'s set to -inf (it is never chosen)."""
-    return scores.index_fill(scores.dim() - 1, torch.tensor([vocab.unk], device=scores.device), float("-inf"))
+def never_chosen(scores: torch.Tensor, vocab: Vocabulary, allow_unk: bool = False) -> torch.Tensor:
+    """scores (..., V) over the vocabulary with those of the words a caption never holds set to
+    -inf: ``<pad>`` and ``<start>``, and ``<unk>`` unless ``allow_unk``."""
+    words = [vocab.pad, vocab.start, *([] if allow_unk else [vocab.unk])]
+    return scores.index_fill(scores.dim() - 1, torch.tensor(words, device=scores.device), float("-inf"))
 
 
 def repeating_trigrams(words: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -43,13 +45,15 @@ def repeating_trigrams(words: torch.Tensor, vocab_size: int) -> torch.Tensor:
 def next_word_log_probs(
     decoder: Decoder, embedded, state, z, vocab: Vocabulary, settings: DecodeConfig, words: torch.Tensor | None = None
 ):
-    """log p(y_t | ...) of each row's next word: (rows, V) float, ``<unk>`` at -inf unless allowed
-    (eq. 7's deep output, then a log-softmax); with ``settings.block_trigrams``, also the words that
-    would repeat a trigram of the row's ``words`` so far ((rows, t) long; :func:`repeating_trigrams`)."""
-    log_p = torch.log_softmax(decoder.output(embedded, decoder.hidden(state), z), dim=1)  # (rows, V)
+    """log p(y_t | ...) of each row's next word: (rows, V) float32 (eq. 7's deep output, then a
+    log-softmax, in float32 under autocast too), at -inf for the words :func:`never_chosen` names;
+    with ``settings.block_trigrams``, also for the words that would repeat a trigram of the row's
+    ``words`` so far ((rows, t) long; :func:`repeating_trigrams`)."""
+    logits = decoder.output(embedded, decoder.hidden(state), z).float()  # (rows, V)
+    log_p = never_chosen(torch.log_softmax(logits, dim=1), vocab, settings.allow_unk)
     if settings.block_trigrams and words is not None:
         log_p = log_p.masked_fill(repeating_trigrams(words, log_p.shape[1]), float("-inf"))
-    return log_p if settings.allow_unk else without_unk(log_p, vocab)
+    return log_p
 
 
 @torch.no_grad()

@@ -198,8 +198,9 @@ class DecoderOutput:
     """What a teacher-forced pass returns (B captions, T predicted steps, L locations).
 
     logits: (B, T, V) float, unnormalised log p(y_t); alpha: (B, T, L) attention weights;
-    beta: (B, T) gating scalars; log_p_s: (B,) sum_t log alpha_{t, s_t} of the sampled locations
-    (zeros unless context='sample'); entropy: (B, T) H(alpha_t) of each word in nats.
+    beta: (B, T) gating scalars; log_p_s: (B,) sum_t log alpha_{t, s_t} of the chosen locations
+    (sampled, argmax or given; zeros for context='expected'); entropy: (B, T) H(alpha_t) of each
+    word in nats.
     """
 
     logits: torch.Tensor

@@ -2,7 +2,8 @@
 sampled captions, rewarded by their CIDEr-D, trained with REINFORCE.
 
 For each image of a minibatch, k captions are sampled from the model (words from p(y_t | ...),
-``<unk>`` excluded; for hard attention also the locations s_t ~ alpha_t, eq. 8), each is scored by
+``<unk>``, ``<pad>`` and ``<start>`` excluded; for hard attention also the locations s_t ~ alpha_t,
+eq. 8), each is scored by
 CIDEr-D against the image's references (:class:`pipeline.cider.CiderD`, document frequencies over
 the training references; :class:`Reward`, optionally plus a weight times its sentence BLEU-4), and
 its sampled tokens' log-probabilities are weighted by its advantage, the reward minus a baseline:
@@ -31,7 +32,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from .cider import CiderD
 from .config import DecodeConfig
-from .decode import free_run, greedy_decode, without_unk
+from .decode import free_run, greedy_decode, never_chosen
 from .model import Decoder
 from .text import Vocabulary
 
@@ -63,7 +64,8 @@ class Reward:
 
 
 def log_probs(decoder: Decoder, annotations, tokens, locations, vocab: Vocabulary) -> torch.Tensor:
-    """log-probability of each sampled token under the sampling policy (``<unk>`` excluded), plus
+    """log-probability of each sampled token under the sampling policy (the words
+    :func:`pipeline.decode.never_chosen` names excluded), plus
     for hard attention that of its sampled location log alpha_{t, s_t}, by one teacher-forced pass
     with gradients (the output layer runs once over all steps, as in XE training).
 
@@ -73,7 +75,7 @@ def log_probs(decoder: Decoder, annotations, tokens, locations, vocab: Vocabular
     """
     captions = torch.cat([torch.full_like(tokens[:, :1], vocab.start), tokens], 1)  # (N, T+1)
     out = decoder(annotations, captions, "expected" if locations is None else locations)  # logits (N, T, V)
-    logits = without_unk(out.logits.float(), vocab)  # (N, T, V): the policy sampled never draws <unk>
+    logits = never_chosen(out.logits.float(), vocab)  # (N, T, V): the policy sampled never draws these
     token_log_p = torch.log_softmax(logits, 2).gather(2, tokens.unsqueeze(2)).squeeze(2)  # (N, T)
     if locations is not None:
         token_log_p = (
@@ -124,7 +126,7 @@ def scst_loss(
     k, was_training = samples, decoder.training
     decoder.eval()  # no dropout: the policy sampled is the policy differentiated
     repeated = annotations.repeat_interleave(k, 0)  # (B*k, L, D)
-    settings = DecodeConfig(max_len=max_len)  # <unk> is never sampled
+    settings = DecodeConfig(max_len=max_len)  # <unk>, <pad> and <start> are never sampled
     tokens, _, locations, mask = free_run(decoder, repeated, vocab, settings, context, sample=True)  # (B*k, T) each
     log_p = log_probs(decoder, repeated, tokens, locations, vocab)  # (B*k, T)
     rewards = torch.tensor(

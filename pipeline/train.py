@@ -198,16 +198,19 @@ def _means(sums_by_rank: list[dict]) -> dict:
     return means
 
 
-def _progress(saved: dict) -> dict:
+def _progress(saved: dict, rank: int) -> dict:
     """A checkpoint's record of the run's progress (its 'position' and 'run') as TrainState's
-    fields, from checkpoints of earlier versions too (the epoch's statistics as loss and NLL sums;
-    the best score named best_bleu4)."""
+    fields on process ``rank``, from checkpoints of earlier versions too (the epoch's statistics as
+    loss and NLL sums; the best score named best_bleu4; rank 0's statistics and baseline alone)."""
     position, run = dict(saved["position"]), dict(saved["run"])
     if "sums" not in position:
         n = position.pop("captions", 0)
         position["sums"] = {"loss": [position.pop("loss_sum", 0.0), n], "nll": [position.pop("nll_sum", 0.0), n]}
     if "best_bleu4" in run:
         run["best_score"] = run.pop("best_bleu4")
+    for record, name in ((position, "sums"), (run, "baseline")):
+        per_rank = record.get(name) if isinstance(record.get(name), list) else [record.get(name)]
+        record[name] = per_rank[rank if len(per_rank) > 1 else 0]
     return deepcopy({**position, **run})
 
 
@@ -438,10 +441,15 @@ class TrainState:
         return Path(self.config.out)
 
     def progress(self) -> dict:
-        """The checkpoint's record of the run's progress: {'position': ..., 'run': ...}."""
+        """The checkpoint's record of the run's progress: {'position': ..., 'run': ...}, the
+        epoch's statistics and the moving baseline as lists of every rank's (each rank has its own)."""
+        position = {"epoch": self.epoch, "batch": self.batch, "step": self.step}
         return {
-            "position": {"epoch": self.epoch, "batch": self.batch, "step": self.step, "sums": deepcopy(self.sums)},
-            "run": {name: getattr(self, name) for name in ("baseline", "best_score", "best_epoch", "stale_epochs")},
+            "position": dict(position, sums=self.world.gather(deepcopy(self.sums))),
+            "run": {
+                "baseline": self.world.gather(self.baseline),
+                **{name: getattr(self, name) for name in ("best_score", "best_epoch", "stale_epochs")},
+            },
         }
 
 
@@ -468,6 +476,8 @@ def _setup(config: TrainConfig, saved: dict | None, world: distributed.World) ->
     else:
         decoder = Decoder(new_decoder_config(config.model, train_shards))
     model_config = decoder.config
+    if world.size > 1:  # the same weights on every rank (DDP broadcasts rank 0's), then noise of its own
+        torch.manual_seed(config.seed + world.rank)
     decoder.to(world.device)
     optimizer = make_optimizer(decoder.parameters(), config)
     ema = AveragedModel(decoder, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay)) if config.ema_decay else None
@@ -531,7 +541,7 @@ def _restore(s: TrainState, saved: dict) -> None:
     torch.set_rng_state(saved["rng"]["cpu"][s.world.rank])
     if s.world.device.type == "cuda":
         torch.cuda.set_rng_state(saved["rng"]["cuda"][s.world.rank], s.world.device)
-    for name, value in _progress(saved).items():
+    for name, value in _progress(saved, s.world.rank).items():
         setattr(s, name, value)
 
 
@@ -546,13 +556,13 @@ def _check_trained_on(checkpoint: dict, shards: AnnotationShards, path, what: st
         )
 
 
-def _checkpoint(s: TrainState, path: Path) -> dict:
+def _checkpoint(s: TrainState, *paths: Path) -> dict:
     """The training state as a checkpoint, with every rank's random state; rank 0 writes it to
-    ``path`` (never with a non-finite weight: PipelineError instead)."""
+    each of ``paths`` in order (never with a non-finite weight: PipelineError instead)."""
     weights = [s.decoder.state_dict()] + ([s.ema.state_dict()] if s.ema is not None else [])
     if not all(t.isfinite().all() for sd in weights for t in sd.values() if t.is_floating_point()):
         raise PipelineError(
-            f"{path}: not written: the weights hold nan or inf values at epoch {s.epoch + 1}, step "
+            f"{paths[-1]}: not written: the weights hold nan or inf values at epoch {s.epoch + 1}, step "
             f"{s.step}; the file keeps its last whole state: start a new run with a lower --lr or a --clip"
         )
     rng = {"cpu": s.world.gather(torch.get_rng_state())}
@@ -572,7 +582,8 @@ def _checkpoint(s: TrainState, path: Path) -> dict:
     if s.ema is not None:
         state["ema"] = s.ema.state_dict()
     if s.world.main:
-        save_checkpoint(path, state)
+        for target in paths:
+            save_checkpoint(target, state)
     return state
 
 
@@ -708,10 +719,9 @@ def _end_epoch(s: TrainState, epoch: int, seen: int, seconds: float, monitor: Mo
         _log(s.out, record)
         image = figure_image(s.val.paths[0], s.val.manifest["preprocess"])
         monitor.epoch(record, (image, val["captions"][0], val["first_alpha"], s.val.grid))
-    state = _checkpoint(s, s.out / LAST)
+    # best.pt first: killed between the two, the run resumes from the last.pt before and redoes the epoch
+    state = _checkpoint(s, *([s.out / BEST] if improved else []), s.out / LAST)
     if world.main:
-        if improved:
-            save_checkpoint(s.out / BEST, state)
         print(
             f"epoch {epoch + 1}: loss {record['loss']:.3f}, {s.val_split} BLEU-4 {bleu4:.2f}, CIDEr-D "
             f"{val['cider']:.1f} (best {METRIC_NAMES[metric]} {s.best_score:.2f} at epoch {s.best_epoch}), "

@@ -3,7 +3,7 @@ import torch
 
 from pipeline.checkpoint import build_decoder, load_checkpoint
 from pipeline.config import DecodeConfig
-from pipeline.decode import beam_search, greedy_decode, n_best, repeating_trigrams
+from pipeline.decode import beam_search, free_run, greedy_decode, n_best, repeating_trigrams
 from pipeline.model import Decoder, DecoderConfig
 from pipeline.shards import AnnotationShards
 from pipeline.train import TrainConfig, train
@@ -109,7 +109,7 @@ def test_a_model_that_never_ends_gives_max_length_captions():
 
 
 class _Vocab:
-    start, end, unk = 1, 2, 3
+    pad, start, end, unk = 0, 1, 2, 3
 
 
 def test_hard_attention_sampling_returns_locations(trained):
@@ -139,6 +139,22 @@ def test_unk_is_never_emitted_unless_allowed():
         )
     tokens, _ = greedy_decode(decoder, a, _Vocab, DecodeConfig(max_len=6))
     assert _Vocab.unk not in tokens.flatten().tolist()
+
+
+def test_pad_and_start_are_never_emitted():
+    """Even by a model that favours them, and with <unk> allowed: no caption holds <pad> or
+    <start>, in beam search, greedy decoding and sampling alike."""
+    torch.manual_seed(0)
+    decoder = Decoder(DecoderConfig(vocab_size=9, annotation_dim=8, embed_dim=8, hidden_dim=8, attention_dim=8)).eval()
+    with torch.no_grad():
+        decoder.out_vocab.bias[[_Vocab.pad, _Vocab.start]] = 8.0
+        decoder.out_vocab.bias[_Vocab.end] = -2.0
+    a = torch.randn(3, 5, 8)
+    settings = DecodeConfig(beam_size=3, max_len=6, allow_unk=True)
+    emitted = [t for c in beam_search(decoder, a, _Vocab, settings) for t in c.tokens]
+    emitted += greedy_decode(decoder, a, _Vocab, settings)[0].flatten().tolist()
+    emitted += free_run(decoder, a, _Vocab, settings, sample=True)[0].flatten().tolist()
+    assert len(emitted) > 20 and not {_Vocab.pad, _Vocab.start} & set(emitted)
 
 
 def _trigrams(tokens: list[int]) -> list[tuple]:

@@ -133,7 +133,8 @@ def test_the_reward_is_cider_d_plus_the_weighted_sentence_bleu4():
 
 def test_log_probs_are_those_the_samples_were_drawn_with():
     """The teacher-forced scoring of a sample equals the step-by-step policy it was drawn from:
-    the words' log-probabilities without <unk>, plus (hard) the sampled locations' log alpha."""
+    the words' log-probabilities without <unk>, <pad> and <start>, plus (hard) the sampled
+    locations' log alpha."""
     decoder, vocab = _decoder(), Vocabulary(["cat", "dog", "red", "big", "ran"])
     decoder.eval()
     annotations = torch.randn(6, 5, 8)
@@ -148,7 +149,7 @@ def test_log_probs_are_those_the_samples_were_drawn_with():
                 where = "expected" if locations is None else locations[:, t]
                 state, z, alpha, _, _ = decoder.step(embedded, state, annotations, proj, where)
                 logits = decoder.output(embedded, decoder.hidden(state), z)
-                logits[:, vocab.unk] = float("-inf")
+                logits[:, [vocab.unk, vocab.pad, vocab.start]] = float("-inf")
                 expected = torch.log_softmax(logits, 1).gather(1, tokens[:, t : t + 1]).squeeze(1)
                 if locations is not None:
                     expected = expected + alpha.gather(1, locations[:, t : t + 1]).squeeze(1).log()
@@ -178,7 +179,16 @@ def test_reference_nll_is_the_per_word_nll_of_each_reference_scored_alone():
     assert decoder.out_vocab.weight.grad.abs().sum() > 0
 
 
-def test_scst_xe_weight_adds_the_references_cross_entropy_to_the_loss(tmp_path):
+def test_scst_xe_weight_adds_the_references_cross_entropy_to_the_loss(tmp_path, monkeypatch):
+    import pipeline.train
+
+    nll = pipeline.train.reference_nll
+
+    def without_drawing(*args):  # its dropout draws would change the next batch's samples
+        with torch.random.fork_rng():
+            return nll(*args)
+
+    monkeypatch.setattr(pipeline.train, "reference_nll", without_drawing)
     features = tmp_path / "features"
     write_object_features(features, sizes={"train": 60, "val": 10})
     common = dict(features=str(features), ema_decay=0.0, val_beam_size=1, precision="fp32", model=TINY)
@@ -193,5 +203,6 @@ def test_scst_xe_weight_adds_the_references_cross_entropy_to_the_loss(tmp_path):
         train(config, progress=False)
         runs[weight] = [json.loads(line) for line in (tmp_path / f"scst{weight}" / "metrics.jsonl").open()][-1]
     assert "reference_nll" not in runs[0.0] and runs[2.0]["reference_nll"] > 0
-    # the same samples (same seed, weights moved by lr 1e-9 only): the loss differs by the weighted term
+    assert runs[2.0]["reward"] == runs[0.0]["reward"]  # the same samples (same seed, weights moved by lr 1e-9)
+    # so the loss differs by the weighted term
     assert runs[2.0]["loss"] - runs[0.0]["loss"] == pytest.approx(2.0 * runs[2.0]["reference_nll"], rel=1e-3)

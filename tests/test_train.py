@@ -203,10 +203,19 @@ def test_learning_rate_decays_when_validation_bleu_stalls(objects, tmp_path, lr_
     assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(following)
 
 
-def test_a_stalled_run_stops_early_and_keeps_its_best_epoch(objects, tmp_path):
+def test_a_stalled_run_stops_early_and_keeps_its_best_epoch(objects, tmp_path, monkeypatch):
     """With the validation score (here CIDEr-D, --val-metric) stalled after epoch 1, patience 2
-    stops the run after epoch 3 of 6, and best.pt stays the epoch-1 state that scored it."""
+    stops the run after epoch 3 of 6, and best.pt stays the epoch-1 state that scored it. The
+    epoch that improved wrote best.pt before last.pt (so a kill between the two redoes the epoch,
+    never leaving a last.pt whose best epoch is not in best.pt)."""
+    import pipeline.train
+
+    written, save = [], pipeline.train.save_checkpoint
+    monkeypatch.setattr(
+        pipeline.train, "save_checkpoint", lambda path, state: (written.append(path.name), save(path, state))
+    )
     state = train(_stalled(objects, tmp_path / "r", epochs=6, patience=2, val_metric="cider"), progress=False)
+    assert written == ["last.pt", "best.pt", "last.pt", "last.pt", "last.pt"]  # the start, then epochs 1-3
     log = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     best = torch.load(tmp_path / "r" / "best.pt", weights_only=True)
     assert [entry["epoch"] for entry in log] == [1, 2, 3] and state["position"]["epoch"] == 3
