@@ -19,8 +19,8 @@ stay the library's (oneDNN, cuBLAS). Under autocast the step's linear layers com
 weights cast once per pass (:func:`cast_once`), as eager autocast's cache has them; cast inside
 the graph, at every word, they made compiled bf16 training 0.85x eager. With gradients, f_att's
 sigmoid is kept for the backward graph, not evaluated again there (``pipeline.model._keep_sigmoid``).
-On the 2-core CPU of bench/RESULTS.md compiled batched beam search is 1.2-1.5x eager under bf16
-and 1.0-1.4x in fp32, and a training step 1.05-1.13x in fp32 and 1.07-1.16x in bf16; but over a
+On the 2-core CPU of bench/RESULTS.md compiled batched beam search is 1.3-1.4x eager under bf16
+and 1.1-1.2x in fp32, and a training step 1.1-1.2x in fp32 and 1.0-1.2x in bf16; but over a
 Flickr8k epoch (caption lengths and batch sizes vary, the output layer, the weight average and
 the data are outside the step) compiled bf16 training ran 1.04x eager, within the spread of
 eager runs, so `auto` leaves bf16 training on a CPU eager (:data:`SLOWER_BF16_TRAINING`).
