@@ -441,7 +441,8 @@ def evaluate(checkpoint, split, features_dir, batch_size, device, out_dir, no_pr
     "--jsonl",
     type=click.Path(dir_okay=False),
     default=None,
-    help="Also write each result as a JSON line here (image, caption, log_prob, plot, error) as soon as it is done.",
+    help="Also write each result as a JSON line here (image, caption, log_prob, plot, error): into FILE.tmp-PID as "
+    "each is done, which replaces FILE when the command ends (also on Ctrl-C or SIGTERM).",
 )
 @device_option
 def caption(images, checkpoint, model, attention_plot, jsonl, device, **settings):

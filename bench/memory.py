@@ -12,7 +12,6 @@ import shutil
 from pathlib import Path
 
 from pipeline import shards
-from pipeline.atomic import file_sha256
 from pipeline.shards import AnnotationShards, CaptionPairs
 from pipeline.train import TrainConfig, epoch_batches
 
@@ -96,7 +95,7 @@ def run(workspace: Path) -> tuple[list[str], Path]:
     shutil.copytree(workspace / "features-1000", same_vocab, copy_function=shutil.copy)
     shutil.copy(workspace / "features-7000" / "vocab.json", same_vocab / "vocab.json")
     manifest = shards.load_manifest(same_vocab)  # the copy's record of its text files, as features writes it
-    manifest["text"][shards.VOCAB] = file_sha256(same_vocab / shards.VOCAB)
+    manifest["text"] = shards.text_record(same_vocab)
     manifest["vocab_size"] = len(json.loads((same_vocab / shards.VOCAB).read_text())["words"])
     shards.save_manifest(same_vocab, manifest)
     trained = run_measuring_memory(

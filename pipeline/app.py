@@ -120,10 +120,9 @@ def serve(
     Raises PipelineError if nothing can listen at ``host``:``port`` (a port in use, an address
     this machine does not have)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the machine
+    page = build_page(captioner, examples, settings)
     try:
-        build_page(captioner, examples, settings).launch(
-            server_name=host, server_port=port, max_file_size=MAX_BYTES, show_error=True, quiet=True
-        )
+        page.launch(server_name=host, server_port=port, max_file_size=MAX_BYTES, show_error=True, quiet=True)
     except OSError as e:  # Gradio's "Cannot find empty port" (no strerror), or the socket's own error
         why = e.strerror or "the port is in use, or the address is not this machine's"
         raise PipelineError(

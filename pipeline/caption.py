@@ -8,11 +8,12 @@ come keeps everything finished when it is interrupted.
 
 import json
 import os
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .atomic import remove_stale_temps, temp_name
+from .atomic import temp_name
 from .captioner import Captioner
 from .compiled import decide_decoding
 from .config import DECODE, DecodeConfig
@@ -79,7 +80,7 @@ def plot_paths(paths: list[Path], pattern, inputs: list[Path]) -> list[Path | No
 def check_jsonl(path: Path, taken: list[Path]) -> None:
     """Refuse ``path`` for ``--jsonl`` if it is one of ``taken`` (the command's inputs and figures)
     or an existing file whose first line is not the header this pipeline writes; check its folder
-    is writable, and remove what a killed run left of it. Raises PipelineError naming it."""
+    is writable. Raises PipelineError naming it."""
     if path.resolve() in {p.resolve() for p in taken}:
         raise PipelineError(f"{path}: is an input or an attention figure of this command; pass another --jsonl")
     if path.exists():
@@ -91,14 +92,14 @@ def check_jsonl(path: Path, taken: list[Path]) -> None:
         if not ours:
             refuse_foreign(path, "`cli.py caption`", "--jsonl")
     check_writable(path.parent, "--jsonl")
-    remove_stale_temps(path.parent, (path.name,))  # a killed caption's unfinished file
 
 
 class JsonLines:
     """The ``--jsonl`` file, as a context manager: a header line (``header`` and this pipeline's
-    mark), then :meth:`write` a line per result, each flushed, into a temporary file that replaces
-    ``path`` when the block ends, also when it ends by an interruption (the lines done are kept);
-    a killed command leaves ``path`` as it was."""
+    mark), then :meth:`write` a line per result, each flushed, into ``PATH.tmp-PID``, which
+    replaces ``path`` when the block ends, also when it ends by Ctrl-C or SIGTERM (the lines done
+    are kept; SIGTERM is Ctrl-C's KeyboardInterrupt within the block). A killed command (SIGKILL)
+    leaves ``path`` as it was and its finished lines in ``PATH.tmp-PID``."""
 
     def __init__(self, path, header: dict):
         self.path = Path(path)
@@ -111,11 +112,17 @@ class JsonLines:
         self.file.flush()
 
     def __enter__(self) -> "JsonLines":
+        self.on_sigterm = signal.signal(signal.SIGTERM, _interrupt)
         return self
 
     def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGTERM, self.on_sigterm)
         self.file.close()
         os.replace(self.tmp, self.path)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def caption_images(

@@ -7,7 +7,7 @@ by indexing every tensor alike, so another recurrent cell needs no change here.
 
 Decoding settings come as a :class:`~pipeline.config.DecodeConfig` (beam size, length limit,
 length penalty, whether ``<unk>`` may be emitted, whether a caption may repeat a trigram), the
-special words' ids as the vocabulary's ``start``, ``end`` and ``unk``
+special words' ids as the vocabulary's ``pad``, ``start``, ``end`` and ``unk``
 (:class:`~pipeline.text.Vocabulary`). ``<pad>`` and ``<start>`` are never chosen, nor ``<unk>`` (or
 a repeating trigram) where it is not allowed, but the log-probabilities reported are the model's
 own (not renormalised without them).

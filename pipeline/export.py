@@ -26,7 +26,7 @@ from .atomic import remove_stale_temps
 from .checkpoint import load_checkpoint
 from .config import CONTEXTS
 from .errors import PipelineError, describe
-from .folders import check_owned, check_writable, write_owned
+from .folders import OWNER, check_owned, check_writable, write_owned
 from .model import Decoder, DecoderConfig
 from .text import Vocabulary
 
@@ -51,18 +51,22 @@ def _scores(checkpoint_path: Path) -> dict:
 def export_model(checkpoint_path, out) -> Path:
     """Write the model folder of a checkpoint into ``out`` (new, empty, or an earlier export whose
     files are as export wrote them: config.json lists each file's SHA-256, and goes first, without
-    its format, and last, so that a killed export is no model folder until it is run again).
+    its format, and last, so that a killed export is no model folder until it is run again; an
+    export of earlier versions, which lists none, is replaced whole). Files of other names in an
+    earlier export (a Hub clone's .gitattributes) are left alone.
     Raises PipelineError for an unusable checkpoint, a checkpoint whose features came from no
-    image encoder, or an ``out`` that holds other files, or files edited since (a model card)."""
+    image encoder, or an ``out`` that holds files but no export, or files edited since export
+    wrote them (a model card)."""
     from .captioner import Captioner
 
     checkpoint_path, out = Path(checkpoint_path), Path(out)
-    record = out / "config.json"
+    record, earlier = out / "config.json", _config(out)
     if out.is_dir():
         remove_stale_temps(out, FILES)
-        if any(p.name not in FILES for p in out.iterdir()):
+        if any(out.iterdir()) and earlier.get("format") != FORMAT and earlier.get("written_by") != OWNER:
             raise PipelineError(f"{out}: holds files that `cli.py export` did not write; pass a new or empty --out")
-    check_owned(record, [out / name for name in FILES if name != record.name], "`cli.py export`", "--out")
+    if "written_by" in earlier:  # an export of earlier versions records no SHA-256: replaced as it was then
+        check_owned(record, [out / name for name in FILES if name != record.name], "`cli.py export`", "--out")
     checkpoint = load_checkpoint(checkpoint_path)
     captioner = Captioner.from_checkpoint(checkpoint_path, checkpoint=checkpoint)
     check_writable(out, "--out")
@@ -95,11 +99,13 @@ def _safetensors(state: dict) -> bytes:
     return safetensors_bytes({k: v.contiguous() for k, v in state.items()})
 
 
-def _format(folder: Path):
+def _config(folder: Path) -> dict:
+    """The folder's config.json as a dict ({} where there is none, or it is not a JSON object)."""
     try:
-        return json.loads((folder / "config.json").read_text(encoding="utf-8")).get("format")
-    except (OSError, ValueError, AttributeError):
-        return None
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def model_card(config: dict, vocab_size: int) -> str:
@@ -168,7 +174,7 @@ def load_model_folder(model: str, device: str = "cpu"):
     Raises PipelineError for a folder that is not a complete export of this format."""
     folder = resolve_model_folder(model)
     missing = [name for name in FILES[:4] if not (folder / name).is_file()]
-    if missing or _format(folder) != FORMAT:
+    if missing or _config(folder).get("format") != FORMAT:
         raise PipelineError(
             f"{folder}: not a model folder written by `cli.py export` (missing or foreign: "
             f"{', '.join(missing) or 'config.json'})"

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from tqdm import tqdm
 
 from . import distributed, shards
-from .atomic import file_sha256, remove_stale_temps, write_json
+from .atomic import remove_stale_temps, write_json
 from .config import FeatureConfig
 from .datasets import Record
 from .encoders import ImageError, build_encoder, open_rgb, preprocess_for
@@ -313,7 +313,7 @@ def _plan(
             "shards": list(entries.values()),
         }
     manifest["vocab_size"] = len(write_text(records, out, config.min_count))  # only once the folder fits
-    manifest["text"] = {name: file_sha256(out / name) for name in (shards.CAPTIONS, shards.VOCAB)}
+    manifest["text"] = shards.text_record(out)
     shards.save_manifest(out, manifest)
     return manifest, todo
 

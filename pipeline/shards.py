@@ -134,6 +134,12 @@ def rebuild_hint(features_dir: Path, manifest: dict) -> str:
     return shlex.join(args)
 
 
+def text_record(features_dir: Path) -> dict:
+    """The manifest's record of the folder's text files: {name: SHA-256} of captions.json and
+    vocab.json, as :func:`text_problems` checks them."""
+    return {name: file_sha256(Path(features_dir) / name) for name in (CAPTIONS, VOCAB)}
+
+
 def text_problems(features_dir: Path, manifest: dict) -> list[str]:
     """Why the folder's captions.json or vocab.json cannot be used with its shards: missing, or
     (for manifests that record them) not the files written with the shards."""

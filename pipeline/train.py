@@ -477,7 +477,7 @@ def _setup(config: TrainConfig, saved: dict | None, world: distributed.World) ->
         decoder = Decoder(new_decoder_config(config.model, train_shards))
     model_config = decoder.config
     if world.size > 1:  # the same weights on every rank (DDP broadcasts rank 0's), then noise of its own
-        torch.manual_seed(config.seed + world.rank)
+        torch.manual_seed(int(torch.randint(2**62, ())) + world.rank)  # the same draw on every rank
     decoder.to(world.device)
     optimizer = make_optimizer(decoder.parameters(), config)
     ema = AveragedModel(decoder, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay)) if config.ema_decay else None

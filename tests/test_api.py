@@ -195,6 +195,14 @@ def test_export_then_from_pretrained_captions_as_the_checkpoint(trained_run, tmp
     assert "Show, Attend and Tell" in card and "Captioner.from_pretrained" in card
     again = CliRunner().invoke(cli.main, ["export", "--checkpoint", str(checkpoint), "--out", str(model)])
     assert again.exit_code == 0  # its own earlier export may be replaced
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(
+        json.dumps({k: v for k, v in config.items() if k not in ("written_by", "files")})
+    )
+    (model / ".gitattributes").write_text("*.safetensors filter=lfs\n")  # a Hub clone's
+    legacy = CliRunner().invoke(cli.main, ["export", "--checkpoint", str(checkpoint), "--out", str(model)])
+    assert legacy.exit_code == 0, legacy.output  # an export of earlier versions (no SHA-256 record) is replaced
+    assert (model / ".gitattributes").read_text() == "*.safetensors filter=lfs\n"
     (model / "README.md").write_text(card + "\nMy notes.\n")  # a model card edited before a Hub push
     edited = CliRunner().invoke(cli.main, ["export", "--checkpoint", str(checkpoint), "--out", str(model)])
     assert edited.exit_code == 2 and "README.md: exists and was not written by `cli.py export`" in edited.output

@@ -184,7 +184,8 @@ def test_scst_xe_weight_adds_the_references_cross_entropy_to_the_loss(tmp_path, 
 
     nll = pipeline.train.reference_nll
 
-    def without_drawing(*args):  # its dropout draws would change the next batch's samples
+    def without_drawing(*args):  # its dropout draws would change the next batch's samples: the loss's
+        # arithmetic is checked with the same samples in both runs
         with torch.random.fork_rng():
             return nll(*args)
 
