@@ -363,7 +363,6 @@ def checkpoint_option(required: bool = False, help: str = "A best.pt or last.pt 
         "--checkpoint",
         type=click.Path(exists=True, dir_okay=False),
         required=required,
-        default=None,
         help=help + ("" if required else " [default: the newest best.pt under data/runs]"),
     )
 

@@ -26,6 +26,21 @@ def test_errors_are_one_line_without_traceback(tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    "name",
+    [n for n, c in cli.main.commands.items() if any(p.required for p in c.params if isinstance(p, click.Option))],
+)
+def test_a_required_option_left_out_is_named(name, tmp_path, monkeypatch):
+    """Each command's first required option, left out, is named as missing (a None default once
+    satisfied click's check, and the command failed on None instead)."""
+    monkeypatch.chdir(tmp_path)
+    command = cli.main.commands[name]
+    required = next(p for p in command.params if isinstance(p, click.Option) and p.required)
+    arguments = ["x.jpg"] * any(isinstance(p, click.Argument) for p in command.params)
+    result = CliRunner().invoke(cli.main, [name, *arguments])
+    assert result.exit_code == 2 and f"Missing option '{required.opts[0]}'" in result.output, result.output
+
+
 def test_default_paths_say_what_to_run_first(tmp_path, monkeypatch):
     """Run where data/ holds nothing (or too much), the commands that fall back on data/ say which
     command makes what they need, or which option chooses; and two captioners are refused."""
