@@ -82,6 +82,14 @@ class FileOrNone(click.Path):
         return value if value == "" else super().convert(value, param, ctx)
 
 
+def split_names(ctx, param, value):
+    """``--splits`` as given, refused at parsing where it holds an empty name (``,`` would have
+    named no split, which means every split)."""
+    if value is not None and not all(s.strip() for s in value.split(",")):
+        raise click.BadParameter(f"{value!r} has an empty split name; give names such as train,dev")
+    return value
+
+
 class Device(click.ParamType):
     """A torch device that this machine has: cpu, cuda or cuda:N."""
 
@@ -209,7 +217,12 @@ def config_file(what: str):
     default=None,
     help="With --dataset karpathy: the folder the json's image paths are relative to.",
 )
-@click.option("--splits", default=None, help="Comma-separated splits to extract, e.g. train,dev. [default: all]")
+@click.option(
+    "--splits",
+    default=None,
+    callback=split_names,
+    help="Comma-separated splits to extract, e.g. train,dev. [default: all]",
+)
 @config_options(FeatureConfig)
 @click.option(
     "--out",
@@ -237,7 +250,7 @@ def features(dataset, data_dir, karpathy_json, image_dir, splits, out, skip_bad_
     config = FeatureConfig(**settings)
     records = load_records(dataset, data_dir, karpathy_json, image_dir)
     out = out or paths.features_dir(dataset, config.encoder)
-    split_list = [s.strip() for s in splits.split(",") if s.strip()] if splits else None
+    split_list = list(dict.fromkeys(s.strip() for s in splits.split(","))) if splits else None
     options = dict(
         dataset=dataset,
         data_dir=data_dir,

@@ -83,7 +83,7 @@ FLICKR8K_SPLITS = {
 
 def _read_lines(path: Path, what: str) -> list[str]:
     try:
-        return path.read_text(encoding="utf-8").splitlines()
+        return path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark, where written, dropped
     except FileNotFoundError:
         raise PipelineError(
             f"{path}: missing {what}; point --data-dir at a folder laid out like the "
@@ -169,7 +169,7 @@ def load_karpathy(json_path, image_dir) -> list[Record]:
     """
     json_path, image_dir = Path(json_path), Path(image_dir)
     try:
-        images = json.loads(json_path.read_text(encoding="utf-8"))["images"]
+        images = json.loads(json_path.read_text(encoding="utf-8-sig"))["images"]
     except FileNotFoundError:
         raise PipelineError(f"{json_path}: no such Karpathy split json; check --karpathy-json") from None
     except (ValueError, KeyError, TypeError) as e:
@@ -180,8 +180,12 @@ def load_karpathy(json_path, image_dir) -> list[Record]:
     for n, entry in enumerate(images):
         where = f"{json_path}: images[{n}]"
         try:
-            filename, split = entry["filename"], entry["split"]
-            captions = tuple(s.get("raw") or " ".join(s["tokens"]) for s in entry["sentences"])
+            filename, split, sentences = entry["filename"], entry["split"], entry["sentences"]
+            if not all(isinstance(v, str) for v in (filename, split, entry.get("filepath", ""))):
+                raise TypeError("filename, filepath and split must be strings")
+            if not isinstance(sentences, list):
+                raise TypeError("sentences must be a list")
+            captions = tuple(_sentence_text(s) for s in sentences)
         except KeyError as e:
             raise PipelineError(
                 f"{where}: missing field {e} (each image needs filename, split, sentences with raw or tokens)"
@@ -193,7 +197,9 @@ def load_karpathy(json_path, image_dir) -> list[Record]:
                 f"{where} ({filename}): unknown split {split!r}; use one of {', '.join(sorted(KARPATHY_SPLIT_NAMES))}"
             )
         split = KARPATHY_SPLIT_NAMES[split]
-        if not captions or not all(c.strip() for c in captions):
+        if not captions:
+            raise PipelineError(f"{where} ({filename}): has no sentences; give it its captions or drop the image")
+        if not all(c.strip() for c in captions):
             raise PipelineError(f"{where} ({filename}): has an empty caption; fix or drop that sentence")
         image_id = str(entry.get("cocoid", entry.get("imgid", filename)))
         if image_id in seen:
@@ -201,6 +207,20 @@ def load_karpathy(json_path, image_dir) -> list[Record]:
         seen.add(image_id)
         records.append(Record(image_id, image_dir / entry.get("filepath", "") / filename, split, captions))
     return records
+
+
+def _sentence_text(sentence: dict) -> str:
+    """A Karpathy sentence's caption: its ``raw`` string, or its ``tokens`` (strings) joined.
+    Raises KeyError without either, TypeError where they are not strings."""
+    raw = sentence.get("raw")
+    if raw is not None and not isinstance(raw, str):
+        raise TypeError("a sentence's raw must be a string")
+    if raw:
+        return raw
+    tokens = sentence["tokens"]
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise TypeError("a sentence's tokens must be a list of strings")
+    return " ".join(tokens)
 
 
 # --- synthetic ---------------------------------------------------------------------------------

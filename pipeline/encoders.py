@@ -28,6 +28,9 @@ from torchvision.transforms import v2 as transforms
 
 from .errors import PipelineError, describe
 
+# open_rgb refuses images over the limit itself (thread-safe); the warning PIL gives them is noise
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RANDOM_SEED = 0  # `--weights random` is seeded, so its features are reproducible
@@ -77,16 +80,24 @@ def open_rgb(path) -> Image.Image:
     try:
         if path.stat().st_size == 0:
             raise ImageError(path, "empty file (0 bytes)")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.load()
-                img = ImageOps.exif_transpose(img)
+        with Image.open(path) as img:
+            if img.width * img.height > Image.MAX_IMAGE_PIXELS:  # checked here: warning filters are per process
+                raise ImageError(
+                    path,
+                    f"too large to decode safely ({img.width} x {img.height} pixels; the limit is "
+                    f"{Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels)",
+                )
+            img.load()
+            img = ImageOps.exif_transpose(img)
     except FileNotFoundError:
         raise ImageError(path, "missing (no such file)") from None
+    except IsADirectoryError:
+        raise ImageError(path, "a folder, not an image file") from None
+    except PermissionError:
+        raise ImageError(path, "not readable (permission denied)") from None
     except UnidentifiedImageError:
         raise ImageError(path, "not an image (unrecognised format)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:  # Image.open's own refusal, at twice the limit
         raise ImageError(path, f"too large to decode safely ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(path, f"truncated or corrupt image data ({e})") from None
@@ -204,14 +215,19 @@ class Preprocess:
         return {k: v for k, v in asdict(self).items() if k != "resize" or v is not None}
 
 
+def _arch(name: str) -> _Arch:
+    """The architecture of encoder ``name``. Raises PipelineError for an unknown name."""
+    if name not in ENCODERS:
+        raise PipelineError(f"unknown encoder {name!r}; choose one of {', '.join(ENCODERS)}")
+    return ENCODERS[name]
+
+
 def preprocess_for(name: str, mode: str = "center-crop", image_size: int = 224) -> Preprocess:
     """The preprocessing of encoder ``name`` at ``image_size``, its resize taken from its ImageNet
     weights' own transforms (torchvision's ``weights.transforms()``): ResNet-101/152's default
     weights (IMAGENET1K_V2) were trained with the shorter side at 232 for a 224 crop, VGG's and
     SqueezeNet's at 256. Raises PipelineError for an unknown name."""
-    if name not in ENCODERS:
-        raise PipelineError(f"unknown encoder {name!r}; choose one of {', '.join(ENCODERS)}")
-    own = ENCODERS[name].weights.DEFAULT.transforms()
+    own = _arch(name).weights.DEFAULT.transforms()
     resize, crop = own.resize_size[0], own.crop_size[0]
     return Preprocess(mode, image_size, None if resize * 224 == 256 * crop else round(image_size * resize / crop))
 
@@ -328,9 +344,7 @@ def build_encoder(name: str = "vgg19", weights: str = "imagenet", device="cpu") 
     Raises PipelineError for an unknown name, unobtainable ImageNet weights (never silently
     random) or a weights file that does not fit.
     """
-    if name not in ENCODERS:
-        raise PipelineError(f"unknown encoder {name!r}; choose one of {', '.join(ENCODERS)}")
-    arch = ENCODERS[name]
+    arch = _arch(name)
     weights_name = None
     if weights == "imagenet":
         model, label, weights_name = _imagenet_model(name, arch), "imagenet", str(arch.weights.DEFAULT)

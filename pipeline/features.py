@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from tqdm import tqdm
 
 from . import distributed, shards
-from .atomic import remove_stale_temps, write_json
+from .atomic import TMP_MARK, remove_stale_temps, write_json
 from .config import FeatureConfig
 from .datasets import Record
 from .encoders import ImageError, build_encoder, open_rgb, preprocess_for
@@ -267,9 +267,8 @@ def _plan(
 ) -> tuple[dict, list]:
     """Prepare ``out`` for a run: the manifest to continue (damaged shards dropped from it and
     deleted), the text files, and the shards still to write: (manifest, [(split, k, records)])."""
-    remove_stale_temps(out, OWN_FILES)  # a manifest or text file being written when a run was killed
-    if not (out / shards.MANIFEST).exists():
-        foreign = sorted(p.name for p in out.iterdir())
+    if not (out / shards.MANIFEST).exists():  # its own temporaries aside (a first manifest being written)
+        foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith(tuple(n + TMP_MARK for n in OWN_FILES)))
         if foreign:
             raise PipelineError(
                 f"{out}: holds files that `cli.py features` did not write ({', '.join(foreign[:3])}"
@@ -278,18 +277,21 @@ def _plan(
         shards.save_manifest(
             out, dict(setup, splits={})
         )  # first, so that the folder is known as ours from its first file
+    remove_stale_temps(out, OWN_FILES)  # a manifest or text file being written when a run was killed
     manifest = _resume_manifest(out, setup)
     manifest["command"] = command or manifest.get("command")
-    by_split = {s: [r for r in records if r.split == s] for s in splits}
-    todo = []  # (split, shard index, records)
-    for split, recs in by_split.items():
-        fp = _fingerprint(recs)
+    by_split = {s: [r for r in records if r.split == s] for s in dict.fromkeys([*splits, *manifest["splits"]])}
+    for split, recs in by_split.items():  # every split the folder holds: the text files cover them all
         old = manifest["splits"].get(split)
-        if old and old["fingerprint"] != fp:
+        if old and old["fingerprint"] != _fingerprint(recs):
             raise PipelineError(
-                f"{out}: the {split} shards were made from a different image list; "
-                f"use another --out or delete {out / split}"
+                f"{out}: its {split} shards were made from a different image list than the corpus has now; "
+                "extract into another --out"
             )
+    todo = []  # (split, shard index, records)
+    for split in splits:
+        recs, old = by_split[split], manifest["splits"].get(split)
+        fp = _fingerprint(recs)
         entries = {}
         for entry in (old or {}).get("shards", []):
             problem = shards.shard_problem(out, entry, manifest)
@@ -319,9 +321,8 @@ def _plan(
 
 
 def _resume_manifest(out: Path, setup: dict) -> dict:
-    """The manifest to continue from: the existing one if it matches ``setup``, else a new one."""
-    if not (out / shards.MANIFEST).exists():
-        return dict(setup, splits={})
+    """The folder's manifest (:func:`_plan` writes one first) brought up to ``setup``.
+    Raises PipelineError if it was made with another setup."""
     # keys that came later: fp32 was the only precision; the weights' name and min_count went unrecorded
     later = {"precision": "fp32", "weights_name": setup["weights_name"], "min_count": setup["min_count"]}
     old = dict(later, **shards.load_manifest(out))

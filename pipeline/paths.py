@@ -13,7 +13,6 @@ from .errors import PipelineError
 DATA = Path("data")
 FEATURES = DATA / "features"
 RUNS = DATA / "runs"
-DEFAULT_FEATURES = FEATURES / "flickr8k-vgg19"  # what `make features DATASET=flickr8k` writes
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("SHARED_DATA", REPOSITORY.parent / "shared" / "data"))  # real data for tests, bench
@@ -24,6 +23,9 @@ SQUEEZENET_WEIGHTS = SHARED / "weights" / "squeezenet1_1-imagenet-features.pth"
 def features_dir(dataset: str, encoder: str) -> Path:
     """The features folder `cli.py features` and `make features` write by default."""
     return FEATURES / f"{dataset}-{encoder}"
+
+
+DEFAULT_FEATURES = features_dir("flickr8k", "vgg19")  # what `make features DATASET=flickr8k` writes
 
 
 def default_features() -> tuple[Path, str | None]:

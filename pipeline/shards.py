@@ -203,11 +203,11 @@ def load_manifest(features_dir) -> dict:
         ) from None
     except (ValueError, UnicodeDecodeError) as e:
         raise PipelineError(
-            f"{path}: corrupt manifest ({e}); rerun `python cli.py features` into this folder"
+            f"{path}: corrupt manifest ({e}); restore the folder, or extract the features again into a new --out"
         ) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise PipelineError(f"{path}: format {found!r} is not {FORMAT!r}; re-extract the features")
+        raise PipelineError(f"{path}: format {found!r} is not {FORMAT!r}; extract the features again into a new --out")
     problem = manifest_problem(manifest)
     if problem:
         raise PipelineError(

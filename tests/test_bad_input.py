@@ -297,6 +297,14 @@ CASES = [
         2,
     ),
     (
+        "features-empty-split-name",
+        lambda t, r, i: (
+            _features_cmd(t, *_small_corpus(i), "--splits", ","),
+            r"Invalid value for '--splits': ',' has an empty split name; give names such as train,dev",
+        ),
+        2,
+    ),
+    (
         "features-into-a-folder-of-other-settings",
         lambda t, r, i: (
             shutil.copytree(r / "features", t / "out") and _features_cmd(t, *_small_corpus(i), "--dtype", "float32"),

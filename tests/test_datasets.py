@@ -60,6 +60,36 @@ def test_karpathy_json(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"filename": "x.jpg", "split": "test", "sentences": [{"raw": 5}]}, "malformed entry .*raw must be a string"),
+        ({"filename": "x.jpg", "split": ["train"], "sentences": [{"raw": "A."}]}, "filename, filepath and split must"),
+        ({"filename": 12, "split": "test", "sentences": [{"raw": "A."}]}, "filename, filepath and split must be"),
+        ({"filename": "x.jpg", "filepath": None, "split": "test", "sentences": []}, "filename, filepath and split"),
+        ({"filename": "x.jpg", "split": "test", "sentences": [{"tokens": "a dog"}]}, "tokens must be a list of str"),
+        ({"filename": "x.jpg", "split": "test", "sentences": []}, r"\(x.jpg\): has no sentences"),
+    ],
+)
+def test_a_malformed_karpathy_entry_is_named(tmp_path, entry, message):
+    with pytest.raises(PipelineError, match=rf"dataset_coco.json: images\[1\].*{message}"):
+        load_karpathy(
+            karpathy_json(tmp_path, [{"filename": "a.jpg", "split": "val", "sentences": [{"raw": "A."}]}, entry]),
+            tmp_path,
+        )
+
+
+def test_files_saved_with_a_byte_order_mark_read_as_without(tmp_path):
+    """Windows editors save UTF-8 with a byte-order mark: it is not part of the first line or key."""
+    root = tiny_flickr8k(tmp_path, ["a.jpg#0\tA dog .", "b.jpg#0\tSnow ."])
+    for path in (root / "Flickr8k_text").iterdir():
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert [r.image_id for r in load_flickr8k(root)] == ["a.jpg", "b.jpg"]
+    path = karpathy_json(tmp_path, [{"filename": "y.jpg", "split": "test", "sentences": [{"raw": "Snow."}]}])
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert [r.captions for r in load_karpathy(path, tmp_path)] == [("Snow.",)]
+
+
+@pytest.mark.parametrize(
     "dataset, json_name, image_folder, entry, image_id",
     [
         ("flickr30k", "dataset_flickr30k.json", "flickr30k-images", {"filename": "1000092795.jpg", "imgid": 7}, "7"),

@@ -24,6 +24,7 @@ def _jpeg(path, size=(64, 48), colour=(200, 30, 30), mode="RGB"):
         (lambda p: p.write_text("this is a caption, not a picture\n"), "not an image"),
         (lambda p: None, "missing"),
         (lambda p: p.write_bytes(_jpeg(p, (300, 200)).read_bytes()[:1500]), "truncated or corrupt"),
+        (lambda p: p.mkdir(), "a folder, not an image file"),
     ],
 )
 def test_unusable_images_raise_with_reason(tmp_path, make, reason):
@@ -34,10 +35,11 @@ def test_unusable_images_raise_with_reason(tmp_path, make, reason):
     assert e.value.path == path and str(path) in str(e.value)
 
 
-def test_decompression_bomb_is_refused(tmp_path, monkeypatch):
-    path = _jpeg(tmp_path / "big.jpg", (200, 200))
+@pytest.mark.parametrize("side", [120, 250])  # past the limit (PIL warns), past twice the limit (PIL refuses)
+def test_decompression_bomb_is_refused(tmp_path, monkeypatch, side):
+    path = _jpeg(tmp_path / "big.jpg", (side, side))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100)
-    with pytest.raises(ImageError, match="too large"):
+    with pytest.raises(ImageError, match="too large to decode safely"):
         open_rgb(path)
 
 

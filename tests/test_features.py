@@ -169,8 +169,12 @@ def test_rerun_skips_finished_shards_and_refuses_other_settings(extracted, corpu
     text = {p: p.read_bytes() for p in (out / shards.VOCAB, out / shards.CAPTIONS, out / shards.MANIFEST)}
     with pytest.raises(PipelineError, match=r"different min_count \(min_count=\d+\)"):
         extract_features(records, out, FeatureConfig(**dict(FAST, min_count=1)), "synthetic")
-    with pytest.raises(PipelineError, match=r"the \w+ shards were made from a different image list"):
+    with pytest.raises(PipelineError, match=r"its \w+ shards were made from a different image list"):
         extract_features([r for r in records if r is not records[0]], out, FeatureConfig(**FAST), "synthetic")
+    changed = [r for r in records if r.split != "test" or r is not records[-1]]  # a split not asked for
+    assert records[-1].split == "test"
+    with pytest.raises(PipelineError, match=r"its test shards were made from a different image list.*another --out"):
+        extract_features(changed, out, FeatureConfig(**FAST), "synthetic", ["train"])
     assert {p: p.read_bytes() for p in text} == text and {p: p.stat().st_mtime_ns for p in out.glob("*/*.h5")} == mtimes
 
 
