@@ -86,9 +86,9 @@ class FeatureConfig:
     )
     preprocess: str = option(
         "center-crop",
-        "center-crop: shorter side to 256 (232 for ResNet's weights) then a 224 "
-        "centre crop, as the weights were trained; resize: squash to 224x224, which keeps images already 224x224 "
-        "whole (center-crop would cut their borders: a warning says so).",
+        "center-crop: shorter side to 256 (232 for ResNet's weights) then a 224 centre crop, as the weights were "
+        "trained (both scaled by --image-size / 224); resize: squash to --image-size square, which keeps images "
+        "already that size whole (center-crop would cut their borders: a warning says so).",
         choices=("center-crop", "resize"),
     )
     image_size: int = option(224, "Encoder input side.", unit="pixels", low=32, high=1024)

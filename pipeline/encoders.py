@@ -295,10 +295,15 @@ def _imagenet_model(name: str, arch: _Arch) -> nn.Module:
     try:
         return arch.builder(weights=w)
     except (urllib.error.URLError, OSError, RuntimeError) as e:
+        state = (
+            f"are cached at {cache} but cannot be read ({e}): delete that file. Then f"
+            if cache.exists()
+            else f"are not cached at {cache} and could not be downloaded ({e}). F"
+        )
         raise PipelineError(
-            f"ImageNet weights for {name} are not cached at {cache} and could not be downloaded ({e}). "
-            f"Fetch {w.url} on a machine with internet and copy it to {cache}, or pass --weights FILE "
-            f"(a state dict), or --weights random for untrained features (plumbing and speed tests only)"
+            f"ImageNet weights for {name} {state}etch {w.url} on a machine with internet and copy it to {cache}, "
+            f"or pass --weights FILE (a state dict), or --weights random for untrained features (plumbing and "
+            f"speed tests only)"
         ) from None
     finally:
         socket.setdefaulttimeout(old_timeout)

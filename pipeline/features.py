@@ -177,7 +177,8 @@ def extract_features(
     the encoder's input size (:meth:`pipeline.encoders.Preprocess.border_warning`).
     Raises PipelineError for unknown split names, if another command holds ``out``, if ``out``
     holds files but no manifest (it is not a features folder), or if it holds features made with
-    another encoder, weights, preprocessing, dtype, precision, shard size or image list.
+    another dataset, encoder, weights, preprocessing, dtype, precision, shard size, vocabulary
+    min count or image list (of any split it holds).
     """
     out = Path(out)
     known = list(dict.fromkeys(r.split for r in records))

@@ -168,6 +168,11 @@ def test_imagenet_without_network_or_cache_says_how_to_proceed(tmp_path, monkeyp
     monkeypatch.setattr(socket, "create_connection", refuse)
     with pytest.raises(PipelineError, match=r"ImageNet weights for squeezenet1_1 are not cached at .*--weights random"):
         build_encoder("squeezenet1_1", "imagenet")
+    cached = tmp_path / "hub" / "checkpoints" / "squeezenet1_1-b8a52dc0.pth"
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_bytes(b"PK\x03\x04 cut short")  # a download interrupted, or a bad copy
+    with pytest.raises(PipelineError, match=r"are cached at .*squeezenet1_1-b8a52dc0.pth but cannot be read .*delete"):
+        build_encoder("squeezenet1_1", "imagenet")
 
 
 @pytest.mark.parametrize("name", ["vgg19", "resnet101", "squeezenet1_1"])
