@@ -115,10 +115,12 @@ def shard_problem(features_dir: Path, entry: dict, manifest: dict) -> str | None
     return None
 
 
-def rebuild_hint(features_dir: Path, manifest: dict) -> str:
+def rebuild_hint(features_dir: Path, manifest: dict, split: str | None = None) -> str:
     """The command that rebuilds a features folder's missing or damaged shards (and only those):
-    the features command recorded in the manifest, with ``--out`` naming the folder where it is
-    now (a copied or moved folder is rebuilt in place, not where it was made)."""
+    the features command recorded in the manifest (its last run's), with ``--out`` naming the
+    folder where it is now (a copied or moved folder is rebuilt in place, not where it was made)
+    and, for a shard of ``split``, ``--splits`` naming that split (the last run may have extracted
+    another)."""
     command = manifest.get("command")
     try:
         args = shlex.split(command) if isinstance(command, str) else None
@@ -126,11 +128,12 @@ def rebuild_hint(features_dir: Path, manifest: dict) -> str:
         args = None
     if not args:
         return f"python cli.py features --out {features_dir} (with the options that made it)"
-    args = [a for a in args if not a.startswith("--out=")]
-    if "--out" in args[:-1]:
-        args[args.index("--out") + 1] = str(features_dir)
-    else:
-        args += ["--out", str(features_dir)]
+    for flag, value in (("--out", str(features_dir)), *((("--splits", split),) if split else ())):
+        args = [a for a in args if not a.startswith(f"{flag}=")]
+        if flag in args[:-1]:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
     return shlex.join(args)
 
 
@@ -180,11 +183,15 @@ def check_shards(features_dir, manifest: dict, splits=None, values: bool = False
         for shard in entry["shards"] if splits is None or split in splits else []:
             reason = shard_problem(features_dir, shard, manifest)
             if reason:
-                problems.append(f"{features_dir / shard['file']}: {reason}; rebuild it with: {hint}")
+                problems.append(
+                    f"{features_dir / shard['file']}: {reason}; rebuild it with: "
+                    f"{rebuild_hint(features_dir, manifest, split)}"
+                )
             elif values:
                 problems += [
                     f"{features_dir / shard['file']}: image {image_id} (row {row}) has non-finite annotation "
-                    f"values (nan or inf); delete the shard and rebuild it with: {hint}"
+                    f"values (nan or inf); delete the shard and rebuild it with: "
+                    f"{rebuild_hint(features_dir, manifest, split)}"
                     for row, image_id in nonfinite_rows(features_dir / shard["file"])
                 ]
     return problems

@@ -1060,7 +1060,7 @@ CASES += [
         lambda t, r, i: (
             ["verify", str(_moved_folder(r, t))],
             r"shard-00000.h5: truncated or altered .*rebuild it with: python cli.py features --dataset synthetic --out "
-            rf"{re.escape(str(t / 'features'))}(?:\n|$)",
+            rf"{re.escape(str(t / 'features'))} --splits train(?:\n|$)",
         ),
         1,
     ),

@@ -263,6 +263,19 @@ def test_vgg19_on_full_size_originals(tmp_path):
     assert summary.images == 4 and data[3].shape == (196, 512) and data.grid == (14, 14)
 
 
+def test_the_rebuild_command_names_the_damaged_shards_split_and_folder(tmp_path):
+    """The recorded command is the last run's: it may have extracted another split, or run where
+    the folder was before it moved."""
+    for recorded in ("python cli.py features --splits dev --out old", "python cli.py features --splits=dev --out=old"):
+        hint = shards.rebuild_hint(tmp_path / "f", {"command": recorded}, "train")
+        assert hint == f"python cli.py features --out {tmp_path / 'f'} --splits train" or hint == (
+            f"python cli.py features --splits train --out {tmp_path / 'f'}"
+        )
+    assert shards.rebuild_hint(tmp_path, {"command": "python cli.py features"}, "test").endswith(
+        f"--out {tmp_path} --splits test"
+    )
+
+
 @pytest.mark.parametrize("damage", ["truncate", "alter"])
 def test_damaged_shard_is_named_refused_and_rebuilt(small_corpus, tmp_path, damage):
     """`verify` and the reader name a truncated or altered shard and the command that rebuilds
