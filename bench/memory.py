@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pipeline import shards
 from pipeline.shards import AnnotationShards, CaptionPairs
+from pipeline.text import Vocabulary
 from pipeline.train import TrainConfig, epoch_batches
 
 from .common import FLICKR8K, SQUEEZENET_WEIGHTS, corpus_records, run_measuring_memory
@@ -96,7 +97,7 @@ def run(workspace: Path) -> tuple[list[str], Path]:
     shutil.copy(workspace / "features-7000" / "vocab.json", same_vocab / "vocab.json")
     manifest = shards.load_manifest(same_vocab)  # the copy's record of its text files, as features writes it
     manifest["text"] = shards.text_record(same_vocab)
-    manifest["vocab_size"] = len(json.loads((same_vocab / shards.VOCAB).read_text())["words"])
+    manifest["vocab_size"] = len(Vocabulary.load(same_vocab / shards.VOCAB))
     shards.save_manifest(same_vocab, manifest)
     trained = run_measuring_memory(
         ["cli.py", "train", "--features", str(same_vocab), "--out", str(workspace / "run-1000-vocab-7000"), *TRAIN_ARGS]

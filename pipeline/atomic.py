@@ -136,9 +136,15 @@ def remove_stale_temps(folder, names) -> list[Path]:
     """
     stale = []
     for p in Path(folder).glob(f"*{TMP_MARK}*"):
-        name, pid = p.name.rsplit(TMP_MARK, 1)
-        ours = pid.isdigit() and any(fnmatch.fnmatchcase(name, pattern) for pattern in names)
-        if ours and p.is_file() and not (int(pid) != os.getpid() and _alive(int(pid))):
+        pid = int(p.name.rsplit(TMP_MARK, 1)[1]) if is_temp_of(p, names) else None
+        if pid is not None and p.is_file() and not (pid != os.getpid() and _alive(pid)):
             p.unlink(missing_ok=True)
             stale.append(p)
     return stale
+
+
+def is_temp_of(path, names) -> bool:
+    """Whether ``path`` is named as a temporary file (``NAME.tmp-PID``, :func:`temp_name`) of one of
+    ``names`` (glob patterns)."""
+    name, mark, pid = Path(path).name.rpartition(TMP_MARK)
+    return bool(mark) and pid.isdigit() and any(fnmatch.fnmatchcase(name, pattern) for pattern in names)

@@ -174,12 +174,12 @@ def load_model_folder(model: str, device: str = "cpu"):
     Raises PipelineError for a folder that is not a complete export of this format."""
     folder = resolve_model_folder(model)
     missing = [name for name in FILES[:4] if not (folder / name).is_file()]
-    if missing or _config(folder).get("format") != FORMAT:
+    config = _config(folder)
+    if missing or config.get("format") != FORMAT:
         raise PipelineError(
             f"{folder}: not a model folder written by `cli.py export` (missing or foreign: "
             f"{', '.join(missing) or 'config.json'})"
         )
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     if not isinstance(config.get("decoder"), dict) or config.get("decode_context") not in CONTEXTS:
         raise PipelineError(
             f"{folder}: config.json has a missing or malformed 'decoder' or 'decode_context'; export it again"

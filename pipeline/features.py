@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from tqdm import tqdm
 
 from . import distributed, shards
-from .atomic import TMP_MARK, remove_stale_temps, write_json
+from .atomic import is_temp_of, remove_stale_temps, write_json
 from .config import FeatureConfig
 from .datasets import Record
 from .encoders import ImageError, build_encoder, open_rgb, preprocess_for
@@ -269,7 +269,7 @@ def _plan(
     """Prepare ``out`` for a run: the manifest to continue (damaged shards dropped from it and
     deleted), the text files, and the shards still to write: (manifest, [(split, k, records)])."""
     if not (out / shards.MANIFEST).exists():  # its own temporaries aside (a first manifest being written)
-        foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith(tuple(n + TMP_MARK for n in OWN_FILES)))
+        foreign = sorted(p.name for p in out.iterdir() if not is_temp_of(p, OWN_FILES))
         if foreign:
             raise PipelineError(
                 f"{out}: holds files that `cli.py features` did not write ({', '.join(foreign[:3])}"

@@ -180,18 +180,15 @@ def check_shards(features_dir, manifest: dict, splits=None, values: bool = False
     hint = rebuild_hint(features_dir, manifest)
     problems = [f"{line}; rebuild it with: {hint}" for line in text_problems(features_dir, manifest)]
     for split, entry in manifest["splits"].items():
+        split_hint = rebuild_hint(features_dir, manifest, split)
         for shard in entry["shards"] if splits is None or split in splits else []:
             reason = shard_problem(features_dir, shard, manifest)
             if reason:
-                problems.append(
-                    f"{features_dir / shard['file']}: {reason}; rebuild it with: "
-                    f"{rebuild_hint(features_dir, manifest, split)}"
-                )
+                problems.append(f"{features_dir / shard['file']}: {reason}; rebuild it with: {split_hint}")
             elif values:
                 problems += [
                     f"{features_dir / shard['file']}: image {image_id} (row {row}) has non-finite annotation "
-                    f"values (nan or inf); delete the shard and rebuild it with: "
-                    f"{rebuild_hint(features_dir, manifest, split)}"
+                    f"values (nan or inf); delete the shard and rebuild it with: {split_hint}"
                     for row, image_id in nonfinite_rows(features_dir / shard["file"])
                 ]
     return problems

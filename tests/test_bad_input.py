@@ -106,8 +106,8 @@ def _resume_with_another_vocabulary(tmp, run):
     return _train(features, tmp / "run", "--resume", "--epochs", "2")
 
 
-def _caption(run, image):
-    return ["caption", str(image), "--checkpoint", str(run / "run" / "best.pt")]
+def _caption_of(checkpoint, image, *args):
+    return ["caption", str(image), "--checkpoint", str(checkpoint), *args]
 
 
 def _evaluate(checkpoint, *args):
@@ -315,13 +315,13 @@ CASES = [
     # -- images ------------------------------------------------------------------------------------
     (
         "image-zero-bytes",
-        lambda t, r, i: (_caption(r, _write(t / "zero.jpg", b"")), r"zero.jpg: error: empty file \(0 bytes\)"),
+        lambda t, r, i: (_caption_with(r, _write(t / "zero.jpg", b"")), r"zero.jpg: error: empty file \(0 bytes\)"),
         1,
     ),
     (
         "image-truncated",
         lambda t, r, i: (
-            _caption(r, _write(t / "cut.jpg", _first_image(i).read_bytes()[:1500])),
+            _caption_with(r, _write(t / "cut.jpg", _first_image(i).read_bytes()[:1500])),
             r"cut.jpg: error: truncated or corrupt",
         ),
         1,
@@ -329,17 +329,17 @@ CASES = [
     (
         "image-not-an-image",
         lambda t, r, i: (
-            _caption(r, _write(t / "notes.jpg", b"a caption, not a picture\n")),
+            _caption_with(r, _write(t / "notes.jpg", b"a caption, not a picture\n")),
             r"notes.jpg: error: not an image",
         ),
         1,
     ),
     (
         "image-decompression-bomb",
-        lambda t, r, i: (_caption(r, png_header(t / "bomb.png", 40000, 40000)), r"bomb.png: error: too large"),
+        lambda t, r, i: (_caption_with(r, png_header(t / "bomb.png", 40000, 40000)), r"bomb.png: error: too large"),
         1,
     ),
-    ("image-missing", lambda t, r, i: (_caption(r, t / "absent.jpg"), r"absent.jpg: error: missing"), 1),
+    ("image-missing", lambda t, r, i: (_caption_with(r, t / "absent.jpg"), r"absent.jpg: error: missing"), 1),
     # -- train -------------------------------------------------------------------------------------
     (
         "train-no-features-folder",
@@ -496,7 +496,8 @@ def _image_copy(tmp, root, name="photo.jpg"):
 
 
 def _caption_with(run, image, *args):
-    return ["caption", str(image), "--checkpoint", str(run / "run" / "best.pt"), *args]
+    """`caption IMAGE ARGS` with the trained run's best.pt."""
+    return _caption_of(run / "run" / "best.pt", image, *args)
 
 
 def _users_png(path):
@@ -589,7 +590,7 @@ def _resume(run, tmp, *args):
 def _moved_weights(run, tmp, root):
     """A checkpoint whose features were made with a weights file that is no longer where it was."""
     edited = _checkpoint(run, tmp, lambda s: s["features"]["encoder"].update(weights=str(tmp / "moved" / "w.pth")))
-    return ["caption", str(_first_image(root)), "--checkpoint", str(edited)]
+    return _caption_of(edited, _first_image(root))
 
 
 def _users_folder(tmp):
@@ -668,14 +669,12 @@ CASES += [
     (
         "caption-jsonl-of-an-earlier-run-with-a-broken-checkpoint",
         lambda t, r, i: (
-            [
-                "caption",
-                str(_first_image(i)),
-                "--checkpoint",
-                str(_write(t / "notes.pt", b"hello")),
+            _caption_of(
+                _write(t / "notes.pt", b"hello"),
+                _first_image(i),
                 "--jsonl",
                 str(_write(t / "earlier.jsonl", b'{"written_by": "show-attend-tell"}\n{"image": "a.jpg"}\n')),
-            ],
+            ),
             r"notes.pt: not a checkpoint loadable with weights_only=True",
         ),
         2,
@@ -1126,14 +1125,7 @@ CASES += [
     (
         "caption-checkpoint-missing",
         lambda t, r, i: (
-            [
-                "caption",
-                str(_first_image(i)),
-                "--checkpoint",
-                str(t / "typo.pt"),
-                "--attention-plot",
-                str(t / "a" / "b" / "out.png"),
-            ],
+            _caption_of(t / "typo.pt", _first_image(i), "--attention-plot", str(t / "a" / "b" / "out.png")),
             r"Invalid value for '--checkpoint': File '.*typo.pt' does not exist",
         ),
         2,
