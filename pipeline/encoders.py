@@ -296,12 +296,12 @@ def _imagenet_model(name: str, arch: _Arch) -> nn.Module:
         return arch.builder(weights=w)
     except (urllib.error.URLError, OSError, RuntimeError) as e:
         state = (
-            f"are cached at {cache} but cannot be read ({e}): delete that file. Then f"
+            f"are cached at {cache} but cannot be read ({e}): delete that file. Then fetch"
             if cache.exists()
-            else f"are not cached at {cache} and could not be downloaded ({e}). F"
+            else f"are not cached at {cache} and could not be downloaded ({e}). Fetch"
         )
         raise PipelineError(
-            f"ImageNet weights for {name} {state}etch {w.url} on a machine with internet and copy it to {cache}, "
+            f"ImageNet weights for {name} {state} {w.url} on a machine with internet and copy it to {cache}, "
             f"or pass --weights FILE (a state dict), or --weights random for untrained features (plumbing and "
             f"speed tests only)"
         ) from None

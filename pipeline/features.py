@@ -275,16 +275,16 @@ def _plan(
                 f"{out}: holds files that `cli.py features` did not write ({', '.join(foreign[:3])}"
                 f"{', ...' if len(foreign) > 3 else ''}) and no manifest; pass a new or empty --out"
             )
-        shards.save_manifest(
-            out, dict(setup, splits={})
-        )  # first, so that the folder is known as ours from its first file
+        # first, so that the folder is known as ours from its first file
+        shards.save_manifest(out, dict(setup, splits={}))
     remove_stale_temps(out, OWN_FILES)  # a manifest or text file being written when a run was killed
     manifest = _resume_manifest(out, setup)
     manifest["command"] = command or manifest.get("command")
     by_split = {s: [r for r in records if r.split == s] for s in dict.fromkeys([*splits, *manifest["splits"]])}
-    for split, recs in by_split.items():  # every split the folder holds: the text files cover them all
+    fingerprints = {split: _fingerprint(recs) for split, recs in by_split.items()}
+    for split, fp in fingerprints.items():  # every split the folder holds: the text files cover them all
         old = manifest["splits"].get(split)
-        if old and old["fingerprint"] != _fingerprint(recs):
+        if old and old["fingerprint"] != fp:
             raise PipelineError(
                 f"{out}: its {split} shards were made from a different image list than the corpus has now; "
                 "extract into another --out"
@@ -292,7 +292,6 @@ def _plan(
     todo = []  # (split, shard index, records)
     for split in splits:
         recs, old = by_split[split], manifest["splits"].get(split)
-        fp = _fingerprint(recs)
         entries = {}
         for entry in (old or {}).get("shards", []):
             problem = shards.shard_problem(out, entry, manifest)
@@ -312,7 +311,7 @@ def _plan(
         manifest["splits"][split] = {
             "images": None,
             "planned": len(recs),
-            "fingerprint": fp,
+            "fingerprint": fingerprints[split],
             "shards": list(entries.values()),
         }
     manifest["vocab_size"] = len(write_text(records, out, config.min_count))  # only once the folder fits

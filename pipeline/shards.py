@@ -128,7 +128,8 @@ def rebuild_hint(features_dir: Path, manifest: dict, split: str | None = None) -
         args = None
     if not args:
         return f"python cli.py features --out {features_dir} (with the options that made it)"
-    for flag, value in (("--out", str(features_dir)), *((("--splits", split),) if split else ())):
+    flags = {"--out": str(features_dir), **({"--splits": split} if split else {})}
+    for flag, value in flags.items():
         args = [a for a in args if not a.startswith(f"{flag}=")]
         if flag in args[:-1]:
             args[args.index(flag) + 1] = value
