@@ -14,9 +14,11 @@ IMAGE_DIR ?=
 ENCODER ?= vgg19
 WEIGHTS ?= imagenet
 PREPROCESS ?= center-crop
+# the encoder's input side in pixels; empty: its weights' own (224; efficientnet_lite1 240, efficientnet_lite2 260)
+IMAGE_SIZE ?=
 SPLITS ?=
 SKIP_BAD ?=
-OUT ?= data/features/$(DATASET)-$(ENCODER)
+OUT ?= data/features/$(DATASET)-$(ENCODER)$(if $(IMAGE_SIZE),-$(IMAGE_SIZE))
 FEATURES ?= $(OUT)
 ATTENTION ?= soft
 RUN ?= data/runs/$(DATASET)-$(ENCODER)-$(ATTENTION)
@@ -53,7 +55,7 @@ $(VENV)/.complete:
 
 features: venv
 	$(PY) cli.py features --dataset $(DATASET) $(SOURCE) --encoder $(ENCODER) --weights $(WEIGHTS) --preprocess $(PREPROCESS) \
-		$(if $(SPLITS),--splits $(SPLITS)) --out $(OUT) $(if $(filter 1,$(SKIP_BAD)),--skip-bad-images)
+		$(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) $(if $(SPLITS),--splits $(SPLITS)) --out $(OUT) $(if $(filter 1,$(SKIP_BAD)),--skip-bad-images)
 
 # Continues the run in RUN if it has a last.pt.
 train: venv

