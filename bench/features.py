@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.encoders import build_encoder, fold_batch_norm, open_rgb, preprocess_for
+from pipeline.encoders import build_encoder, open_rgb, preprocess_for
 from pipeline.features import PRECISIONS, FeatureConfig, compute_precision, decoding_workers, extract_features
 
 from .common import SQUEEZENET_WEIGHTS, corpus_records, progress, seconds
@@ -23,15 +23,14 @@ def bare_forward(encoder, batches, mode: str, half) -> float:
     (batch norm as layers of their own), 'compiled' (the folded trunk compiled by torch.compile;
     the compile, in the warm-up call, not timed) or 'other' precision (bf16 autocast where the
     pipeline uses fp32, fp32 where it autocasts)."""
-    folded = fold_batch_norm(encoder.trunk)
     layout = torch.contiguous_format if mode == "contiguous" else torch.channels_last
-    trunk = folded
+    trunk = encoder.inference_trunk()
     if mode == "contiguous":
-        trunk = copy.deepcopy(folded).to(memory_format=layout)
+        trunk = copy.deepcopy(trunk).to(memory_format=layout)
     elif mode == "unfolded":
         trunk = encoder.trunk
     elif mode == "compiled":
-        trunk = torch.compile(folded)
+        trunk = torch.compile(trunk)
     if mode == "other":
         half = None if half is not None else torch.bfloat16
     context = torch.no_grad if mode == "no_grad" else torch.inference_mode

@@ -361,7 +361,7 @@ def fold_batch_norm(trunk: nn.Module) -> nn.Module:
     timm batch norm's activation kept in its place; ``trunk`` itself if it has no batch norm.
     A convolution and its batch norm are recognised as consecutive children of one module (as
     torchvision's ResNets and timm's EfficientNets register them). Same outputs to float rounding
-    (tests/test_encoders.py); one pass over each feature map fewer."""
+    (tests/test_efficientnet.py); one pass over each feature map fewer."""
     if not any(isinstance(m, nn.BatchNorm2d) for m in trunk.modules()):
         return trunk
     with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, even when first run under inference_mode
@@ -397,10 +397,15 @@ class Encoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # channels_last (NHWC) runs oneDNN's convolutions without layout reorders: 1.3-2.5x faster
         # on CPU (bench/features.py); the trunk's weights are converted in build_encoder
+        fmap = self.inference_trunk()(images.contiguous(memory_format=torch.channels_last))
+        return fmap.flatten(2).transpose(1, 2)
+
+    def inference_trunk(self) -> nn.Module:
+        """The trunk as the forward pass runs it: :func:`fold_batch_norm` of ``trunk``, made once
+        (again after ``.to``)."""
         if not self._inference:
             self._inference = (fold_batch_norm(self.trunk),)
-        fmap = self._inference[0](images.contiguous(memory_format=torch.channels_last))
-        return fmap.flatten(2).transpose(1, 2)
+        return self._inference[0]
 
     def _apply(self, fn, recurse=True):  # .to(), .half(), ...: fold again from the converted trunk
         self._inference = ()
@@ -525,17 +530,16 @@ def build_encoder(name: str = "vgg19", weights: str = "imagenet", device="cpu") 
     random) or a weights file that does not fit.
     """
     arch = _arch(name)
-    packaged = isinstance(arch.weights, PackagedWeights)
-    if weights == "imagenet" and not packaged:
+    label = weights if weights in ("imagenet", "random") else str(Path(weights).expanduser().resolve())
+    if weights == "imagenet" and not isinstance(arch.weights, PackagedWeights):
         model = _imagenet_model(name, arch)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_SEED)
             model = arch.builder(weights=None)
         if weights != "random":
-            path = arch.weights.path() if weights == "imagenet" else Path(weights).expanduser().resolve()
+            path = arch.weights.path() if weights == "imagenet" else Path(label)
             _load_state_dict_file(model, arch.cut(model), path)
-    label = weights if weights in ("imagenet", "random") else str(Path(weights).expanduser().resolve())
     trunk = arch.cut(model)
     encoder = Encoder(name, trunk, label, state_sha256(trunk), str(arch.weights) if weights == "imagenet" else None)
     return encoder.to(device, memory_format=torch.channels_last)
