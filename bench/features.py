@@ -5,6 +5,7 @@ inference_mode, channels_last, batch norm folded into the convolutions, torch.co
 other precision (CPU: bf16 autocast; CUDA: fp32 instead of the pipeline's fp16 autocast)."""
 
 import copy
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -43,14 +44,17 @@ def bare_forward(encoder, batches, mode: str, half) -> float:
     return seconds(run, repeat=2, warmup=1)
 
 
-ALL_MODES = ("no_grad", "inference_mode", "contiguous", "unfolded", "other")
+ALL_MODES = ("no_grad", "contiguous", "unfolded", "other")
+ROUNDS = 3
 
 
 def bench_encoder(name: str, weights: str, n: int, device: str, batch: int, image_size=None, modes=ALL_MODES) -> dict:
     """End-to-end `cli.py features` images/s of encoder ``name`` at ``image_size`` (None: its
     weights' own) over ``n`` images (Flickr8k's where ../shared has them, else generated), beside
-    its bare forward pass in each of ``modes`` (:func:`bare_forward`; 'inference_mode' always).
-    Each figure is the best of two runs, as this host's speed drifts within a section."""
+    its bare forward pass as the pipeline runs it ('inference_mode') and in each of ``modes``
+    (:func:`bare_forward`). The two are measured side by side in ROUNDS rounds (a bare pass, then
+    an end-to-end run): the row gives the best rate of each and the median of the rounds' ratios,
+    as this host's speed drifts within a section."""
     with tempfile.TemporaryDirectory(prefix="bench-images-") as images:
         records = corpus_records(Path(images), n)[0]
         return _bench_encoder(name, weights, records, device, batch, image_size, modes)
@@ -67,20 +71,24 @@ def _bench_encoder(name: str, weights: str, records: list, device: str, batch: i
     preprocess = preprocess_for(name, image_size=image_size)
     transform = preprocess.transform()
     batches = torch.stack([transform(open_rgb(r.image_path)) for r in records]).to(device).split(batch)
-    rates = {mode: n / bare_forward(encoder, batches, mode, half) for mode in dict.fromkeys(("inference_mode", *modes))}
+    rates = {mode: n / bare_forward(encoder, batches, mode, half) for mode in modes}
+    bare, end_to_end = [], []
     with tempfile.TemporaryDirectory() as out:
         extract_features(records[:batch], out + "/warm", config, "bench", progress=False)  # CUDA/cuDNN start-up
-        runs = [extract_features(records, f"{out}/run{i}", config, "bench", progress=False) for i in range(2)]
-    end_to_end = max(summary.images / summary.seconds for summary in runs)
+        for i in range(ROUNDS):  # side by side: this host's speed drifts by a quarter within minutes
+            bare.append(n / bare_forward(encoder, batches, "inference_mode", half))
+            summary = extract_features(records, f"{out}/run{i}", config, "bench", progress=False)
+            end_to_end.append(summary.images / summary.seconds)
     row = {
         "encoder": f"{name} at {preprocess.image_size} px",
         "weights": "imagenet file" if weights not in ("random", "imagenet") else weights,
         "images": n,
         "batch": batch,
         "workers": decoding_workers(config, encoder.device),
-        "end_to_end": end_to_end,
+        "end_to_end": max(end_to_end),
+        "inference_mode": max(bare),
         **rates,
-        "ratio": end_to_end / rates["inference_mode"],
+        "ratio": statistics.median(e / b for e, b in zip(end_to_end, bare)),
         "precision": precision,
         "other_name": "fp32" if half is not None else "bf16",
     }
