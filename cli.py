@@ -6,6 +6,7 @@ value reaches torch; every error ends as one line and exit status 2, never a tra
 
 import contextlib
 import errno
+import logging
 import math
 import os
 import shlex
@@ -14,13 +15,14 @@ import warnings
 
 import click
 from click.core import ParameterSource
+from PIL import Image
 
-from pipeline import paths
-from pipeline.atomic import disk_full_message
 from pipeline.config import DecodeConfig, DecoderConfig, FeatureConfig, ObjectiveConfig, TrainConfig
-from pipeline.datasets import DATASETS
-from pipeline.errors import PipelineError, describe, one_line
-from pipeline.folders import os_error_message
+from pipeline.features.datasets import DATASETS
+from pipeline.io import paths
+from pipeline.io.atomic import disk_full_message
+from pipeline.io.errors import PipelineError, describe, one_line
+from pipeline.io.folders import os_error_message
 
 DEBUG = "SHOW_ATTEND_TELL_DEBUG"  # set to 1 to see the traceback of an unexpected error
 
@@ -124,6 +126,11 @@ def main():
     HDF5 shards; stage two trains the attention decoder on them.
     """
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # open_rgb refuses such images itself
+    shown = logging.StreamHandler(sys.stderr)  # the library's notes and progress lines, as they are
+    shown.setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger("pipeline").addHandler(shown)
+    logging.getLogger("pipeline").setLevel(logging.INFO)
 
 
 def config_options(*classes):
@@ -243,9 +250,9 @@ def features(dataset, data_dir, karpathy_json, image_dir, splits, out, skip_bad_
     on, and the exit status is 1 if any failed (unless --skip-bad-images). The folder records its
     options in OUT/config.toml (`--config OUT/config.toml` repeats them).
     """
-    from pipeline.datasets import load_records
-    from pipeline.distributed import main_process
-    from pipeline.features import extract_features, failure_counts
+    from pipeline.features.datasets import load_records
+    from pipeline.features.extract import extract_features, failure_counts
+    from pipeline.io.distributed import main_process
 
     config = FeatureConfig(**settings)
     records = load_records(dataset, data_dir, karpathy_json, image_dir)
@@ -321,10 +328,10 @@ def train(features, out, resume, no_progress, **settings):
     decoder by self-critical sequence training. The run records its options in OUT/config.toml
     (`--config OUT/config.toml` repeats them).
     """
-    from pipeline.distributed import main_process
+    from pipeline.io.distributed import main_process
     from pipeline.options import specs
-    from pipeline.train import METRIC_NAMES
-    from pipeline.train import train as run_training
+    from pipeline.train.loop import METRIC_NAMES
+    from pipeline.train.loop import train as run_training
 
     if features is None and not resume:  # a resume defaults to the run's own features
         features, note = paths.default_features()
@@ -417,7 +424,7 @@ def evaluate(checkpoint, split, features_dir, batch_size, device, out_dir, no_pr
     its default (NAME-SPLIT-beamK[-lenN][-lpP][-unk][-blocktrigrams][-features-HASH]), so no two settings collide; a
     rerun replaces only the files an earlier run wrote.
     """
-    from pipeline.evaluate import evaluate as run_evaluation
+    from pipeline.eval.evaluate import evaluate as run_evaluation
 
     settings = DecodeConfig(**settings)
     result = run_evaluation(
@@ -464,7 +471,7 @@ def caption(images, checkpoint, model, attention_plot, jsonl, device, **settings
     it is done. Unreadable files are reported and the others still captioned; the exit status is 1
     if any failed.
     """
-    from pipeline.caption import JsonLines, caption_images
+    from pipeline.serve.caption import JsonLines, caption_images
 
     checkpoint, model = _captioner_source(checkpoint, model)
     settings = DecodeConfig(**settings)
@@ -511,8 +518,8 @@ def serve(checkpoint, model, host, port, examples, device, **settings):
     from pathlib import Path
 
     from pipeline import Captioner
-    from pipeline.app import IMAGE_TYPES
-    from pipeline.app import serve as serve_page
+    from pipeline.serve.web import IMAGE_TYPES
+    from pipeline.serve.web import serve as serve_page
 
     checkpoint, model = _captioner_source(checkpoint, model)
     captioner = Captioner.from_source(checkpoint, model, device)
@@ -535,7 +542,7 @@ def export(checkpoint, out):
 
     Load it with `Captioner.from_pretrained(FOLDER)` or `cli.py caption --model FOLDER`.
     """
-    from pipeline.export import export_model
+    from pipeline.captioner import export_model
 
     click.echo(f"export: {export_model(checkpoint, out)}")
 
@@ -551,7 +558,7 @@ def verify(features_dir):
     Prints one line per problem with what to do (for a damaged shard, the command that rebuilds
     it), and exits 1 if any.
     """
-    from pipeline.shards import check_shards, load_manifest
+    from pipeline.features.shards import check_shards, load_manifest
 
     manifest = load_manifest(features_dir)
     problems = check_shards(features_dir, manifest, values=True)

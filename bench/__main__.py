@@ -12,8 +12,8 @@ from pathlib import Path
 import click
 import torch
 
-from pipeline.atomic import atomic_path
-from pipeline.memory import configure_allocator
+from pipeline.io.atomic import atomic_path
+from pipeline.io.memory import configure_allocator
 
 from . import beam, features, memory, reading, training
 from .common import machine

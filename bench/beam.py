@@ -1,17 +1,17 @@
 """Beam search: images/s at beam 3 and 5, the whole batch of 64 images at once against one image
-at a time, and the batch with the decoder's step compiled (:mod:`pipeline.compiled`) against the
+at a time, and the batch with the decoder's step compiled (:mod:`pipeline.model.compiled`) against the
 batch eager, same model (default sizes, L=196). With untrained weights no hypothesis ends early, so
 every caption runs to the 20-word limit in all modes. Also f_att's tanh (the largest cost of a
 batched step) as PyTorch's tanh kernel and as the decoder computes it, side by side."""
 
 import torch
 
-from pipeline.compiled import use_compiled
 from pipeline.config import DecodeConfig
-from pipeline.decode import beam_search
-from pipeline.model import AttentionTanh, Decoder, DecoderConfig
+from pipeline.model.compiled import use_compiled
+from pipeline.model.decode import beam_search
+from pipeline.model.decoder import AttentionTanh, Decoder, DecoderConfig
 from pipeline.text import Vocabulary
-from pipeline.train import native_bf16
+from pipeline.train.loop import native_bf16
 
 from .common import progress, seconds
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.paths import FLICKR8K, SQUEEZENET_WEIGHTS  # noqa: F401 - the sections import them from here
-from pipeline.paths import REPOSITORY as ROOT
+from pipeline.io.paths import FLICKR8K, SQUEEZENET_WEIGHTS  # noqa: F401 - the sections import them from here
+from pipeline.io.paths import REPOSITORY as ROOT
 
 
 def sync() -> None:
@@ -60,7 +60,7 @@ def machine() -> str:
 def corpus_records(folder: Path, n_train: int, n_val: int = 0) -> tuple[list, list]:
     """The first ``n_train`` training and ``n_val`` validation records of the real Flickr8k images
     in ../shared/data, or of a synthetic corpus generated into ``folder`` where that data is absent."""
-    from pipeline.datasets import load_flickr8k, load_karpathy, make_synthetic
+    from pipeline.features.datasets import load_flickr8k, load_karpathy, make_synthetic
 
     if FLICKR8K.exists():
         with warnings.catch_warnings():  # the token file's known quirks, reported by `cli.py features`

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.encoders import build_encoder, open_rgb, preprocess_for
-from pipeline.features import PRECISIONS, FeatureConfig, compute_precision, decoding_workers, extract_features
+from pipeline.features.encoders import build_encoder, open_rgb, preprocess_for
+from pipeline.features.extract import PRECISIONS, FeatureConfig, compute_precision, decoding_workers, extract_features
 
 from .common import SQUEEZENET_WEIGHTS, corpus_records, progress, seconds
 

@@ -11,10 +11,10 @@ import json
 import shutil
 from pathlib import Path
 
-from pipeline import shards
-from pipeline.shards import AnnotationShards, CaptionPairs
+from pipeline.features import shards
+from pipeline.features.shards import AnnotationShards, CaptionPairs
 from pipeline.text import Vocabulary
-from pipeline.train import TrainConfig, epoch_batches
+from pipeline.train.loop import TrainConfig, epoch_batches
 
 from .common import FLICKR8K, SQUEEZENET_WEIGHTS, corpus_records, run_measuring_memory
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.shards import AnnotationShards, CaptionPairs
-from pipeline.train import TrainConfig, epoch_batches, native_bf16
+from pipeline.features.shards import AnnotationShards, CaptionPairs
+from pipeline.train.loop import TrainConfig, epoch_batches, native_bf16
 
 from . import training
 

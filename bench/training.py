@@ -1,6 +1,6 @@
-"""Training step: captions/s of :func:`pipeline.train.train_step` on random
+"""Training step: captions/s of :func:`pipeline.train.loop.train_step` on random
 annotation vectors and captions of one length, eager and with the decoder's step compiled
-(:mod:`pipeline.compiled`) side by side, its achieved FLOP/s as a fraction of this machine's
+(:mod:`pipeline.model.compiled`) side by side, its achieved FLOP/s as a fraction of this machine's
 measured matmul FLOP/s (same run), the compile's time uncached and cached, and a profile of where
 the time goes. Hard attention runs its default schedule past the warm-up: a sampled context on
 1 - semi_sampling_p of the steps."""
@@ -16,9 +16,9 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.compiled import use_compiled
-from pipeline.model import Attention, Decoder, DecoderConfig, ObjectiveConfig
-from pipeline.train import TrainConfig, make_optimizer, native_bf16, train_step
+from pipeline.model.compiled import use_compiled
+from pipeline.model.decoder import Attention, Decoder, DecoderConfig, ObjectiveConfig
+from pipeline.train.loop import TrainConfig, make_optimizer, native_bf16, train_step
 
 from .common import ROOT, progress, seconds, sync
 from .port import PortDecoder, port_step
@@ -201,7 +201,7 @@ def attention_seconds(sizes, L, batch, precision, device) -> float:
 
 def optimizer_seconds(device: str) -> tuple[float, float, int]:
     """Seconds of one Adam step over a VGG-sized decoder's parameters (random gradients): the
-    per-parameter loop and the fused kernel (:func:`pipeline.train.make_optimizer`), and the
+    per-parameter loop and the fused kernel (:func:`pipeline.train.loop.make_optimizer`), and the
     parameter count."""
     decoder = Decoder(DecoderConfig(vocab_size=VOCAB, annotation_dim=D)).to(device)
     for p in decoder.parameters():
@@ -333,7 +333,7 @@ def run(device: str = "cpu") -> list[str]:
         f"Adam's step over the VGG-sized decoder's {count / 1e6:.1f}M parameters (fp32): {1e3 * loop_s:.1f} ms "
         f"{'as a loop over the parameters' if device == 'cpu' else 'unfused (torch multi-tensor default)'}, "
         f"{1e3 * fused_s:.1f} ms fused (training's, "
-        f"pipeline.train.make_optimizer): **{loop_s / fused_s:.1f}x**.",
+        f"pipeline.train.loop.make_optimizer): **{loop_s / fused_s:.1f}x**.",
     ]
     cold, warm = compile_seconds(*args, best, device)
     epoch = FLICKR8K_CAPTIONS * compiled_s / args[2]  # at the table's compiled rate

@@ -19,20 +19,21 @@ import torch
 from PIL import Image
 
 from .checkpoint import build_decoder, load_checkpoint
-from .compiled import decide_decoding, use_compiled
 from .config import DecodeConfig
-from .decode import n_best
-from .encoders import Encoder, Preprocess, build_encoder, encoder_from_state, open_rgb, to_rgb
-from .errors import PipelineError, describe
-from .model import Decoder
+from .export import load_model_folder, prepare_folder, write_model_folder
+from .features.encoders import Encoder, Preprocess, build_encoder, encoder_from_state, open_rgb, to_rgb
+from .features.shards import identity_problem
+from .io.errors import PipelineError, describe
+from .model.compiled import decide_decoding, use_compiled
+from .model.decode import n_best
+from .model.decoder import Decoder
 from .plots import attention_figure
-from .shards import identity_problem
 from .text import Vocabulary
 
 
 def checked_preprocess(identity, where, fix: str) -> Preprocess:
     """The preprocessing recorded in ``identity`` (a checkpoint's ``features``, an export's
-    config.json: :func:`pipeline.shards.identity_problem`), its encoder record checked too (a
+    config.json: :func:`pipeline.features.shards.identity_problem`), its encoder record checked too (a
     name; weights and their SHA-256 as strings, or no weights for features made without an
     image encoder).
     Raises PipelineError naming ``where`` and saying ``fix`` for anything missing or malformed."""
@@ -138,8 +139,6 @@ class Captioner:
         Raises PipelineError if it cannot be had or is not a complete export, or if its encoder
         weights do not match the SHA-256 its config records.
         """
-        from .export import load_model_folder
-
         config, trunk, decoder, vocab = load_model_folder(str(model), device)
         preprocess = checked_preprocess(config, model, "export it again")
         recorded = config["encoder"]
@@ -194,7 +193,7 @@ class Captioner:
         :class:`~pipeline.config.DecodeConfig` by name (beam_size, 1: greedy; max_len in words;
         length_penalty; allow_unk; block_trigrams; compile: 'auto' compiles a call of at least
         :data:`~pipeline.config.DECODE_ROWS` images x beam size, 'on' every call, the first one
-        compiling, or loading the compile from its cache, :mod:`pipeline.compiled`), each at its
+        compiling, or loading the compile from its cache, :mod:`pipeline.model.compiled`), each at its
         default unless given.
         Returns one :class:`Caption` per image, in order.
         Raises PipelineError for an image that cannot be read (naming it) or a bad setting."""
@@ -241,3 +240,17 @@ class Captioner:
         with its attention map over it) as PNG at ``path``, atomically; returns the path."""
         attention_figure(caption.image, caption.tokens, caption.attention.flatten(1), self.grid, path)
         return Path(path)
+
+
+def export_model(checkpoint_path, out) -> Path:
+    """Write the model folder (:mod:`pipeline.export`) of the checkpoint at ``checkpoint_path``
+    into ``out``: its captioner's decoder, encoder trunk and vocabulary, with its record and the
+    scores `cli.py evaluate` wrote beside it. Returns ``out``.
+    Raises PipelineError for an unusable checkpoint, a checkpoint whose features came from no
+    image encoder, or an ``out`` that :func:`pipeline.export.prepare_folder` refuses."""
+    checkpoint_path, out = Path(checkpoint_path), Path(out)
+    prepare_folder(out)
+    checkpoint = load_checkpoint(checkpoint_path)
+    captioner = Captioner.from_checkpoint(checkpoint_path, checkpoint=checkpoint)
+    trunk = captioner.encoder.trunk.state_dict()
+    return write_model_folder(out, checkpoint_path, checkpoint, captioner.decoder, trunk, captioner.vocab)

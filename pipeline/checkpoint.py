@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_path
-from .errors import PipelineError, describe
-from .model import Decoder, DecoderConfig, upgrade_state_dict
-from .shards import AnnotationShards
+from .features.shards import AnnotationShards
+from .io.atomic import atomic_path
+from .io.errors import PipelineError, describe
+from .model.decoder import Decoder, DecoderConfig, upgrade_state_dict
 from .text import Vocabulary
 
 CHECKPOINT_KEYS = ("model", "model_config", "train_config", "vocab", "features")
@@ -74,7 +74,7 @@ def decoder_config(checkpoint: dict, path) -> DecoderConfig:
 def build_decoder(checkpoint: dict, path) -> tuple[Decoder, Vocabulary]:
     """The decoder and vocabulary stored in ``checkpoint`` (read from ``path``): the moving average
     of the weights where the run kept one (``ema_decay``), else the trained weights; weights of
-    earlier versions are brought to this one's keys (:func:`pipeline.model.upgrade_state_dict`).
+    earlier versions are brought to this one's keys (:func:`pipeline.model.decoder.upgrade_state_dict`).
     Raises PipelineError if the weights or the vocabulary do not fit the model's config, or a
     weight is nan or inf."""
     config = decoder_config(checkpoint, path)

@@ -8,10 +8,10 @@ building a configuration in Python checks the same ranges (:func:`pipeline.optio
 
 from dataclasses import asdict, dataclass, field
 
-from .errors import PipelineError
+from .io.errors import PipelineError
 from .options import check_config, check_values, option
 
-# pipeline.encoders.ENCODERS
+# pipeline.features.encoders.ENCODERS
 ENCODER_NAMES = (
     "vgg19",
     "vgg16",
@@ -22,15 +22,19 @@ ENCODER_NAMES = (
     "efficientnet_lite1",
     "efficientnet_lite2",
 )
-ENCODER_PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # the encoder's arithmetic (pipeline.features)
-CONTEXTS = ("expected", "sample", "argmax")  # how a step's context vector is formed (pipeline.model.Decoder.step)
-BASELINES = ("batch", "moving")  # REINFORCE baselines (pipeline.model.objective)
-REWARDS = ("caption", "word")  # REINFORCE reward forms (pipeline.model.objective)
-SHARPNESS_OVER = ("word", "caption")  # what --sharpness-target bounds (pipeline.model.objective)
-CRITERIA = ("xe", "scst")  # training objectives (pipeline.train, pipeline.scst)
-SCST_BASELINES = ("mean", "greedy")  # self-critical baselines (pipeline.scst)
-VAL_METRICS = ("auto", "bleu4", "cider")  # model selection (pipeline.train.validate)
-COMPILE_MODES = ("auto", "on", "off")  # torch.compile of the decoding step (pipeline.compiled)
+ENCODER_PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # the encoder's arithmetic (pipeline.features.extract)
+CONTEXTS = (
+    "expected",
+    "sample",
+    "argmax",
+)  # how a step's context vector is formed (pipeline.model.decoder.Decoder.step)
+BASELINES = ("batch", "moving")  # REINFORCE baselines (pipeline.model.decoder.objective)
+REWARDS = ("caption", "word")  # REINFORCE reward forms (pipeline.model.decoder.objective)
+SHARPNESS_OVER = ("word", "caption")  # what --sharpness-target bounds (pipeline.model.decoder.objective)
+CRITERIA = ("xe", "scst")  # training objectives (pipeline.train.loop, pipeline.train.scst)
+SCST_BASELINES = ("mean", "greedy")  # self-critical baselines (pipeline.train.scst)
+VAL_METRICS = ("auto", "bleu4", "cider")  # model selection (pipeline.train.loop.validate)
+COMPILE_MODES = ("auto", "on", "off")  # torch.compile of the decoding step (pipeline.model.compiled)
 TRAIN_CAPTIONS = 100_000  # --compile auto compiles training of at least this many captions (epochs x captions)
 DECODE_ROWS = 15_000  # --compile auto compiles decoding of at least this many images x beam size
 
@@ -48,7 +52,7 @@ def compile_option(enough: str):
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Options of decoding captions with beam search (:mod:`pipeline.decode`): `evaluate`,
+    """Options of decoding captions with beam search (:mod:`pipeline.model.decode`): `evaluate`,
     `caption`, `serve` and :class:`~pipeline.captioner.Captioner` take them, validation during
     training its beam size and length; each field's help, unit and range are its command-line
     option's (:mod:`pipeline.options`). Raises PipelineError for a value out of range."""

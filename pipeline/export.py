@@ -12,6 +12,7 @@
       vocab.json            the vocabulary
       README.md             a model card: what it is, how it was trained, its scores, how to use it
 
+:func:`pipeline.captioner.export_model` writes it (through :func:`write_model_folder`);
 :func:`load_model_folder` reads it back (``Captioner.from_pretrained``), from a local folder or a
 Hugging Face Hub repository holding the same files.
 """
@@ -22,12 +23,11 @@ from pathlib import Path
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from .atomic import remove_stale_temps
-from .checkpoint import load_checkpoint
 from .config import CONTEXTS
-from .errors import PipelineError, describe
-from .folders import OWNER, check_owned, check_writable, write_owned
-from .model import Decoder, DecoderConfig
+from .io.atomic import remove_stale_temps
+from .io.errors import PipelineError, describe
+from .io.folders import OWNER, check_owned, check_writable, write_owned
+from .model.decoder import Decoder, DecoderConfig
 from .text import Vocabulary
 
 FORMAT = "show-attend-tell-model/1"
@@ -36,7 +36,7 @@ FILES = ("model.safetensors", "encoder.safetensors", "config.json", "vocab.json"
 
 def _scores(checkpoint_path: Path) -> dict:
     """{'SPLIT-beamK[-settings]': scores} of every `evaluate` of the checkpoint found beside it,
-    each named by its file (:func:`pipeline.evaluate.output_names`: every setting that is not
+    each named by its file (:func:`pipeline.eval.evaluate.output_names`: every setting that is not
     the default, other features included), so that no two settings share a row."""
     found = {}
     for path in sorted(checkpoint_path.parent.glob(f"{checkpoint_path.stem}-*.scores.json")):
@@ -48,18 +48,13 @@ def _scores(checkpoint_path: Path) -> dict:
     return found
 
 
-def export_model(checkpoint_path, out) -> Path:
-    """Write the model folder of a checkpoint into ``out`` (new, empty, or an earlier export whose
-    files are as export wrote them: config.json lists each file's SHA-256, and goes first, without
-    its format, and last, so that a killed export is no model folder until it is run again; an
-    export of earlier versions, which lists none, is replaced whole). Files of other names in an
-    earlier export (a Hub clone's .gitattributes) are left alone.
-    Raises PipelineError for an unusable checkpoint, a checkpoint whose features came from no
-    image encoder, or an ``out`` that holds files but no export, or files edited since export
-    wrote them (a model card)."""
-    from .captioner import Captioner
-
-    checkpoint_path, out = Path(checkpoint_path), Path(out)
+def prepare_folder(out: Path) -> None:
+    """Check, before any work, that ``out`` may take a model folder: new, empty, or an earlier
+    export whose files are as export wrote them (config.json lists each file's SHA-256; an export
+    of earlier versions, which lists none, is replaced whole). Files of other names in an earlier
+    export (a Hub clone's .gitattributes) are left alone.
+    Raises PipelineError for an ``out`` that holds files but no export, or files edited since
+    export wrote them (a model card)."""
     record, earlier = out / "config.json", _config(out)
     if out.is_dir():
         remove_stale_temps(out, FILES)
@@ -67,10 +62,17 @@ def export_model(checkpoint_path, out) -> Path:
             raise PipelineError(f"{out}: holds files that `cli.py export` did not write; pass a new or empty --out")
     if "written_by" in earlier:  # an export of earlier versions records no SHA-256: replaced as it was then
         check_owned(record, [out / name for name in FILES if name != record.name], "`cli.py export`", "--out")
-    checkpoint = load_checkpoint(checkpoint_path)
-    captioner = Captioner.from_checkpoint(checkpoint_path, checkpoint=checkpoint)
+
+
+def write_model_folder(out: Path, checkpoint_path: Path, checkpoint: dict, decoder, trunk: dict, vocab) -> Path:
+    """Write the model folder of ``checkpoint`` (read from ``checkpoint_path``) into ``out``,
+    checked by :func:`prepare_folder`: ``decoder`` (a Decoder: its weights), ``trunk`` (the
+    encoder trunk's state dict) and ``vocab`` (a Vocabulary) as the checkpoint's captioner holds
+    them. config.json goes first, without its format, and last, so that a killed export is no
+    model folder until it is run again.
+    Raises PipelineError where ``out`` cannot be written."""
     check_writable(out, "--out")
-    decoder, identity = captioner.decoder, checkpoint["features"]
+    identity = checkpoint["features"]
     config = {
         "format": FORMAT,
         "decoder": decoder.config.to_dict(),
@@ -87,11 +89,11 @@ def export_model(checkpoint_path, out) -> Path:
     }
     files = {
         out / "model.safetensors": _safetensors(decoder.state_dict()),
-        out / "encoder.safetensors": _safetensors(captioner.encoder.trunk.state_dict()),
-        out / "vocab.json": captioner.vocab.to_json(),
+        out / "encoder.safetensors": _safetensors(trunk),
+        out / "vocab.json": vocab.to_json(),
         out / "README.md": model_card(config, len(checkpoint["vocab"])),
     }
-    write_owned(record, files, config)
+    write_owned(out / "config.json", files, config)
     return out
 
 

@@ -11,8 +11,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .atomic import atomic_path
-from .errors import PipelineError, describe
+from .io.atomic import atomic_path
+from .io.errors import PipelineError, describe
 
 
 @dataclass(frozen=True)

@@ -4,17 +4,14 @@ its attention weights alpha_t upsampled to the image, the unattended regions dar
 import math
 import textwrap
 
-import matplotlib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure  # figures drawn off screen, whatever pyplot's backend (none chosen here)
+from PIL import Image
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from .atomic import atomic_path  # noqa: E402
-from .folders import OWNER  # noqa: E402
+from .io.atomic import atomic_path
+from .io.folders import OWNER
 
 MARK = {"Software": f"{OWNER} attention figure"}  # a PNG text chunk: how a rerun knows the file is its own
 CURVES_MARK = {"Software": f"{OWNER} training curves"}  # not an attention figure: `caption` may not replace it
@@ -41,14 +38,16 @@ def attention_overlay(image, alpha: torch.Tensor, grid: tuple[int, int]) -> Imag
 def attention_plot(image, words: list[str], alpha: torch.Tensor, grid: tuple[int, int], columns: int = 5):
     """The matplotlib figure: the whole caption as its title, the image, then one panel per word
     with its attention map over the image (each stretched to its own range) and, under the word,
-    the largest weight max_i alpha_ti (1/L when uniform) (the caller closes it).
+    the largest weight max_i alpha_ti (1/L when uniform). A bare ``Figure``, not one of pyplot's:
+    nothing to close.
 
     image: PIL RGB image as the encoder saw it (after resize/crop); words: the caption;
     alpha: (T, L) attention weights, row t for words[t] (T >= len(words)); grid: (h, w) with h*w = L.
     """
     panels = len(words) + 1
     rows = math.ceil(panels / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.6 * rows), squeeze=False)
+    fig = Figure(figsize=(2.4 * columns, 2.6 * rows))
+    axes = fig.subplots(rows, columns, squeeze=False)
     pixels = np.asarray(image)
     for ax in axes.flat:
         ax.axis("off")
@@ -69,12 +68,9 @@ def attention_figure(image, words: list[str], alpha: torch.Tensor, grid: tuple[i
 
 
 def _save(fig, path, mark: dict) -> None:
-    """Save ``fig`` as PNG at ``path`` (atomically) with ``mark`` in its metadata, and close it."""
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=80, metadata=mark)
-    finally:
-        plt.close(fig)
+    """Save ``fig`` as PNG at ``path`` (atomically) with ``mark`` in its metadata."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80, metadata=mark)
 
 
 def training_curves(records: list[dict], split: str, path) -> None:
@@ -82,7 +78,8 @@ def training_curves(records: list[dict], split: str, path) -> None:
     validation BLEU-4 and CIDEr-D by epoch. records: metrics.jsonl's lines (dicts with 'epoch',
     'loss', f'{split}_bleu4' and f'{split}_cider', the last absent from runs of earlier versions)."""
     epochs = [r["epoch"] for r in records]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
+    fig = Figure(figsize=(13, 3.2))
+    axes = fig.subplots(1, 3)
     curves = [("loss", "training loss (per caption)"), (f"{split}_bleu4", f"{split} BLEU-4 (%)")]
     curves.append((f"{split}_cider", f"{split} CIDEr-D (%)"))
     for ax, (key, label), color in zip(axes, curves, ("tab:blue", "tab:green", "tab:purple")):

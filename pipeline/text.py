@@ -11,8 +11,8 @@ from pathlib import Path
 
 from nltk.tokenize import TreebankWordTokenizer
 
-from .atomic import atomic_path, json_text
-from .errors import PipelineError
+from .io.atomic import atomic_path, json_text
+from .io.errors import PipelineError
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)

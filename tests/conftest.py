@@ -13,8 +13,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository, so `pipeline` imports
 
-from pipeline.paths import FLICKR8K, SHARED, SQUEEZENET_WEIGHTS  # noqa: E402,F401 - one definition, shared with bench
-from pipeline.paths import REPOSITORY as ROOT  # noqa: E402
+from pipeline.io.paths import FLICKR8K, SHARED, SQUEEZENET_WEIGHTS  # noqa: E402,F401 - one definition, shared with bench
+from pipeline.io.paths import REPOSITORY as ROOT  # noqa: E402
 
 
 def run_cli(*args, **kwargs) -> subprocess.Popen:
@@ -42,7 +42,7 @@ def need_shared(path: Path) -> Path:
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory):
     """A synthetic corpus of 40 train, 10 val and 10 test images: (json path, image root)."""
-    from pipeline.datasets import make_synthetic
+    from pipeline.features.datasets import make_synthetic
 
     folder = tmp_path_factory.mktemp("synthetic")
     return make_synthetic(folder, sizes={"train": 40, "val": 10, "test": 10}), folder
@@ -52,9 +52,9 @@ def small_corpus(tmp_path_factory):
 def trained_run(small_corpus, tmp_path_factory):
     """Features of the small corpus (random SqueezeNet) and a small decoder trained on them for one
     epoch: (folder holding features/ and run/best.pt, image root)."""
-    from pipeline.datasets import load_karpathy
-    from pipeline.features import FeatureConfig, extract_features
-    from pipeline.train import TrainConfig, train
+    from pipeline.features.datasets import load_karpathy
+    from pipeline.features.extract import FeatureConfig, extract_features
+    from pipeline.train.loop import TrainConfig, train
 
     json_path, root = small_corpus
     out = tmp_path_factory.mktemp("run")

@@ -9,9 +9,9 @@ import random
 
 import numpy as np
 
-from pipeline import shards
-from pipeline.datasets import Record
-from pipeline.features import write_text
+from pipeline.features import shards
+from pipeline.features.datasets import Record
+from pipeline.features.extract import write_text
 
 OBJECTS = ("cat", "dog", "car", "tree", "ball", "cup")
 GRID, CONTENT = 4, 24

@@ -19,8 +19,8 @@ from torchvision.transforms.functional import pil_to_tensor
 
 import cli
 from pipeline import Captioner
-from pipeline.datasets import draw_synthetic, synthetic_captions, synthetic_scene
-from pipeline.errors import PipelineError
+from pipeline.features.datasets import draw_synthetic, synthetic_captions, synthetic_scene
+from pipeline.io.errors import PipelineError
 
 from conftest import ROOT
 
@@ -251,13 +251,13 @@ def test_an_export_killed_while_it_replaces_files_is_no_model_until_rerun(traine
     """config.json is rewritten first without its format and last with it: an export stopped in
     between (here by an error at its second file) leaves a folder that loads as no model, and a
     rerun, which finds only files it wrote, completes it."""
-    import pipeline.folders
-    from pipeline.export import export_model
+    import pipeline.io.folders
+    from pipeline.captioner import export_model
 
     checkpoint, model = trained_run[0] / "run" / "best.pt", tmp_path / "model"
     args = ["export", "--checkpoint", str(checkpoint), "--out", str(model)]
     assert CliRunner().invoke(cli.main, args).exit_code == 0
-    real, calls = pipeline.folders.atomic_path, []
+    real, calls = pipeline.io.folders.atomic_path, []
 
     def dies_at_the_second_file(path):
         calls.append(path)
@@ -265,10 +265,10 @@ def test_an_export_killed_while_it_replaces_files_is_no_model_until_rerun(traine
             raise KeyboardInterrupt
         return real(path)
 
-    monkeypatch.setattr(pipeline.folders, "atomic_path", dies_at_the_second_file)
+    monkeypatch.setattr(pipeline.io.folders, "atomic_path", dies_at_the_second_file)
     with pytest.raises(KeyboardInterrupt):
         export_model(checkpoint, model)
-    monkeypatch.setattr(pipeline.folders, "atomic_path", real)
+    monkeypatch.setattr(pipeline.io.folders, "atomic_path", real)
     with pytest.raises(PipelineError, match="not a model folder written by `cli.py export`"):
         Captioner.from_pretrained(model)
     assert CliRunner().invoke(cli.main, args).exit_code == 0

@@ -1,11 +1,11 @@
-"""CIDEr-D (pipeline.cider) against pycocoevalcap's Cider, which is CIDEr-D, on random caption sets."""
+"""CIDEr-D (pipeline.eval.cider) against pycocoevalcap's Cider, which is CIDEr-D, on random caption sets."""
 
 import random
 
 import pytest
 from pycocoevalcap.cider.cider import Cider
 
-from pipeline.cider import CiderD
+from pipeline.eval.cider import CiderD
 
 WORDS = "a dog the cat runs on grass in red ball black white man".split()  # few words: many shared n-grams
 

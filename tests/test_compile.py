@@ -1,20 +1,21 @@
-"""--compile (pipeline.compiled): the decoder's step compiled by torch.compile computes what the
+"""--compile (pipeline.model.compiled): the decoder's step compiled by torch.compile computes what the
 eager step computes, in training and in beam search, and `auto` compiles only runs long enough to
 pay for it. (Killed and resumed compiled training: tests/test_faults.py.)"""
 
 import json
+import logging
 
 import pytest
 import torch
 
-from pipeline import compiled
 from pipeline.checkpoint import build_decoder, load_checkpoint
 from pipeline.config import DecodeConfig
-from pipeline.decode import beam_search
-from pipeline.errors import PipelineError
-from pipeline.model import Decoder, DecoderConfig
-from pipeline.shards import AnnotationShards
-from pipeline.train import TrainConfig, train
+from pipeline.features.shards import AnnotationShards
+from pipeline.io.errors import PipelineError
+from pipeline.model import compiled
+from pipeline.model.decode import beam_search
+from pipeline.model.decoder import Decoder, DecoderConfig
+from pipeline.train.loop import TrainConfig, train
 
 from object_features import write_object_features
 
@@ -31,24 +32,32 @@ def objects(tmp_path_factory):
     return out
 
 
-def test_auto_compiles_long_runs_where_a_compiler_is_found(monkeypatch, capsys):
+def notes(caplog) -> str:
+    """The library's log lines since the last call, and forget them."""
+    text = caplog.text
+    caplog.clear()
+    return text
+
+
+def test_auto_compiles_long_runs_where_a_compiler_is_found(monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="pipeline")
     cpu = torch.device("cpu")
     monkeypatch.setattr(compiled.shutil, "which", lambda name: "/usr/bin/g++" if name == "g++" else None)
     monkeypatch.delenv("CXX", raising=False)
     assert compiled.decide("auto", cpu, 200_000, 100_000, "8 epochs x 25000 captions")
-    assert capsys.readouterr().err == ""
+    assert notes(caplog) == ""
     assert not compiled.decide("auto", cpu, 600, 100_000, "2 epochs x 300 captions")
-    assert capsys.readouterr().err == ""  # a short run stays eager silently
+    assert notes(caplog) == ""  # a short run stays eager silently
     assert compiled.decide("on", cpu, 1, 100_000, "") and not compiled.decide("off", cpu, 10**9, 1, "")
     slower = compiled.SLOWER_BF16_TRAINING
     assert not compiled.decide("auto", cpu, 10**9, 1, "", slower=slower)  # measured slower: auto stays eager
-    assert f"note: --compile auto: off ({slower}; --compile on forces it)" in capsys.readouterr().err
+    assert f"note: --compile auto: off ({slower}; --compile on forces it)" in notes(caplog)
     assert compiled.decide("on", cpu, 10**9, 1, "", slower=slower)
     monkeypatch.setattr(compiled.shutil, "which", lambda name: None)
     assert not compiled.decide("auto", cpu, 200_000, 100_000, "8 epochs x 25000 captions")
-    assert "off (needs a C++ compiler (apt-get install g++)" in capsys.readouterr().err
+    assert "off (needs a C++ compiler (apt-get install g++)" in notes(caplog)
     assert not compiled.decide("auto", cpu, 600, 100_000, "2 epochs x 300 captions")
-    assert capsys.readouterr().err == ""
+    assert notes(caplog) == ""
     with pytest.raises(PipelineError, match=r"--compile on needs a C\+\+ compiler .* for cpu; or use --compile off"):
         compiled.decide("on", "cpu", 1, 1, "")
     with pytest.raises(PipelineError, match="--compile 'yes': choose one of auto, on, off"):
@@ -118,7 +127,7 @@ def test_compiled_pass_under_autocast_casts_the_weights_once_and_equals_eager():
 @needs_compiler
 def test_compiled_step_keeps_f_atts_sigmoid_for_the_backward_pass():
     """With gradients, the compiled step saves f_att's sigmoid(2 (W_a a_i + W_h h_{t-1})), (B, L, A),
-    for its backward pass (pipeline.model._keep_sigmoid), where inductor alone would save the inputs
+    for its backward pass (pipeline.model.decoder._keep_sigmoid), where inductor alone would save the inputs
     and evaluate it again there."""
     torch.manual_seed(0)
     decoder = Decoder(DecoderConfig(vocab_size=40, annotation_dim=24, **TINY))

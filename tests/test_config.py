@@ -9,7 +9,6 @@ import torch
 from click.testing import CliRunner
 
 import cli
-from pipeline import encoders, shards
 from pipeline.checkpoint import build_decoder
 from pipeline.config import (
     DECODE,
@@ -20,7 +19,8 @@ from pipeline.config import (
     ObjectiveConfig,
     TrainConfig,
 )
-from pipeline.errors import PipelineError
+from pipeline.features import encoders, shards
+from pipeline.io.errors import PipelineError
 from pipeline.options import flag_name, specs
 
 from object_features import write_object_features

@@ -3,8 +3,8 @@ import warnings
 
 import pytest
 
-from pipeline.datasets import load_flickr8k, load_karpathy, load_records, make_synthetic, synthetic_captions
-from pipeline.errors import PipelineError
+from pipeline.features.datasets import load_flickr8k, load_karpathy, load_records, make_synthetic, synthetic_captions
+from pipeline.io.errors import PipelineError
 
 from conftest import FLICKR8K, karpathy_json, need_shared, tiny_flickr8k
 

@@ -3,10 +3,10 @@ import torch
 
 from pipeline.checkpoint import build_decoder, load_checkpoint
 from pipeline.config import DecodeConfig
-from pipeline.decode import beam_search, free_run, greedy_decode, n_best, repeating_trigrams
-from pipeline.model import Decoder, DecoderConfig
-from pipeline.shards import AnnotationShards
-from pipeline.train import TrainConfig, train
+from pipeline.features.shards import AnnotationShards
+from pipeline.model.decode import beam_search, free_run, greedy_decode, n_best, repeating_trigrams
+from pipeline.model.decoder import Decoder, DecoderConfig
+from pipeline.train.loop import TrainConfig, train
 
 from object_features import write_object_features
 

@@ -14,9 +14,9 @@ from PIL import Image
 
 import cli
 from pipeline import Captioner
-from pipeline.app import caption_upload
-from pipeline.encoders import ENCODERS, Preprocess, build_encoder, fold_batch_norm, open_rgb, preprocess_for
-from pipeline.errors import PipelineError
+from pipeline.features.encoders import ENCODERS, Preprocess, build_encoder, fold_batch_norm, open_rgb, preprocess_for
+from pipeline.io.errors import PipelineError
+from pipeline.serve.web import caption_upload
 
 from conftest import FLICKR8K, need_shared
 
@@ -144,9 +144,9 @@ def test_weights_files_in_the_wheels_layout_and_a_missing_package(tmp_path, monk
 def lite_runs(small_corpus, tmp_path_factory):
     """Lite0 features (ImageNet weights, 96 px: 3x3x1280) of the small corpus, and tiny decoders
     trained on them for a few epochs: soft, hard, and soft then SCST. (folder, image root)."""
-    from pipeline.datasets import load_karpathy
-    from pipeline.features import FeatureConfig, extract_features
-    from pipeline.train import TrainConfig, train
+    from pipeline.features.datasets import load_karpathy
+    from pipeline.features.extract import FeatureConfig, extract_features
+    from pipeline.train.loop import TrainConfig, train
 
     json_path, root = small_corpus
     out = tmp_path_factory.mktemp("lite")

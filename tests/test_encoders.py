@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.encoders import ImageError, Preprocess, build_encoder, open_rgb, state_sha256
-from pipeline.errors import PipelineError
+from pipeline.features.encoders import ImageError, Preprocess, build_encoder, open_rgb, state_sha256
+from pipeline.io.errors import PipelineError
 
 from conftest import SQUEEZENET_WEIGHTS, need_shared
 
@@ -180,7 +180,7 @@ def test_preprocessing_is_the_weights_own(name):
     """The encoder's input is what its ImageNet weights were trained on: torchvision's own
     transforms of the default weights (ResNet's IMAGENET1K_V2 resizes to 232, not 256), to within
     2 levels of 255 (we resample the uint8 tensor, they the PIL image)."""
-    from pipeline.encoders import ENCODERS, preprocess_for
+    from pipeline.features.encoders import ENCODERS, preprocess_for
 
     image = Image.effect_noise((300, 260), 60).convert("RGB")
     ours = preprocess_for(name).transform()(image)

@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 
 from pipeline.config import DecodeConfig
-from pipeline.errors import PipelineError
-from pipeline.evaluate import evaluate, output_names
-from pipeline.metrics import score_captions
+from pipeline.eval.evaluate import evaluate, output_names
+from pipeline.eval.metrics import score_captions
+from pipeline.io.errors import PipelineError
 
 from conftest import ROOT
 

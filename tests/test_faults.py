@@ -19,9 +19,10 @@ import torch
 from click.testing import CliRunner
 
 import cli
-from pipeline import atomic, shards
-from pipeline.errors import PipelineError
-from pipeline.train import TrainConfig, train
+from pipeline.features import shards
+from pipeline.io import atomic
+from pipeline.io.errors import PipelineError
+from pipeline.train.loop import TrainConfig, train
 
 from conftest import ROOT, run_cli
 from object_features import write_object_features

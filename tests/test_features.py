@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from pipeline import shards
-from pipeline.datasets import load_karpathy
-from pipeline.encoders import Preprocess, build_encoder, open_rgb
-from pipeline.errors import PipelineError
-from pipeline.features import FeatureConfig, decoding_workers, extract_features
+from pipeline.features import shards
+from pipeline.features.datasets import load_karpathy
+from pipeline.features.encoders import Preprocess, build_encoder, open_rgb
+from pipeline.features.extract import FeatureConfig, decoding_workers, extract_features
+from pipeline.io.errors import PipelineError
 
 from conftest import FLICKR8K, ROOT, need_shared, run_cli
 

@@ -5,14 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import memory
+from pipeline.io import memory
 
 ROOT = Path(__file__).resolve().parent.parent
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 PROBE = """
 import resource, sys
-from pipeline.memory import configure_allocator
+from pipeline.io.memory import configure_allocator
 if sys.argv[1] != "default":
     configure_allocator(huge_pages=sys.argv[1] == "huge pages")
 import torch

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.errors import PipelineError
-from pipeline.model import AttentionTanh, Decoder, DecoderConfig, ObjectiveConfig, attention_entropy, objective
+from pipeline.io.errors import PipelineError
+from pipeline.model.decoder import AttentionTanh, Decoder, DecoderConfig, ObjectiveConfig, attention_entropy, objective
 
 
 def tiny(L=3, D=4, V=7, **kw):
@@ -319,8 +319,8 @@ def test_a_checkpoint_of_main_at_103e4ad_loads_and_captions_identically(tmp_path
     test scenes."""
     from pipeline.checkpoint import build_decoder, load_checkpoint
     from pipeline.config import DecodeConfig
-    from pipeline.decode import beam_search
-    from pipeline.shards import AnnotationShards
+    from pipeline.features.shards import AnnotationShards
+    from pipeline.model.decode import beam_search
 
     from object_features import write_object_features
 

@@ -6,8 +6,8 @@ import json
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from pipeline import monitor
-from pipeline.train import TrainConfig, train
+from pipeline.train import monitor
+from pipeline.train.loop import TrainConfig, train
 
 from object_features import write_object_features
 

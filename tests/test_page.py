@@ -113,7 +113,7 @@ def test_the_page_captions_an_upload_as_the_command_does(page, browser, trained_
 def test_an_upload_too_large_or_not_an_image_is_refused_before_decoding(tmp_path):
     from PIL import Image
 
-    from pipeline.app import MAX_BYTES, upload_problem
+    from pipeline.serve.web import MAX_BYTES, upload_problem
 
     Image.new("RGB", (40, 30)).save(tmp_path / "small.png")
     assert upload_problem(tmp_path / "small.png") is None
@@ -133,8 +133,8 @@ def test_an_upload_too_large_or_not_an_image_is_refused_before_decoding(tmp_path
 def test_serve_on_a_port_in_use_says_so(tmp_path):
     """A second page on a port something listens on: one PipelineError naming the address and
     the option to change, not Gradio's advice about its environment variable."""
-    from pipeline.app import serve
-    from pipeline.errors import PipelineError
+    from pipeline.io.errors import PipelineError
+    from pipeline.serve.web import serve
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -19,11 +19,12 @@ from click.testing import CliRunner
 from PIL import Image
 
 import cli
-from pipeline import atomic, folders, shards
 from pipeline.checkpoint import save_checkpoint
-from pipeline.encoders import Preprocess, bound_aspect
-from pipeline.errors import PipelineError
-from pipeline.train import LAST, TrainConfig, train
+from pipeline.features import shards
+from pipeline.features.encoders import Preprocess, bound_aspect
+from pipeline.io import atomic, folders
+from pipeline.io.errors import PipelineError
+from pipeline.train.loop import LAST, TrainConfig, train
 
 from conftest import run_cli
 from object_features import write_object_features
@@ -224,7 +225,7 @@ def test_nan_annotations_are_named_by_verify_and_stop_training(trained_run, tmp_
 
 
 def test_a_non_finite_loss_stops_training_before_the_weights_change(objects, tmp_path, monkeypatch):
-    import pipeline.train as training
+    import pipeline.train.loop as training
 
     objective, calls = training.objective, []
 
@@ -262,7 +263,7 @@ def _stopped_at_step_3(objects, out, message):
 def test_a_weight_gone_non_finite_is_never_checkpointed(objects, tmp_path, monkeypatch):
     """A step whose update overflows a weight (its loss and gradients finite) leaves last.pt at the
     step before, and the run stops naming the step."""
-    import pipeline.train as training
+    import pipeline.train.loop as training
 
     make_optimizer = training.make_optimizer
 

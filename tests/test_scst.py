@@ -1,4 +1,4 @@
-"""Self-critical sequence training (pipeline.scst): it raises held-out CIDEr-D from an
+"""Self-critical sequence training (pipeline.train.scst): it raises held-out CIDEr-D from an
 under-trained XE decoder, its baselines, and what it samples."""
 
 import json
@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from pipeline.checkpoint import build_decoder, load_checkpoint
-from pipeline.cider import CiderD
 from pipeline.config import DecodeConfig
-from pipeline.decode import free_run, greedy_decode
-from pipeline.errors import PipelineError
-from pipeline.model import Decoder, DecoderConfig
-from pipeline.scst import Reward, log_probs, reference_nll, scst_loss
-from pipeline.shards import AnnotationShards
+from pipeline.eval.cider import CiderD
+from pipeline.features.shards import AnnotationShards
+from pipeline.io.errors import PipelineError
+from pipeline.model.decode import free_run, greedy_decode
+from pipeline.model.decoder import Decoder, DecoderConfig
 from pipeline.text import Vocabulary
-from pipeline.train import TrainConfig, train, validate
+from pipeline.train.loop import TrainConfig, train, validate
+from pipeline.train.scst import Reward, log_probs, reference_nll, scst_loss
 
 from object_features import write_object_features
 
@@ -180,16 +180,16 @@ def test_reference_nll_is_the_per_word_nll_of_each_reference_scored_alone():
 
 
 def test_scst_xe_weight_adds_the_references_cross_entropy_to_the_loss(tmp_path, monkeypatch):
-    import pipeline.train
+    import pipeline.train.loop
 
-    nll = pipeline.train.reference_nll
+    nll = pipeline.train.loop.reference_nll
 
     def without_drawing(*args):  # its dropout draws would change the next batch's samples: the loss's
         # arithmetic is checked with the same samples in both runs
         with torch.random.fork_rng():
             return nll(*args)
 
-    monkeypatch.setattr(pipeline.train, "reference_nll", without_drawing)
+    monkeypatch.setattr(pipeline.train.loop, "reference_nll", without_drawing)
     features = tmp_path / "features"
     write_object_features(features, sizes={"train": 60, "val": 10})
     common = dict(features=str(features), ema_decay=0.0, val_beam_size=1, precision="fp32", model=TINY)

@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.errors import PipelineError
+from pipeline.io.errors import PipelineError
 from pipeline.text import SPECIALS, Vocabulary, tokenize
 
 

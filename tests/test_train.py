@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from pipeline.checkpoint import build_decoder, load_checkpoint
-from pipeline.decode import greedy_decode
-from pipeline.errors import PipelineError
-from pipeline.metrics import bleu
-from pipeline.model import Decoder, DecoderConfig
-from pipeline.shards import AnnotationShards
-from pipeline.train import TrainConfig, bucket_batches, make_optimizer, train
+from pipeline.eval.metrics import bleu
+from pipeline.features.shards import AnnotationShards
+from pipeline.io.errors import PipelineError
+from pipeline.model.decode import greedy_decode
+from pipeline.model.decoder import Decoder, DecoderConfig
+from pipeline.train.loop import TrainConfig, bucket_batches, make_optimizer, train
 
 from object_features import write_object_features
 
@@ -81,7 +81,7 @@ def test_learns_to_caption_and_attend_held_out_scenes(objects, tmp_path, attenti
 def test_hard_attention_samples_only_after_the_soft_warmup(objects, tmp_path, monkeypatch):
     """The first soft_warmup_epochs epochs train on the expected context only; after them about
     1 - semi_sampling_p of the minibatches sample their locations."""
-    from pipeline.model import Decoder
+    from pipeline.model.decoder import Decoder
 
     features, _ = objects
     contexts, forward = [], Decoder.forward
@@ -164,8 +164,8 @@ def test_checkpoint_contents_and_refusals(objects, tmp_path):
 
 
 def test_validation_is_free_running_beam_search(objects, tmp_path):
-    from pipeline.decode import beam_search
-    from pipeline.train import autocast, validate
+    from pipeline.model.decode import beam_search
+    from pipeline.train.loop import autocast, validate
 
     features, _ = objects  # fp32: under bf16, ties among the logits break differently in the two decoders
     config = TrainConfig(features=str(features), out=str(tmp_path / "r"), epochs=1, model=TINY, precision="fp32")
@@ -208,11 +208,11 @@ def test_a_stalled_run_stops_early_and_keeps_its_best_epoch(objects, tmp_path, m
     stops the run after epoch 3 of 6, and best.pt stays the epoch-1 state that scored it. The
     epoch that improved wrote best.pt before last.pt (so a kill between the two redoes the epoch,
     never leaving a last.pt whose best epoch is not in best.pt)."""
-    import pipeline.train
+    import pipeline.train.loop
 
-    written, save = [], pipeline.train.save_checkpoint
+    written, save = [], pipeline.train.loop.save_checkpoint
     monkeypatch.setattr(
-        pipeline.train, "save_checkpoint", lambda path, state: (written.append(path.name), save(path, state))
+        pipeline.train.loop, "save_checkpoint", lambda path, state: (written.append(path.name), save(path, state))
     )
     state = train(_stalled(objects, tmp_path / "r", epochs=6, patience=2, val_metric="cider"), progress=False)
     assert written == ["last.pt", "best.pt", "last.pt", "last.pt", "last.pt"]  # the start, then epochs 1-3
@@ -223,7 +223,7 @@ def test_a_stalled_run_stops_early_and_keeps_its_best_epoch(objects, tmp_path, m
 
 
 def test_weight_average_is_what_is_validated_and_loaded(objects, tmp_path):
-    from pipeline.train import validate
+    from pipeline.train.loop import validate
 
     features, _ = objects
     config = TrainConfig(

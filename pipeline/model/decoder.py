@@ -26,9 +26,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from ..config import CONTEXTS, DecoderConfig, ObjectiveConfig
+from ..io.errors import PipelineError
 from .compiled import cast_once, compiled_step
-from .config import CONTEXTS, DecoderConfig, ObjectiveConfig
-from .errors import PipelineError
 
 
 def attention_entropy(alpha: torch.Tensor) -> torch.Tensor:
@@ -103,10 +103,10 @@ class Attention(nn.Module):
     ):
         super().__init__()
         D, A = annotation_dim, attention_dim
-        if not input_scale > 0:  # 0 stands for the annotation vectors' RMS: pipeline.train.new_decoder_config
+        if not input_scale > 0:  # 0 stands for the annotation vectors' RMS: pipeline.train.loop.new_decoder_config
             raise PipelineError(
                 f"attention_input_scale {input_scale}: give a positive number (training resolves 0 to the RMS of the "
-                "training annotation vectors: pipeline.train.new_decoder_config)"
+                "training annotation vectors: pipeline.train.loop.new_decoder_config)"
             )
         self.input_scale = input_scale  # f_att sees a_i / input_scale (DecoderConfig.attention_input_scale)
         self.annotation = nn.Sequential(nn.Linear(D, A), *[nn.Linear(A, A) for _ in range(layers - 1)])  # W_a
@@ -121,7 +121,7 @@ class Attention(nn.Module):
         """e (N, L) from projected (N, L, A) and att_h (N, A) = W_h h_{t-1}; the tanh by
         :class:`AttentionTanh`. Decoding on a CPU, in blocks of rows whose (rows, L, A) sum stays
         in cache (about 2 MiB): the whole (B*k, L, A) of a batched beam goes to memory and back
-        (bench/RESULTS.md). Compiled (:mod:`pipeline.compiled`), the whole as one expression, which
+        (bench/RESULTS.md). Compiled (:mod:`pipeline.model.compiled`), the whole as one expression, which
         inductor fuses into one pass over (N, L, A): the product with w as a sum, and tanh as
         2 sigmoid(2x) - 1, as :class:`AttentionTanh` (inductor's CPU tanh is as slow as PyTorch's).
         Compiled with gradients on a CPU, the sigmoid's (N, L, A) output is kept for the backward
@@ -228,7 +228,7 @@ class Decoder(nn.Module):
         self.out_context = nn.Linear(D, m, bias=False) if c.ctx2out else None  # L_z
         self.out_vocab = nn.Linear(m, c.vocab_size)  # L_o
         self.drop = nn.Dropout(c.dropout)
-        self.compiled = False  # run :meth:`step` compiled (pipeline.compiled)
+        self.compiled = False  # run :meth:`step` compiled (pipeline.model.compiled)
         with torch.no_grad():  # the forget gate's bias 1 (Jozefowicz et al. 2015); gates in order i, f, o, g
             self.lstm_hidden.bias[n : 2 * n].fill_(1.0)
 
@@ -258,7 +258,7 @@ class Decoder(nn.Module):
         :meth:`Attention.forward`.
         Returns state: state t; z: (B, D) context vector; alpha: (B, L); beta: (B,);
         s: (B,) long chosen locations (None for 'expected').
-        With ``compiled`` set, the step runs as one compiled graph (:mod:`pipeline.compiled`).
+        With ``compiled`` set, the step runs as one compiled graph (:mod:`pipeline.model.compiled`).
         """
         if self.compiled and not torch.compiler.is_compiling():
             return compiled_step(self, embedded, state, annotations, proj, context)

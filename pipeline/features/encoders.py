@@ -26,7 +26,6 @@ import importlib
 import math
 import socket
 import urllib.error
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,10 +39,9 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as transforms
 from torchvision.transforms._presets import ImageClassification
 
-from .errors import PipelineError, describe
+from ..io.errors import PipelineError, describe
 
 # open_rgb refuses images over the limit itself (thread-safe); the warning PIL gives them is noise
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

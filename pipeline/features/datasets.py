@@ -16,8 +16,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import atomic_path, write_json
-from .errors import PipelineError
+from ..io.atomic import atomic_path, write_json
+from ..io.errors import PipelineError
 
 DATASETS = ("flickr8k", "flickr30k", "coco", "karpathy", "synthetic")
 KARPATHY_URL = "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip"

@@ -7,7 +7,7 @@ that changes them, ``NAME-SPLIT-beamK[-lenN][-lpP][-unk][-blocktrigrams][-featur
 - ``.references.json``: the split's reference captions in the COCO caption annotation format,
   whatever the dataset, so the official coco-caption code can score the pair;
 - ``.scores.json``: the settings and scores, and the SHA-256 of the two others
-  (:func:`pipeline.folders.write_owned`): a rerun with the same settings replaces only files
+  (:func:`pipeline.io.folders.write_owned`): a rerun with the same settings replaces only files
   an earlier run wrote and nobody edited since, never a file of the user's.
 """
 
@@ -19,13 +19,13 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .checkpoint import build_decoder, check_features, load_checkpoint
-from .compiled import decide_decoding, use_compiled
-from .config import DECODE, DecodeConfig
-from .decode import beam_search
-from .folders import check_owned, check_writable, write_owned
+from ..checkpoint import build_decoder, check_features, load_checkpoint
+from ..config import DECODE, DecodeConfig
+from ..features.shards import AnnotationShards
+from ..io.folders import check_owned, check_writable, write_owned
+from ..model.compiled import decide_decoding, use_compiled
+from ..model.decode import beam_search
 from .metrics import coco_id, coco_references, score_captions
-from .shards import AnnotationShards
 
 
 def output_names(checkpoint_path: Path, split: str, settings: DecodeConfig, features, trained_on: str, out_dir) -> dict:

@@ -9,6 +9,7 @@ uninterrupted one.
 
 import contextlib
 import hashlib
+import logging
 import os
 import time
 import warnings
@@ -21,16 +22,19 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 from tqdm import tqdm
 
-from . import distributed, shards
-from .atomic import is_temp_of, remove_stale_temps, write_json
-from .config import FeatureConfig
+from ..config import FeatureConfig
+from ..io import distributed
+from ..io.atomic import is_temp_of, remove_stale_temps, write_json
+from ..io.errors import PipelineError
+from ..io.folders import folder_lock
+from ..io.memory import configure_allocator
+from ..options import write_toml
+from ..text import Vocabulary, tokenize
+from . import shards
 from .datasets import Record
 from .encoders import ImageError, build_encoder, open_rgb, preprocess_for
-from .errors import PipelineError
-from .folders import folder_lock
-from .memory import configure_allocator
-from .options import write_toml
-from .text import Vocabulary, tokenize
+
+log = logging.getLogger(__name__)
 
 CONFIG = "config.toml"
 OWN_FILES = (shards.MANIFEST, shards.VOCAB, shards.CAPTIONS, shards.BAD_IMAGES, CONFIG)  # written in --out
@@ -169,12 +173,12 @@ def extract_features(
     ``out/config.toml``, which ``cli.py features --config`` reads back. Bad images are skipped
     and listed in ``out/bad_images.tsv`` and in the returned summary (the caller decides whether
     that is an error).
-    Under torchrun (:mod:`pipeline.distributed`) rank 0 plans the shards, every rank encodes and
+    Under torchrun (:mod:`pipeline.io.distributed`) rank 0 plans the shards, every rank encodes and
     writes every WORLD_SIZE-th of them, and rank 0 writes the one manifest; the shards are the
     same files as one process writes. The summary is the whole run's on every rank.
-    Rank 0 holds ``out``'s lock (:func:`pipeline.folders.folder_lock`) for the whole run.
+    Rank 0 holds ``out``'s lock (:func:`pipeline.io.folders.folder_lock`) for the whole run.
     Warns (``warnings.warn``) where centre crops would cut the borders off images that are already
-    the encoder's input size (:meth:`pipeline.encoders.Preprocess.border_warning`).
+    the encoder's input size (:meth:`pipeline.features.encoders.Preprocess.border_warning`).
     Raises PipelineError for unknown split names, if another command holds ``out``, if ``out``
     holds files but no manifest (it is not a features folder), or if it holds features made with
     another dataset, encoder, weights, preprocessing, dtype, precision, shard size, vocabulary
@@ -388,7 +392,7 @@ def _run_encoder(encoder, flat, todo, out, config, preprocess, manifest, setup, 
                 shards.save_manifest(out, manifest)
     bar.close()
     if shown_failures > 20:
-        print(f"... and {shown_failures - 20} more skipped images (all listed in {out / shards.BAD_IMAGES})")
+        log.warning(f"... and {shown_failures - 20} more skipped images (all listed in {out / shards.BAD_IMAGES})")
     return written
 
 

@@ -4,7 +4,7 @@ sampled captions, rewarded by their CIDEr-D, trained with REINFORCE.
 For each image of a minibatch, k captions are sampled from the model (words from p(y_t | ...),
 ``<unk>``, ``<pad>`` and ``<start>`` excluded; for hard attention also the locations s_t ~ alpha_t,
 eq. 8), each is scored by
-CIDEr-D against the image's references (:class:`pipeline.cider.CiderD`, document frequencies over
+CIDEr-D against the image's references (:class:`pipeline.eval.cider.CiderD`, document frequencies over
 the training references; :class:`Reward`, optionally plus a weight times its sentence BLEU-4), and
 its sampled tokens' log-probabilities are weighted by its advantage, the reward minus a baseline:
 
@@ -15,7 +15,7 @@ its sampled tokens' log-probabilities are weighted by its advantage, the reward 
 loss = -sum_samples (r - b) sum_t log p(w_t) / (sampled tokens, ``<end>`` included), the mean over
 tokens of self-critical.pytorch's RewardCriterion; ``--scst-xe-weight`` adds that weight times the
 references' cross-entropy per word (:func:`reference_nll`), a mixed objective (Paulus et al. 2018).
-The captions are sampled without gradients (:func:`pipeline.decode.free_run`, the loop of greedy
+The captions are sampled without gradients (:func:`pipeline.model.decode.free_run`, the loop of greedy
 decoding with a draw in place of the argmax), then scored by one teacher-forced pass with them
 (:func:`log_probs`), whose output layer runs once over all steps: several times faster on a CPU than
 keeping the sampling loop's graph. Dropout is off in both, so the policy sampled is the one
@@ -30,11 +30,11 @@ import torch
 from pycocoevalcap.bleu.bleu import Bleu
 from torch.nn.utils.rnn import pad_sequence
 
-from .cider import CiderD
-from .config import DecodeConfig
-from .decode import free_run, greedy_decode, never_chosen
-from .model import Decoder
-from .text import Vocabulary
+from ..config import DecodeConfig
+from ..eval.cider import CiderD
+from ..model.decode import free_run, greedy_decode, never_chosen
+from ..model.decoder import Decoder
+from ..text import Vocabulary
 
 
 class Reward:
@@ -43,9 +43,9 @@ class Reward:
     reference length; self-critical.pytorch's ``--bleu_reward_weight``), both on the 0-1 scale.
 
     references: per image, its reference captions as word lists (document frequencies of CIDEr-D
-    over them, :class:`pipeline.cider.CiderD`); bleu_weight: >= 0, 0 for CIDEr-D alone.
+    over them, :class:`pipeline.eval.cider.CiderD`); bleu_weight: >= 0, 0 for CIDEr-D alone.
     ``reward(images, captions)``: images, a list of indices into ``references``; captions, one
-    word list each -> list of floats. Raises ValueError as :class:`~pipeline.cider.CiderD`.
+    word list each -> list of floats. Raises ValueError as :class:`~pipeline.eval.cider.CiderD`.
     """
 
     def __init__(self, references: list[list[list[str]]], bleu_weight: float = 0.0):
@@ -65,11 +65,11 @@ class Reward:
 
 def log_probs(decoder: Decoder, annotations, tokens, locations, vocab: Vocabulary) -> torch.Tensor:
     """log-probability of each sampled token under the sampling policy (the words
-    :func:`pipeline.decode.never_chosen` names excluded), plus
+    :func:`pipeline.model.decode.never_chosen` names excluded), plus
     for hard attention that of its sampled location log alpha_{t, s_t}, by one teacher-forced pass
     with gradients (the output layer runs once over all steps, as in XE training).
 
-    annotations: (N, L, D); tokens, locations: (N, T) as :func:`pipeline.decode.free_run` with
+    annotations: (N, L, D); tokens, locations: (N, T) as :func:`pipeline.model.decode.free_run` with
     ``sample`` returns them.
     Returns (N, T) float.
     """

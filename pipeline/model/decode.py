@@ -1,7 +1,7 @@
 """Turning a trained decoder into captions: batched greedy decoding and batched beam search.
 
 Both run every image of a batch at once (beam search as one (B*k)-row tensor program), through
-the decoder's own :meth:`~pipeline.model.Decoder.step` and :meth:`~pipeline.model.Decoder.output`.
+the decoder's own :meth:`~pipeline.model.decoder.Decoder.step` and :meth:`~pipeline.model.decoder.Decoder.output`.
 The decoder's recurrent state is an opaque tuple of (rows, ...) tensors: beam search reorders it
 by indexing every tensor alike, so another recurrent cell needs no change here.
 
@@ -17,10 +17,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..config import DECODE, DecodeConfig
+from ..text import Vocabulary
 from .compiled import cast_once
-from .config import DECODE, DecodeConfig
-from .model import Decoder, in_autocast_dtype
-from .text import Vocabulary
+from .decoder import Decoder, in_autocast_dtype
 
 
 def never_chosen(scores: torch.Tensor, vocab: Vocabulary, allow_unk: bool = False) -> torch.Tensor:

@@ -13,14 +13,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .atomic import temp_name
-from .captioner import Captioner
-from .compiled import decide_decoding
-from .config import DECODE, DecodeConfig
-from .encoders import ImageError
-from .errors import PipelineError
-from .folders import OWNER, check_writable, refuse_foreign
-from .plots import is_attention_figure
+from ..captioner import Captioner
+from ..config import DECODE, DecodeConfig
+from ..features.encoders import ImageError
+from ..io.atomic import temp_name
+from ..io.errors import PipelineError
+from ..io.folders import OWNER, check_writable, refuse_foreign
+from ..model.compiled import decide_decoding
+from ..plots import is_attention_figure
 
 
 @dataclass

@@ -14,10 +14,10 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from .captioner import Captioner
-from .config import DECODE, DecodeConfig
-from .errors import PipelineError
-from .plots import attention_overlay
+from ..captioner import Captioner
+from ..config import DECODE, DecodeConfig
+from ..io.errors import PipelineError
+from ..plots import attention_overlay
 
 MAX_BYTES = 20 * 2**20  # bytes per upload
 MAX_PIXELS = 40_000_000  # width x height of an uploaded image

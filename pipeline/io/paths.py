@@ -14,7 +14,7 @@ DATA = Path("data")
 FEATURES = DATA / "features"
 RUNS = DATA / "runs"
 
-REPOSITORY = Path(__file__).resolve().parent.parent
+REPOSITORY = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("SHARED_DATA", REPOSITORY.parent / "shared" / "data"))  # real data for tests, bench
 FLICKR8K = SHARED / "flickr8k"
 SQUEEZENET_WEIGHTS = SHARED / "weights" / "squeezenet1_1-imagenet-features.pth"

@@ -14,7 +14,7 @@ from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 
-from .text import tokenize
+from ..text import tokenize
 
 SPICE_NOTE = (
     "SPICE not computed: it needs Stanford CoreNLP 3.6.0 in pycocoevalcap/spice/lib, which pycocoevalcap "

@@ -12,6 +12,7 @@ same weights as an uninterrupted run (on CPU, for a given seed).
 
 import contextlib
 import json
+import logging
 import math
 import time
 from collections import defaultdict
@@ -25,9 +26,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from . import distributed
-from .atomic import atomic_path, remove_stale_temps
-from .checkpoint import (
+from ..checkpoint import (
     build_decoder,
     check_features,
     decoder_config,
@@ -35,20 +34,24 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from .cider import CiderD
-from .compiled import SLOWER_BF16_TRAINING, decide, use_compiled
-from .config import TRAIN_CAPTIONS, DecodeConfig, DecoderConfig, ObjectiveConfig, TrainConfig
-from .decode import beam_search
-from .errors import PipelineError
-from .folders import folder_lock
-from .memory import configure_allocator
-from .metrics import bleu
-from .model import Decoder, attention_entropy, objective
+from ..config import TRAIN_CAPTIONS, DecodeConfig, DecoderConfig, ObjectiveConfig, TrainConfig
+from ..eval.cider import CiderD
+from ..eval.metrics import bleu
+from ..features.shards import AnnotationShards, CaptionPairs, Images
+from ..io import distributed
+from ..io.atomic import atomic_path, remove_stale_temps
+from ..io.errors import PipelineError
+from ..io.folders import folder_lock
+from ..io.memory import configure_allocator
+from ..model.compiled import SLOWER_BF16_TRAINING, decide, use_compiled
+from ..model.decode import beam_search
+from ..model.decoder import Decoder, attention_entropy, objective
+from ..options import defaults, field_flag, specs, write_toml
+from ..text import tokenize
 from .monitor import BOARD, CURVES, Monitor, figure_image
-from .options import defaults, field_flag, specs, write_toml
 from .scst import Reward, reference_nll, scst_loss
-from .shards import AnnotationShards, CaptionPairs, Images
-from .text import tokenize
+
+log = logging.getLogger(__name__)
 
 LAST, BEST, METRICS, CONFIG = "last.pt", "best.pt", "metrics.jsonl", "config.toml"
 METRIC_NAMES = {"bleu4": "BLEU-4", "cider": "CIDEr-D"}
@@ -257,7 +260,7 @@ def train_step(
 
     annotations: (B, L, D) float; captions: (B, T+1) long, one length. ``baseline``: the REINFORCE
     moving average of ``objective_config.baseline`` 'moving' (None before the first sampled batch).
-    Returns (loss: 0-dim tensor, stats: dict of floats as :func:`pipeline.model.objective`'s, the
+    Returns (loss: 0-dim tensor, stats: dict of floats as :func:`pipeline.model.decoder.objective`'s, the
     moving baseline after this batch).
     Raises NonFinite, before the optimizer step, if the loss or the gradient norm is nan or inf.
     """
@@ -291,8 +294,8 @@ def update(decoder: Decoder, optimizer, loss: torch.Tensor, clip: float) -> None
 
 
 def scst_step(s: "TrainState", annotations: torch.Tensor, images: list[int]):
-    """One self-critical update (:func:`pipeline.scst.scst_loss`, plus ``scst_xe_weight`` times
-    :func:`pipeline.scst.reference_nll`, whose value stats['reference_nll'] holds) on a minibatch of images:
+    """One self-critical update (:func:`pipeline.train.scst.scst_loss`, plus ``scst_xe_weight`` times
+    :func:`pipeline.train.scst.reference_nll`, whose value stats['reference_nll'] holds) on a minibatch of images:
     annotations (B, L, D) float, images their indices in the training split. Hard attention
     samples its locations. Returns (loss, stats). Raises NonFinite as :func:`update`."""
     config = s.config
@@ -318,7 +321,7 @@ def scst_step(s: "TrainState", annotations: torch.Tensor, images: list[int]):
 def train(config: TrainConfig, resume: bool = False, progress: bool = True, given: set[str] | None = None) -> dict:
     """Train a decoder per ``config``; returns the final training state (as in ``last.pt``).
 
-    Under torchrun (:mod:`pipeline.distributed`) every rank trains a DistributedDataParallel copy
+    Under torchrun (:mod:`pipeline.io.distributed`) every rank trains a DistributedDataParallel copy
     on every WORLD_SIZE-th minibatch of the epoch's length-bucketed order (so each holds captions
     of one length; the last WORLD_SIZE-1 minibatches of an epoch are left out so every rank takes
     as many steps), and rank 0 validates, logs and writes the checkpoints, which hold every rank's
@@ -327,7 +330,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, give
     given: the options the user gave (``TrainConfig`` field names, ``model.NAME`` and
     ``objective.NAME`` for the nested ones): on ``resume`` those of ``RESUMABLE`` take effect and
     the others must equal the run's (:func:`resumed_config`).
-    Rank 0 holds ``config.out``'s lock (:func:`pipeline.folders.folder_lock`) for the whole run.
+    Rank 0 holds ``config.out``'s lock (:func:`pipeline.io.folders.folder_lock`) for the whole run.
     A fresh run writes ``last.pt`` before its first step, so that every run folder with outputs can
     be resumed. No checkpoint is written with a nan or inf weight.
 
@@ -599,7 +602,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool, world: distributed
                 f"(torchrun --nproc-per-node {n}; no torchrun for 1)"
             )
         if world.main:
-            print(f"resuming {out / LAST}: epoch {saved['position']['epoch'] + 1}, step {saved['position']['step']}")
+            log.info(f"resuming {out / LAST}: epoch {saved['position']['epoch'] + 1}, step {saved['position']['step']}")
     else:
         _check_new_run(out)
     s = _setup(config, saved, world)
@@ -722,7 +725,7 @@ def _end_epoch(s: TrainState, epoch: int, seen: int, seconds: float, monitor: Mo
     # best.pt first: killed between the two, the run resumes from the last.pt before and redoes the epoch
     state = _checkpoint(s, *([s.out / BEST] if improved else []), s.out / LAST)
     if world.main:
-        print(
+        log.info(
             f"epoch {epoch + 1}: loss {record['loss']:.3f}, {s.val_split} BLEU-4 {bleu4:.2f}, CIDEr-D "
             f"{val['cider']:.1f} (best {METRIC_NAMES[metric]} {s.best_score:.2f} at epoch {s.best_epoch}), "
             f"attention entropy {val['attention_entropy']:.2f} nats (uniform {math.log(s.val.L):.2f}), lr {lr:.2g}, "

@@ -1,4 +1,4 @@
-"""Compiled decoding steps: :meth:`pipeline.model.Decoder.step` (attention, gate and LSTM: one
+"""Compiled decoding steps: :meth:`pipeline.model.decoder.Decoder.step` (attention, gate and LSTM: one
 word of one caption) compiled by torch.compile's inductor backend into fused C++ (CPU) or Triton
 (CUDA) kernels, for training's teacher-forced pass and for every decoder (beam search, greedy
 decoding, SCST sampling). ``--compile`` on `train`, `evaluate`, `caption` and `serve`, and
@@ -18,7 +18,7 @@ over the (B, L, A) and (B, L, D) tensors instead of one pass per operation; the 
 stay the library's (oneDNN, cuBLAS). Under autocast the step's linear layers compute with
 weights cast once per pass (:func:`cast_once`), as eager autocast's cache has them; cast inside
 the graph, at every word, they made compiled bf16 training 0.85x eager. With gradients, f_att's
-sigmoid is kept for the backward graph, not evaluated again there (``pipeline.model._keep_sigmoid``).
+sigmoid is kept for the backward graph, not evaluated again there (``pipeline.model.decoder._keep_sigmoid``).
 On the 2-core CPU of bench/RESULTS.md compiled batched beam search is 1.3-1.4x eager under bf16
 and 1.1-1.2x in fp32, and a training step 1.1-1.2x in fp32 and 1.0-1.2x in bf16; but over a
 Flickr8k epoch (caption lengths and batch sizes vary, the output layer, the weight average and
@@ -30,9 +30,9 @@ The compile cache (inductor's FX-graph and AOTAutograd caches) is kept between r
 takes about a minute the first time takes seconds after.
 """
 
+import logging
 import os
 import shutil
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -40,11 +40,12 @@ import torch
 from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module  # what torch.func.functional_call swaps weights with
 
-from .config import COMPILE_MODES, DECODE_ROWS
-from .errors import PipelineError
+from ..config import COMPILE_MODES, DECODE_ROWS
+from ..io.errors import PipelineError
+
+log = logging.getLogger(__name__)
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "show-attend-tell" / "inductor"
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(CACHE))  # before inductor picks its default
 SLOWER_BF16_TRAINING = "compiled bf16 training measured 1.04x eager over a Flickr8k epoch on a CPU, no reliable gain"
 RECOMPILE_LIMIT = 64  # graphs of the step kept (torch's default, 8, is reached by a test session)
 _STEP = None  # Decoder.step compiled, built on first use (:func:`compiled_step`)
@@ -84,7 +85,7 @@ def decide(mode: str, device, work: int, enough: int, what: str, note: bool = Tr
         else slower or (f"{what} is too short to pay for compiling" if work < enough else "")
     )
     if why and note and work >= enough:
-        print(f"note: --compile auto: off ({why}; --compile on forces it)", file=sys.stderr)
+        log.info(f"note: --compile auto: off ({why}; --compile on forces it)")
     return not why
 
 
@@ -97,7 +98,7 @@ def decide_decoding(settings, device, images: int, note: bool = True) -> bool:
 
 
 def use_compiled(decoders, on: bool) -> None:
-    """Run each decoder's :meth:`~pipeline.model.Decoder.step` compiled (``on``) or eagerly.
+    """Run each decoder's :meth:`~pipeline.model.decoder.Decoder.step` compiled (``on``) or eagerly.
     The first compiled call compiles (or loads from :data:`CACHE`); the weights stay the module's
     parameters, so a compiled decoder trains, saves and loads as an eager one."""
     for decoder in decoders:
@@ -131,6 +132,7 @@ def compiled_step(decoder, *args):
     graphs of the first)."""
     global _STEP
     if _STEP is None:
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(CACHE))  # read by inductor when it compiles
         # a graph per grad mode, autocast state, context kind and decoder, 2 per batch size (static, then symbolic)
         torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
         _STEP = torch.compile(type(decoder).step)

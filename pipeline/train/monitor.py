@@ -11,12 +11,11 @@ of the first validation image as decoded after that epoch; and it rewrites ``RUN
 import json
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 from PIL import Image
 
-from .encoders import Preprocess, open_rgb
-from .errors import PipelineError
-from .plots import attention_plot, training_curves
+from ..features.encoders import Preprocess, open_rgb
+from ..io.errors import PipelineError
+from ..plots import attention_plot, training_curves
 
 CURVES, BOARD = "curves.png", "tensorboard"  # in the run folder
 TAGS = {
@@ -80,7 +79,6 @@ class Monitor:
             self.writer.flush()
         records = [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines() if line]
         training_curves(records, self.split, self.out / CURVES)
-        plt.close("all")
 
     def close(self) -> None:
         if self.writer is not None:

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .atomic import atomic_path, file_sha256, release_reserve, reserve_disk, write_json
-from .errors import PipelineError, describe
-from .text import Vocabulary
+from ..io.atomic import atomic_path, file_sha256, release_reserve, reserve_disk, write_json
+from ..io.errors import PipelineError, describe
+from ..text import Vocabulary
 
 FORMAT = "show-attend-tell-shards/1"
 MANIFEST, VOCAB, CAPTIONS, BAD_IMAGES = "manifest.json", "vocab.json", "captions.json", "bad_images.tsv"
@@ -74,7 +74,7 @@ def write_shard(path: Path, L: int, D: int, dtype: str = "float16", images: int 
     block completes (temporary file, then rename).
 
     The disk space of ``images`` rows is allocated before any is written, so a full disk raises
-    here, cleanly (PipelineError, see :func:`pipeline.atomic.atomic_path`): HDF5 2.0 with h5py
+    here, cleanly (PipelineError, see :func:`pipeline.io.atomic.atomic_path`): HDF5 2.0 with h5py
     3.16 crashes the interpreter (segfault) when objects of a file whose write failed are freed.
     """
     with atomic_path(path) as tmp:

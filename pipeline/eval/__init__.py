@@ -1,0 +1,2 @@
+"""Scoring: coco-caption's metrics (metrics), CIDEr-D with fixed document frequencies (cider),
+and decoding a split and scoring it (evaluate)."""

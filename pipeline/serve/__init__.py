@@ -1,0 +1,2 @@
+"""A trained captioner at work: captioning image files for the command line (caption) and the
+web page (web)."""
