@@ -129,7 +129,8 @@ def run(device: str = "cpu") -> list[str]:
             rows.append(bench_encoder(f"efficientnet_lite{k}", "imagenet", images, device, batch, size, modes))
     lines = [
         "| encoder | images, batch, decoding workers | end-to-end img/s | bare forward img/s (inference_mode, "
-        "batch norm folded, channels_last, pipeline's precision) | ratio (target >= 0.9) | batch norm unfolded "
+        "batch norm folded, channels_last, pipeline's precision) | ratio, median of 3 side-by-side rounds "
+        "(target >= 0.9) | batch norm unfolded "
         "img/s | compiled img/s | no_grad img/s | NCHW img/s | other precision img/s |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]

@@ -251,31 +251,28 @@ class Preprocess:
                 raise PipelineError(f"preprocessing {key} must be three numbers (std positive), not {value!r}")
             object.__setattr__(self, key, tuple(float(v) for v in value))  # a manifest's JSON list reads as a tuple
 
-    def pixels(self):
-        """PIL RGB image -> (3, image_size, image_size) uint8 tensor: the geometry, done per image
-        (in DataLoader workers; uint8 is a quarter of float32 to pass between processes).
-        The image becomes a uint8 tensor first and is resized by torchvision's antialiased uint8
-        kernels: PIL's filters, faster than PIL's own resize (docs/benchmarks.md), and within 2
-        levels of 255 of it (so of ``weights.transforms()`` on the PIL image). For 'center-crop',
-        an image longer than twice its width (or the reverse) first loses what the centre crop
-        would drop anyway (:func:`bound_aspect`), so memory stays bounded whatever its shape."""
-        if self.mode == "center-crop":
-            geometry = [
-                transforms.Resize(self.resize or round(self.image_size * 256 / 224), self._interpolation()),
-                transforms.CenterCrop(self.image_size),
-            ]
-            return transforms.Compose([transforms.Lambda(bound_aspect), transforms.PILToTensor(), *geometry])
-        return transforms.Compose(
-            [transforms.PILToTensor(), transforms.Resize((self.image_size, self.image_size), self._interpolation())]
-        )
-
     def crop(self):
-        """PIL RGB image -> PIL image (image_size square): :meth:`pixels` as a picture, for
-        figures of what the encoder saw."""
-        return transforms.Compose([self.pixels(), transforms.ToPILImage()])
+        """The torchvision transform of the geometry: PIL image -> PIL image (image_size square).
+        For 'center-crop', an image longer than twice its width (or the reverse) first loses what
+        the centre crop would drop anyway (:func:`bound_aspect`), so memory stays bounded whatever
+        its shape."""
+        if self.mode == "center-crop":
+            return transforms.Compose(
+                [
+                    transforms.Lambda(bound_aspect),
+                    transforms.Resize(self.resize or round(self.image_size * 256 / 224), self._interpolation()),
+                    transforms.CenterCrop(self.image_size),
+                ]
+            )
+        return transforms.Resize((self.image_size, self.image_size), self._interpolation())
 
     def _interpolation(self) -> InterpolationMode:
         return InterpolationMode(self.interpolation)
+
+    def pixels(self):
+        """PIL RGB image -> (3, image_size, image_size) uint8 tensor: the part done per image (in
+        DataLoader workers); uint8 is a quarter of float32 to pass between processes."""
+        return transforms.Compose([self.crop(), transforms.PILToTensor()])
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """(..., 3, H, W) uint8 -> float32 scaled to [0, 1] and normalised by ``mean`` and ``std``
