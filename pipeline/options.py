@@ -14,6 +14,8 @@ from pathlib import Path
 from .io.atomic import atomic_path
 from .io.errors import PipelineError, describe
 
+CONFIG = "config.toml"  # the options a features folder or a run folder was made with (write_toml, read_toml)
+
 
 @dataclass(frozen=True)
 class Spec:

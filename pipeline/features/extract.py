@@ -28,7 +28,7 @@ from ..io.atomic import is_temp_of, remove_stale_temps, write_json
 from ..io.errors import PipelineError
 from ..io.folders import folder_lock
 from ..io.memory import configure_allocator
-from ..options import write_toml
+from ..options import CONFIG, write_toml
 from ..text import Vocabulary, tokenize
 from . import shards
 from .datasets import Record
@@ -36,7 +36,6 @@ from .encoders import ImageError, build_encoder, open_rgb, preprocess_for
 
 log = logging.getLogger(__name__)
 
-CONFIG = "config.toml"
 OWN_FILES = (shards.MANIFEST, shards.VOCAB, shards.CAPTIONS, shards.BAD_IMAGES, CONFIG)  # written in --out
 PRECISIONS = {"auto": None, "fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 

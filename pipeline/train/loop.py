@@ -46,14 +46,14 @@ from ..io.memory import configure_allocator
 from ..model.compiled import SLOWER_BF16_TRAINING, decide, use_compiled
 from ..model.decode import beam_search
 from ..model.decoder import Decoder, attention_entropy, objective
-from ..options import defaults, field_flag, specs, write_toml
+from ..options import CONFIG, defaults, field_flag, specs, write_toml
 from ..text import tokenize
 from .monitor import BOARD, CURVES, Monitor, figure_image
 from .scst import Reward, reference_nll, scst_loss
 
 log = logging.getLogger(__name__)
 
-LAST, BEST, METRICS, CONFIG = "last.pt", "best.pt", "metrics.jsonl", "config.toml"
+LAST, BEST, METRICS = "last.pt", "best.pt", "metrics.jsonl"
 METRIC_NAMES = {"bleu4": "BLEU-4", "cider": "CIDEr-D"}
 # options a --resume may change
 RESUMABLE = ("epochs", "patience", "checkpoint_every", "workers", "tensorboard", "compile")
