@@ -23,11 +23,7 @@ ENCODER_NAMES = (
     "efficientnet_lite2",
 )
 ENCODER_PRECISIONS = ("auto", "fp32", "fp16", "bf16")  # the encoder's arithmetic (pipeline.features.extract)
-CONTEXTS = (
-    "expected",
-    "sample",
-    "argmax",
-)  # how a step's context vector is formed (pipeline.model.decoder.Decoder.step)
+CONTEXTS = ("expected", "sample", "argmax")  # a step's context vector (pipeline.model.decoder.Decoder.step)
 BASELINES = ("batch", "moving")  # REINFORCE baselines (pipeline.model.decoder.objective)
 REWARDS = ("caption", "word")  # REINFORCE reward forms (pipeline.model.decoder.objective)
 SHARPNESS_OVER = ("word", "caption")  # what --sharpness-target bounds (pipeline.model.decoder.objective)
