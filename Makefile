@@ -18,6 +18,9 @@ PREPROCESS ?= center-crop
 IMAGE_SIZE ?=
 SPLITS ?=
 SKIP_BAD ?=
+# processes of `make features`: empty for one; N runs N under torchrun, each computing on one CPU thread
+# (data parallel across processes, which keeps more of the cores busy than one process's threads do)
+RANKS ?=
 OUT ?= data/features/$(DATASET)-$(ENCODER)$(if $(IMAGE_SIZE),-$(IMAGE_SIZE))
 FEATURES ?= $(OUT)
 ATTENTION ?= soft
@@ -54,7 +57,7 @@ $(VENV)/.complete:
 	touch $@
 
 features: venv
-	$(PY) cli.py features --dataset $(DATASET) $(SOURCE) --encoder $(ENCODER) --weights $(WEIGHTS) --preprocess $(PREPROCESS) \
+	$(if $(RANKS),OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node $(RANKS),$(PY)) cli.py features --dataset $(DATASET) $(SOURCE) --encoder $(ENCODER) --weights $(WEIGHTS) --preprocess $(PREPROCESS) \
 		$(if $(IMAGE_SIZE),--image-size $(IMAGE_SIZE)) $(if $(SPLITS),--splits $(SPLITS)) --out $(OUT) $(if $(filter 1,$(SKIP_BAD)),--skip-bad-images)
 
 # Continues the run in RUN if it has a last.pt.

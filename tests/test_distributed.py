@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.io.distributed import World
+
 from conftest import ROOT
 from object_features import write_object_features
 from test_faults import assert_same_features
@@ -21,6 +23,16 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 def _run(args, **kwargs):
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, **kwargs)
+
+
+def test_shards_are_shared_between_ranks_by_size():
+    shards, sizes = ["train0", "train1", "train2", "dev0", "test0"], [2000, 2000, 2000, 1000, 1000]
+    shares = [World(rank, 2).share_by_size(shards, sizes) for rank in range(2)]
+    assert sorted(shares[0] + shares[1]) == sorted(shards)  # each shard on exactly one rank
+    assert [sum(sizes[shards.index(s)] for s in share) for share in shares] == [4000, 4000]
+    assert shares[0] == ["train0", "train2"]  # in the order given
+    assert World(0, 1).share_by_size(shards, sizes) == shards
+    assert [World(r, 3).share_by_size(["a", "b"], [1, 1]) for r in range(3)] == [["a"], ["b"], []]
 
 
 def test_features_from_two_ranks_equal_features_from_one(small_corpus, tmp_path):

@@ -84,8 +84,9 @@ class ImageFiles(Dataset):
 
     Item i -> (i, image (3, S, S) uint8 or None, reason str or None); a bad image gives None and
     its reason instead of an exception, so one bad file does not stop the run. In the main
-    process a batch's images are decoded by one thread per core (PIL releases the GIL while it
-    decodes and resizes), as the encoder is idle meanwhile.
+    process a batch's images are decoded by as many threads as the encoder computes on
+    (``torch.get_num_threads()``; PIL releases the GIL while it decodes and resizes), as the
+    encoder is idle meanwhile.
     """
 
     def __init__(self, records: list[Record], transform):
@@ -106,7 +107,7 @@ class ImageFiles(Dataset):
         if get_worker_info() is not None:  # a worker process: one of several already
             return [self[i] for i in indices]
         if self._threads is None:
-            self._threads = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="decode")
+            self._threads = ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="decode")
         return list(self._threads.map(self.__getitem__, indices))
 
     def __getstate__(self):  # to worker processes, without the thread pool
@@ -173,7 +174,8 @@ def extract_features(
     and listed in ``out/bad_images.tsv`` and in the returned summary (the caller decides whether
     that is an error).
     Under torchrun (:mod:`pipeline.io.distributed`) rank 0 plans the shards, every rank encodes and
-    writes every WORLD_SIZE-th of them, and rank 0 writes the one manifest; the shards are the
+    writes its share of them (balanced by images: :meth:`World.share_by_size`), and rank 0 writes
+    the one manifest; the shards are the
     same files as one process writes. The summary is the whole run's on every rank.
     Rank 0 holds ``out``'s lock (:func:`pipeline.io.folders.folder_lock`) for the whole run.
     Warns (``warnings.warn``) where centre crops would cut the borders off images that are already
@@ -213,7 +215,7 @@ def extract_features(
                 warnings.warn(warning, stacklevel=2)
         encoder.inference_trunk()  # the forward pass's folded trunk, made before the clock starts
         start = time.perf_counter()
-        mine = world.share(todo)
+        mine = world.share_by_size(todo, [len(recs) for _, _, recs in todo])
         flat = [r for _, _, recs in mine for r in recs]
         written = (
             _run_encoder(
