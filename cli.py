@@ -21,10 +21,23 @@ from pipeline.config import DecodeConfig, DecoderConfig, FeatureConfig, Objectiv
 from pipeline.features.datasets import DATASETS
 from pipeline.io import paths
 from pipeline.io.atomic import disk_full_message
-from pipeline.io.errors import PipelineError, describe, one_line
+from pipeline.io.errors import PipelineError, Worded, describe, one_line, worded
 from pipeline.io.folders import os_error_message
+from pipeline.options import field_flag, flag_name, specs
 
 DEBUG = "SHOW_ATTEND_TELL_DEBUG"  # set to 1 to see the traceback of an unexpected error
+CONFIGS = (TrainConfig, FeatureConfig, DecodeConfig, DecoderConfig, ObjectiveConfig)  # whose fields are options
+
+
+def flag(name: str, value: str = "") -> str:
+    """The command-line words of the option a library message names (:func:`pipeline.io.errors.param`):
+    field ``name`` of a configuration ('model.gating' for the decoder's, 'objective.NAME' for the
+    objective's) or a command's keyword, with ``value`` where given: ``--compile off``, ``--no-gating``."""
+    section, _, field = name.rpartition(".")
+    classes = {"model": (DecoderConfig,), "objective": (ObjectiveConfig,)}.get(section, CONFIGS)
+    owner = next((cls for cls in classes if field in specs(cls)), None)
+    words = field_flag(owner, field) if owner else "--" + field.replace("_", "-")
+    return words if value in ("", "True", "False") else f"{words} {value}"
 
 
 class Failure(click.ClickException):
@@ -42,7 +55,7 @@ class Group(click.Group):
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except PipelineError as e:
-            raise Failure(one_line(e)) from None
+            raise Failure(one_line(e, flag)) from None
         except KeyboardInterrupt:
             click.echo(
                 "interrupted: finished work is kept; run the same command again to continue (train: with --resume)",
@@ -51,7 +64,7 @@ class Group(click.Group):
             sys.exit(130)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise Failure(disk_full_message(e.filename or "a file")) from None
+                raise Failure(worded(disk_full_message(e.filename or "a file"), flag)) from None
             raise Failure(os_error_message(e)) from None
         except Exception as e:  # noqa: BLE001 - the last line of defence against a traceback
             if os.environ.get(DEBUG):
@@ -125,7 +138,9 @@ def main():
     Stage one, `features`, runs a frozen CNN over an image corpus and stores annotation vectors in
     HDF5 shards; stage two trains the attention decoder on them.
     """
-    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+    warnings.formatwarning = lambda message, *args, **kwargs: (
+        f"warning: {message.worded(flag) if isinstance(message, Worded) else message}\n"
+    )
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # open_rgb refuses such images itself
     shown = logging.StreamHandler(sys.stderr)  # the library's notes and progress lines, as they are
     shown.setFormatter(logging.Formatter("%(message)s"))
@@ -137,7 +152,6 @@ def config_options(*classes):
     """Decorator: one click option per field of the configuration dataclasses ``classes`` that
     carries a :class:`pipeline.options.Spec`, its name, default, type, range, choices and help
     all taken from the field (each option is defined once, in its dataclass)."""
-    from pipeline.options import flag_name, specs
 
     def decorate(command):
         for cls in reversed(classes):
@@ -197,6 +211,25 @@ def config_file(what: str):
     )
 
 
+def checkpoint_option(required: bool = False, help: str = "A best.pt or last.pt of `cli.py train`."):
+    return click.option(
+        "--checkpoint",
+        type=click.Path(exists=True, dir_okay=False),
+        required=required,
+        help=help + ("" if required else " [default: the newest best.pt under data/runs]"),
+    )
+
+
+model_option = click.option(
+    "--model",
+    default=None,
+    help="Instead of --checkpoint: a model folder written by `cli.py export`, or a Hugging Face Hub id "
+    "(owner/name) holding one.",
+)
+progress_option = click.option("--no-progress", is_flag=True, help="No progress bar.")
+device_option = click.option("--device", type=Device(), default="cpu", help="Torch device: cpu, cuda, cuda:1, ...")
+
+
 @main.command()
 @config_file("features")
 @click.option(
@@ -242,7 +275,7 @@ def config_file(what: str):
     is_flag=True,
     help="Exit 0 even if some images could not be used (they are listed in OUT/bad_images.tsv).",
 )
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@progress_option
 def features(dataset, data_dir, karpathy_json, image_dir, splits, out, skip_bad_images, no_progress, **settings):
     """Stage one: encode a corpus into HDF5 shards of annotation vectors.
 
@@ -308,7 +341,7 @@ def features(dataset, data_dir, karpathy_json, image_dir, splits, out, skip_bad_
     type=click.Path(file_okay=False),
     default=None,
     help="Run folder for checkpoints (last.pt, best.pt), metrics.jsonl, curves.png, tensorboard/ and config.toml. "
-    "[default: data/runs/ATTENTION]",
+    "[default: data/runs/FEATURES-ATTENTION, FEATURES the features folder's name]",
 )
 @click.option(
     "--resume",
@@ -318,7 +351,7 @@ def features(dataset, data_dir, karpathy_json, image_dir, splits, out, skip_bad_
     "given with another value than the run's is refused.",
 )
 @config_options(TrainConfig, DecoderConfig, ObjectiveConfig)
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@progress_option
 def train(features, out, resume, no_progress, **settings):
     """Stage two: train the attention decoder on feature shards.
 
@@ -329,9 +362,8 @@ def train(features, out, resume, no_progress, **settings):
     (`--config OUT/config.toml` repeats them).
     """
     from pipeline.io.distributed import main_process
-    from pipeline.options import specs
-    from pipeline.train.loop import METRIC_NAMES
     from pipeline.train.loop import train as run_training
+    from pipeline.train.validate import METRIC_NAMES
 
     if features is None and not resume:  # a resume defaults to the run's own features
         features, note = paths.default_features()
@@ -344,7 +376,7 @@ def train(features, out, resume, no_progress, **settings):
         nested["model"] = {k: v for k, v in nested["model"].items() if k in typed}
     config = TrainConfig(
         features=features and str(features),
-        out=str(out or paths.RUNS / settings["attention"]),
+        out=str(out or paths.run_dir(features or paths.default_features()[0], settings["attention"])),
         **settings,
         **nested,
     )
@@ -378,24 +410,6 @@ def _given(ctx: click.Context, *ignored: str) -> list[str]:
     ]
 
 
-def checkpoint_option(required: bool = False, help: str = "A best.pt or last.pt of `cli.py train`."):
-    return click.option(
-        "--checkpoint",
-        type=click.Path(exists=True, dir_okay=False),
-        required=required,
-        help=help + ("" if required else " [default: the newest best.pt under data/runs]"),
-    )
-
-
-model_option = click.option(
-    "--model",
-    default=None,
-    help="Instead of --checkpoint: a model folder written by `cli.py export`, or a Hugging Face Hub id "
-    "(owner/name) holding one.",
-)
-device_option = click.option("--device", type=Device(), default="cpu", help="Torch device: cpu, cuda, cuda:1, ...")
-
-
 @main.command()
 @checkpoint_option(required=True)
 @click.option("--split", default="test", help="Split of the features to caption and score.")
@@ -415,7 +429,7 @@ device_option = click.option("--device", type=Device(), default="cpu", help="Tor
     default=None,
     help="Folder for the captions, references and scores files. [default: the checkpoint's folder]",
 )
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@progress_option
 def evaluate(checkpoint, split, features_dir, batch_size, device, out_dir, no_progress, **settings):
     """Caption a split with beam search and score it: BLEU-1..4, METEOR, ROUGE-L, CIDEr (coco-caption).
 
@@ -558,7 +572,7 @@ def verify(features_dir):
     Prints one line per problem with what to do (for a damaged shard, the command that rebuilds
     it), and exits 1 if any.
     """
-    from pipeline.features.shards import check_shards, load_manifest
+    from pipeline.features.folder import check_shards, load_manifest
 
     manifest = load_manifest(features_dir)
     problems = check_shards(features_dir, manifest, values=True)

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.features.encoders import build_encoder, open_rgb, preprocess_for
+from pipeline.features.encoders import build_encoder, preprocess_for
 from pipeline.features.extract import PRECISIONS, FeatureConfig, compute_precision, decoding_workers, extract_features
+from pipeline.features.images import open_rgb
 
 from .common import ROOT, SQUEEZENET_WEIGHTS, corpus_records, progress, seconds
 

@@ -11,7 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
-from pipeline.features import shards
+from pipeline.features import folder
 from pipeline.features.shards import AnnotationShards, CaptionPairs
 from pipeline.text import Vocabulary
 from pipeline.train.loop import TrainConfig, epoch_batches
@@ -95,10 +95,10 @@ def run(workspace: Path) -> tuple[list[str], Path]:
     same_vocab = workspace / "features-1000-vocab-7000"  # the 1000 images' shards, the 7000's vocabulary
     shutil.copytree(workspace / "features-1000", same_vocab, copy_function=shutil.copy)
     shutil.copy(workspace / "features-7000" / "vocab.json", same_vocab / "vocab.json")
-    manifest = shards.load_manifest(same_vocab)  # the copy's record of its text files, as features writes it
-    manifest["text"] = shards.text_record(same_vocab)
-    manifest["vocab_size"] = len(Vocabulary.load(same_vocab / shards.VOCAB))
-    shards.save_manifest(same_vocab, manifest)
+    manifest = folder.load_manifest(same_vocab)  # the copy's record of its text files, as features writes it
+    manifest["text"] = folder.text_record(same_vocab)
+    manifest["vocab_size"] = len(Vocabulary.load(same_vocab / folder.VOCAB))
+    folder.save_manifest(same_vocab, manifest)
     trained = run_measuring_memory(
         ["cli.py", "train", "--features", str(same_vocab), "--out", str(workspace / "run-1000-vocab-7000"), *TRAIN_ARGS]
     )

@@ -1,4 +1,4 @@
-"""Training step: captions/s of :func:`pipeline.train.loop.train_step` on random
+"""Training step: captions/s of :func:`pipeline.train.steps.train_step` on random
 annotation vectors and captions of one length, eager and with the decoder's step compiled
 (:mod:`pipeline.model.compiled`) side by side, its achieved FLOP/s as a fraction of this machine's
 measured matmul FLOP/s (same run), the compile's time uncached and cached, and a profile of where
@@ -18,7 +18,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.model.compiled import use_compiled
 from pipeline.model.decoder import Attention, Decoder, DecoderConfig, ObjectiveConfig
-from pipeline.train.loop import TrainConfig, make_optimizer, native_bf16, train_step
+from pipeline.train.loop import TrainConfig
+from pipeline.train.steps import make_optimizer, native_bf16, train_step
 
 from .common import ROOT, progress, seconds, sync
 from .port import PortDecoder, port_step
@@ -201,7 +202,7 @@ def attention_seconds(sizes, L, batch, precision, device) -> float:
 
 def optimizer_seconds(device: str) -> tuple[float, float, int]:
     """Seconds of one Adam step over a VGG-sized decoder's parameters (random gradients): the
-    per-parameter loop and the fused kernel (:func:`pipeline.train.loop.make_optimizer`), and the
+    per-parameter loop and the fused kernel (:func:`pipeline.train.steps.make_optimizer`), and the
     parameter count."""
     decoder = Decoder(DecoderConfig(vocab_size=VOCAB, annotation_dim=D)).to(device)
     for p in decoder.parameters():

@@ -21,8 +21,9 @@ from PIL import Image
 from .checkpoint import build_decoder, load_checkpoint
 from .config import DecodeConfig
 from .export import load_model_folder, prepare_folder, write_model_folder
-from .features.encoders import Encoder, Preprocess, build_encoder, encoder_from_state, open_rgb, to_rgb
-from .features.shards import identity_problem
+from .features.encoders import Encoder, build_encoder, encoder_from_state
+from .features.folder import identity_problem
+from .features.images import Preprocess, open_rgb, to_rgb
 from .io.errors import PipelineError, describe
 from .model.compiled import decide_decoding, use_compiled
 from .model.decode import n_best
@@ -33,7 +34,7 @@ from .text import Vocabulary
 
 def checked_preprocess(identity, where, fix: str) -> Preprocess:
     """The preprocessing recorded in ``identity`` (a checkpoint's ``features``, an export's
-    config.json: :func:`pipeline.features.shards.identity_problem`), its encoder record checked too (a
+    config.json: :func:`pipeline.features.folder.identity_problem`), its encoder record checked too (a
     name; weights and their SHA-256 as strings, or no weights for features made without an
     image encoder).
     Raises PipelineError naming ``where`` and saying ``fix`` for anything missing or malformed."""

@@ -4,37 +4,19 @@ A checkpoint is a dict of plain tensors and Python values, saved atomically with
 and read with ``torch.load(weights_only=True)``: ``model`` (the decoder's state dict), ``ema``
 (its moving average, where the run kept one), ``optimizer``, ``model_config``, ``train_config``,
 ``objective_config``, ``vocab`` (the word list), ``features`` (the identity of the features it
-was trained on: :func:`feature_identity`), ``rng``, ``position`` and ``run``.
+was trained on: :func:`pipeline.features.folder.identity`), ``rng``, ``position`` and ``run``.
 """
 
 from pathlib import Path
 
 import torch
 
-from .features.shards import AnnotationShards
 from .io.atomic import atomic_path
 from .io.errors import PipelineError, describe
 from .model.decoder import Decoder, DecoderConfig, upgrade_state_dict
 from .text import Vocabulary
 
 CHECKPOINT_KEYS = ("model", "model_config", "train_config", "vocab", "features")
-FEATURE_KEYS = ("format", "dataset", "encoder", "preprocess", "grid", "L", "D", "dtype")
-
-
-def feature_identity(shards: AnnotationShards) -> dict:
-    """What a checkpoint records of the features it was trained on."""
-    return dict({k: shards.manifest[k] for k in FEATURE_KEYS}, dir=str(shards.dir.resolve()))
-
-
-def check_features(checkpoint: dict, shards: AnnotationShards, checkpoint_path) -> None:
-    """Raise PipelineError if ``shards`` were not made like the features the checkpoint was trained on."""
-    trained, given = dict(checkpoint["features"], dir=""), dict(feature_identity(shards), dir="")
-    if trained != given:
-        differs = ", ".join(k for k in trained if trained[k] != given.get(k))
-        raise PipelineError(
-            f"{shards.dir}: features differ from those {checkpoint_path} was trained on ({differs}); "
-            f"extract them with the same encoder and weights"
-        )
 
 
 def save_checkpoint(path: Path, state: dict) -> None:

@@ -8,7 +8,7 @@ building a configuration in Python checks the same ranges (:func:`pipeline.optio
 
 from dataclasses import asdict, dataclass, field
 
-from .io.errors import PipelineError
+from .io.errors import PipelineError, param
 from .options import check_config, check_values, option
 
 # pipeline.features.encoders.ENCODERS
@@ -29,7 +29,7 @@ REWARDS = ("caption", "word")  # REINFORCE reward forms (pipeline.model.decoder.
 SHARPNESS_OVER = ("word", "caption")  # what --sharpness-target bounds (pipeline.model.decoder.objective)
 CRITERIA = ("xe", "scst")  # training objectives (pipeline.train.loop, pipeline.train.scst)
 SCST_BASELINES = ("mean", "greedy")  # self-critical baselines (pipeline.train.scst)
-VAL_METRICS = ("auto", "bleu4", "cider")  # model selection (pipeline.train.loop.validate)
+VAL_METRICS = ("auto", "bleu4", "cider")  # model selection (pipeline.train.validate)
 COMPILE_MODES = ("auto", "on", "off")  # torch.compile of the decoding step (pipeline.model.compiled)
 TRAIN_CAPTIONS = 100_000  # --compile auto compiles training of at least this many captions (epochs x captions)
 DECODE_ROWS = 15_000  # --compile auto compiles decoding of at least this many images x beam size
@@ -58,7 +58,7 @@ class DecodeConfig:
     length_penalty: float = option(
         0.5,
         "Rank finished captions by log-probability / length**this (length in words, <end> included; 0: plain "
-        "log-probability, which favours short captions; 0.5 scored highest on Flickr8k dev, README).",
+        "log-probability, which favours short captions; docs/experiments.md compares values).",
         low=0,
         high=10,
     )
@@ -158,7 +158,7 @@ class TrainConfig:
     )
     lr: float = option(
         4e-4,
-        "Initial learning rate (the authors used 2e-4 without decay; 4e-4 with --lr-decay scored higher).",
+        "Initial learning rate (the authors used 2e-4 without decay).",
         low=0,
         low_open=True,
     )
@@ -181,8 +181,7 @@ class TrainConfig:
     ema_decay: float = option(
         0.999,
         "Keep an exponential moving average of the weights (decay per step), and "
-        "validate, keep and score it instead of the last weights (0: off; on Flickr8k it gave "
-        "dev BLEU-4 19.6 vs 18.8).",
+        "validate, keep and score it instead of the last weights (0: off).",
         low=0,
         high=1,
         high_open=True,
@@ -263,9 +262,8 @@ class TrainConfig:
     compile: str = compile_option(f"{TRAIN_CAPTIONS} captions (epochs x training captions)")
     precision: str = option(
         "auto",
-        "bf16: autocast matrix products to bfloat16 (weights stay fp32), about 2x faster "
-        "on CPUs with AVX512-BF16; auto: bf16 where the CPU or GPU computes it natively, else "
-        "fp32.",
+        "bf16: autocast matrix products to bfloat16 (weights stay fp32); auto: bf16 where the CPU (AVX512-BF16, "
+        "AMX) or GPU computes it natively, else fp32 (speeds: bench/RESULTS.md).",
         choices=("auto", "fp32", "bf16"),
     )
     tensorboard: bool = option(
@@ -282,11 +280,13 @@ class TrainConfig:
         check_values(ObjectiveConfig, self.objective, "objective: ")
         if self.criterion == "scst" and not self.init:
             raise PipelineError(
-                "--objective scst trains an XE-trained decoder: give its checkpoint with --init RUN/best.pt"
+                f"{param('criterion', 'scst')} trains an XE-trained decoder: give its checkpoint (RUN/best.pt) as "
+                f"{param('init')}"
             )
         if self.criterion == "scst" and self.batch_size < self.scst_samples:
             raise PipelineError(
-                f"--batch-size {self.batch_size} counts sampled captions: at least --scst-samples ({self.scst_samples})"
+                f"{param('batch_size', self.batch_size)} counts sampled captions: at least {param('scst_samples')} "
+                f"({self.scst_samples})"
             )
 
     @property
@@ -322,13 +322,10 @@ class DecoderConfig:
     prev2out: bool = True  # E y_{t-1} in the deep output (eq. 7)
     ctx2out: bool = True  # L_z z_t in the deep output (eq. 7)
     output_tanh: bool = option(False, "tanh before L_o in the deep output (authors' code; not the paper).")
-    # unscaled, SqueezeNet's annotation vectors (RMS 11, 93% zeros) put 66% of tanh's inputs past |2|
-    # at initialisation, where the attention MLP learns slowly
     attention_input_scale: float = option(
         1.0,
         "f_att sees the annotation vectors divided by this; 0: their RMS over the first 256 training images, so "
-        "that its tanh does not saturate at initialisation (SqueezeNet's RMS is 11: 66% of its inputs past |2| "
-        "unscaled).",
+        "that its tanh does not saturate at initialisation (docs/experiments.md).",
         low=0,
     )
 
@@ -350,8 +347,7 @@ class ObjectiveConfig:
         "XE: each word's target is the reference word's one-hot mixed with the uniform distribution over the "
         "vocabulary at this weight "
         "(Szegedy et al. 2016; not in the paper; self-critical.pytorch's --label_smoothing; 0: off). The reported "
-        "NLL, hard attention's reward and SCST are unaffected. Flickr8k dev: 0.1 scored 19.4 BLEU-4 / 44.9 CIDEr "
-        "against 19.3 / 43.8, and after SCST 47.8 CIDEr against 48.0 (README).",
+        "NLL, hard attention's reward and SCST are unaffected.",
         low=0,
         high=1,
         high_open=True,

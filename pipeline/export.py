@@ -24,8 +24,9 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from .config import CONTEXTS
+from .features.folder import IDENTITY
 from .io.atomic import remove_stale_temps
-from .io.errors import PipelineError, describe
+from .io.errors import PipelineError, describe, param
 from .io.folders import OWNER, check_owned, check_writable, write_owned
 from .model.decoder import Decoder, DecoderConfig
 from .text import Vocabulary
@@ -59,9 +60,11 @@ def prepare_folder(out: Path) -> None:
     if out.is_dir():
         remove_stale_temps(out, FILES)
         if any(out.iterdir()) and earlier.get("format") != FORMAT and earlier.get("written_by") != OWNER:
-            raise PipelineError(f"{out}: holds files that `cli.py export` did not write; pass a new or empty --out")
+            raise PipelineError(
+                f"{out}: holds files that `cli.py export` did not write; pass a new or empty {param('out')}"
+            )
     if "written_by" in earlier:  # an export of earlier versions records no SHA-256: replaced as it was then
-        check_owned(record, [out / name for name in FILES if name != record.name], "`cli.py export`", "--out")
+        check_owned(record, [out / name for name in FILES if name != record.name], "`cli.py export`", "out")
 
 
 def write_model_folder(out: Path, checkpoint_path: Path, checkpoint: dict, decoder, trunk: dict, vocab) -> Path:
@@ -71,20 +74,14 @@ def write_model_folder(out: Path, checkpoint_path: Path, checkpoint: dict, decod
     them. config.json goes first, without its format, and last, so that a killed export is no
     model folder until it is run again.
     Raises PipelineError where ``out`` cannot be written."""
-    check_writable(out, "--out")
+    check_writable(out, "out")
     identity = checkpoint["features"]
     config = {
         "format": FORMAT,
         "decoder": decoder.config.to_dict(),
         "decode_context": checkpoint["train_config"]["decode_context"],
         "attention": checkpoint["train_config"]["attention"],
-        "encoder": identity["encoder"],
-        "preprocess": identity["preprocess"],
-        "grid": identity["grid"],
-        "L": identity["L"],
-        "D": identity["D"],
-        "dtype": identity["dtype"],
-        "dataset": identity["dataset"],
+        **{key: identity[key] for key in IDENTITY},
         "scores": _scores(checkpoint_path),
     }
     files = {

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .io.atomic import atomic_path
-from .io.errors import PipelineError, describe
+from .io.errors import PipelineError, describe, param
 
 CONFIG = "config.toml"  # the options a features folder or a run folder was made with (write_toml, read_toml)
 
@@ -121,7 +121,7 @@ def check_values(cls, values: dict, prefix: str = "") -> None:
             default, spec = known[name]
             why = problem(value, default, spec)
             if why:
-                raise PipelineError(f"{prefix}{flag_name(name, None, spec)}: {why}")
+                raise PipelineError(f"{prefix}{param(name)}: {why}")
 
 
 def read_toml(path) -> dict:

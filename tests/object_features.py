@@ -9,7 +9,7 @@ import random
 
 import numpy as np
 
-from pipeline.features import shards
+from pipeline.features import folder, shards
 from pipeline.features.datasets import Record
 from pipeline.features.extract import write_text
 
@@ -50,7 +50,7 @@ def write_object_features(out, sizes=None, seed=0):
     ]
     write_text(records, out, min_count=1)
     manifest = {
-        "format": shards.FORMAT,
+        "format": folder.FORMAT,
         "dataset": "objects",
         "encoder": {"name": "none"},
         "preprocess": {},
@@ -72,5 +72,5 @@ def write_object_features(out, sizes=None, seed=0):
                 shard.add([f"{split}{i}" for i in range(k, k + len(batch))], torch.from_numpy(batch))
             entries.append(shards.shard_entry(out, name))
         manifest["splits"][split] = {"planned": len(scs), "fingerprint": "", "shards": entries}
-    shards.save_manifest(out, manifest)
+    folder.save_manifest(out, manifest)
     return by_split

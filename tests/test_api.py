@@ -69,8 +69,8 @@ def test_a_mixed_batch_captions_as_one_image_at_a_time_and_as_the_command(traine
         ([torch.zeros(8, 8, dtype=torch.uint8)], {}, r"images\[0\]: a tensor image must be uint8"),
         ([3.5], {}, r"images\[0\]: float is not an image; pass a file path, a PIL image or a uint8"),
         (["absent.jpg"], {}, r"absent.jpg: missing"),
-        ([Image.new("RGB", (8, 8))], {"beam_size": 0}, r"--beam-size: 0 is not in the range 1<=x<=100"),
-        ([Image.new("RGB", (8, 8))], {"max_len": 1.5}, r"--max-len: 1.5 is not an integer"),
+        ([Image.new("RGB", (8, 8))], {"beam_size": 0}, r"`beam_size`: 0 is not in the range 1<=x<=100"),
+        ([Image.new("RGB", (8, 8))], {"max_len": 1.5}, r"`max_len`: 1.5 is not an integer"),
         ([Image.new("RGB", (8, 8))], {"n": 2}, r"n: a call gives each image's best caption; for the n best"),
     ],
 )
@@ -167,7 +167,7 @@ def test_the_three_commands_as_written(tmp_path):
     caption = run(sys.executable, "cli.py", "caption", "img.jpg")
     # one line per image; a decoder trained for one step may end its caption at once, so words are not required
     assert re.fullmatch(r"img\.jpg: [a-z' ]*\n", caption.stdout), caption.stdout
-    assert "using data/runs/hard/best.pt (the newest best.pt under data/runs)" in caption.stderr
+    assert "using data/runs/flickr8k-vgg19-hard/best.pt (the newest best.pt under data/runs)" in caption.stderr
 
 
 def test_export_then_from_pretrained_captions_as_the_checkpoint(trained_run, tmp_path):

@@ -257,7 +257,7 @@ CASES = [
         "karpathy-without-its-json",
         lambda t, r, i: (
             _features_cmd(t, "--dataset", "karpathy"),
-            r"--dataset karpathy needs --karpathy-json FILE and --image-dir DIR",
+            r"--dataset karpathy needs --karpathy-json and --image-dir",
         ),
         2,
     ),
@@ -345,7 +345,7 @@ CASES = [
         "train-no-features-folder",
         lambda t, r, i: (
             _train(t / "nowhere", t / "run"),
-            r"nowhere/manifest.json: no features manifest here; run `python cli.py features --out .*nowhere` ",
+            r"nowhere/manifest.json: no features manifest here; run the features command with --out .*nowhere ",
         ),
         2,
     ),
@@ -440,7 +440,8 @@ CASES = [
         "evaluate-unknown-split",
         lambda t, r, i: (
             _evaluate(r / "run" / "best.pt", "--split", "holdout"),
-            r"no features for split 'holdout' \(have: train, val, test\); extract it with",
+            r"no features for split 'holdout' \(have: train, val, test\); extract it \(the features command "
+            r"with --splits holdout\)",
         ),
         2,
     ),
@@ -1102,7 +1103,7 @@ CASES += [
         "train-scst-without-init",
         lambda t, r, i: (
             _train(r / "features", t / "run", "--objective", "scst"),
-            r"--objective scst trains an XE-trained decoder: give its checkpoint with --init RUN/best.pt",
+            r"--objective scst trains an XE-trained decoder: give its checkpoint \(RUN/best.pt\) as --init",
         ),
         2,
     ),

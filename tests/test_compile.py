@@ -51,16 +51,18 @@ def test_auto_compiles_long_runs_where_a_compiler_is_found(monkeypatch, caplog):
     assert compiled.decide("on", cpu, 1, 100_000, "") and not compiled.decide("off", cpu, 10**9, 1, "")
     slower = compiled.SLOWER_BF16_TRAINING
     assert not compiled.decide("auto", cpu, 10**9, 1, "", slower=slower)  # measured slower: auto stays eager
-    assert f"note: --compile auto: off ({slower}; --compile on forces it)" in notes(caplog)
+    assert f"note: compile 'auto' stays off ({slower}; 'on' forces it)" in notes(caplog)
     assert compiled.decide("on", cpu, 10**9, 1, "", slower=slower)
     monkeypatch.setattr(compiled.shutil, "which", lambda name: None)
     assert not compiled.decide("auto", cpu, 200_000, 100_000, "8 epochs x 25000 captions")
     assert "off (needs a C++ compiler (apt-get install g++)" in notes(caplog)
     assert not compiled.decide("auto", cpu, 600, 100_000, "2 epochs x 300 captions")
     assert notes(caplog) == ""
-    with pytest.raises(PipelineError, match=r"--compile on needs a C\+\+ compiler .* for cpu; or use --compile off"):
+    with pytest.raises(
+        PipelineError, match=r"`compile='on'` needs a C\+\+ compiler .* for cpu; or use `compile='off'`"
+    ):
         compiled.decide("on", "cpu", 1, 1, "")
-    with pytest.raises(PipelineError, match="--compile 'yes': choose one of auto, on, off"):
+    with pytest.raises(PipelineError, match="`compile='yes'`: choose one of auto, on, off"):
         compiled.decide("yes", cpu, 1, 1, "")
 
 

@@ -19,7 +19,7 @@ from pipeline.config import (
     ObjectiveConfig,
     TrainConfig,
 )
-from pipeline.features import encoders, shards
+from pipeline.features import encoders, folder
 from pipeline.io.errors import PipelineError
 from pipeline.options import flag_name, specs
 
@@ -42,25 +42,25 @@ def test_every_option_is_its_dataclass_field():
 
 
 def test_decode_settings_are_checked_in_python_too():
-    with pytest.raises(PipelineError, match=r"--beam-size: 0 is not in the range 1<=x<=100"):
+    with pytest.raises(PipelineError, match=r"`beam_size`: 0 is not in the range 1<=x<=100"):
         DecodeConfig(beam_size=0)
-    with pytest.raises(PipelineError, match=r"--max-len: 2.0 is not an integer"):
+    with pytest.raises(PipelineError, match=r"`max_len`: 2.0 is not an integer"):
         DecodeConfig(max_len=2.0)
-    with pytest.raises(PipelineError, match=r"--allow-unk: 1 is not true or false"):
+    with pytest.raises(PipelineError, match=r"`allow_unk`: 1 is not true or false"):
         DecodeConfig(allow_unk=1)
 
 
 def test_decoder_settings_are_checked_in_python_and_in_checkpoints(tmp_path):
-    with pytest.raises(PipelineError, match=r"--dropout: 2 is not in the range 0<=x<1"):
+    with pytest.raises(PipelineError, match=r"`dropout`: 2 is not in the range 0<=x<1"):
         DecoderConfig(vocab_size=10, annotation_dim=4, dropout=2)
-    with pytest.raises(PipelineError, match=r"model: --dropout: 2 is not in the range 0<=x<1"):
+    with pytest.raises(PipelineError, match=r"model: `dropout`: 2 is not in the range 0<=x<1"):
         TrainConfig(features="f", out="o", model={"dropout": 2})
     with pytest.raises(PipelineError, match=r"model: hiden_dim: not a field of DecoderConfig"):
         TrainConfig(features="f", out="o", model={"hiden_dim": 8})
-    with pytest.raises(PipelineError, match=r"objective: --alpha-c: -1 is not in the range 0<=x"):
+    with pytest.raises(PipelineError, match=r"objective: `alpha_c`: -1 is not in the range 0<=x"):
         TrainConfig(features="f", out="o", objective={"alpha_c": -1})
     edited = {"model_config": {"vocab_size": 10, "annotation_dim": 4, "hidden_dim": 0}}
-    with pytest.raises(PipelineError, match=r"x.pt: its model configuration does not fit .*--hidden-dim: 0 is not in"):
+    with pytest.raises(PipelineError, match=r"x.pt: its model configuration does not fit .*`hidden_dim`: 0 is not in"):
         build_decoder(edited, tmp_path / "x.pt")
 
 
@@ -132,7 +132,7 @@ def test_config_toml_repeats_a_features_folder(small_corpus, tmp_path):
         ["features", "--config", str(tmp_path / "a" / "config.toml"), "--out", str(tmp_path / "b"), "--no-progress"],
     )
     assert again.exit_code == 0, again.output
-    assert shards.load_manifest(tmp_path / "a")["splits"] == shards.load_manifest(tmp_path / "b")["splits"]
+    assert folder.load_manifest(tmp_path / "a")["splits"] == folder.load_manifest(tmp_path / "b")["splits"]
 
 
 def test_a_config_naming_an_unknown_option_is_refused(tmp_path):

@@ -14,7 +14,8 @@ from PIL import Image
 
 import cli
 from pipeline import Captioner
-from pipeline.features.encoders import ENCODERS, Preprocess, build_encoder, fold_batch_norm, open_rgb, preprocess_for
+from pipeline.features.encoders import ENCODERS, build_encoder, fold_batch_norm, preprocess_for
+from pipeline.features.images import Preprocess, open_rgb
 from pipeline.io.errors import PipelineError
 from pipeline.serve.web import caption_upload
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.features.encoders import ImageError, Preprocess, build_encoder, open_rgb, state_sha256
+from pipeline.features.encoders import build_encoder, state_sha256
+from pipeline.features.images import ImageError, Preprocess, open_rgb
 from pipeline.io.errors import PipelineError
 
 from conftest import SQUEEZENET_WEIGHTS, need_shared
@@ -166,7 +167,9 @@ def test_imagenet_without_network_or_cache_says_how_to_proceed(tmp_path, monkeyp
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
-    with pytest.raises(PipelineError, match=r"ImageNet weights for squeezenet1_1 are not cached at .*--weights random"):
+    with pytest.raises(
+        PipelineError, match=r"ImageNet weights for squeezenet1_1 are not cached at .*`weights='random'`"
+    ):
         build_encoder("squeezenet1_1", "imagenet")
     cached = tmp_path / "hub" / "checkpoints" / "squeezenet1_1-b8a52dc0.pth"
     cached.parent.mkdir(parents=True, exist_ok=True)

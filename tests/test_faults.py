@@ -19,8 +19,8 @@ import torch
 from click.testing import CliRunner
 
 import cli
-from pipeline.features import shards
-from pipeline.io import atomic
+from pipeline.features import folder, shards
+from pipeline.io import atomic, errors
 from pipeline.io.errors import PipelineError
 from pipeline.train.loop import TrainConfig, train
 
@@ -94,12 +94,12 @@ def features_reference(small_corpus, tmp_path_factory):
     return out, seconds
 
 
-def assert_same_features(reference, folder):
-    ref, got = shards.load_manifest(reference), shards.load_manifest(folder)
+def assert_same_features(reference, features):
+    ref, got = folder.load_manifest(reference), folder.load_manifest(features)
     assert got["splits"] == ref["splits"]  # same files, counts and checksums
-    assert not list(folder.rglob(f"*{atomic.TMP_MARK}*"))
+    assert not list(features.rglob(f"*{atomic.TMP_MARK}*"))
     for split in ref["splits"]:
-        a, b = shards.AnnotationShards(reference, split), shards.AnnotationShards(folder, split)
+        a, b = shards.AnnotationShards(reference, split), shards.AnnotationShards(features, split)
         assert a.image_ids == b.image_ids
         assert all(torch.equal(a[i], b[i]) for i in range(len(a)))
 
@@ -133,9 +133,9 @@ def test_features_on_a_full_disk(small_corpus, features_reference, tmp_path, mon
     result = CliRunner().invoke(cli.main, args)
     assert result.exit_code == 2 and "Traceback" not in result.output
     shard = tmp_path / "out" / "train" / "shard-00002.h5"
-    assert result.output.strip() == f"Error: {atomic.disk_full_message(shard)}"
+    assert result.output.strip() == f"Error: {errors.worded(atomic.disk_full_message(shard), cli.flag)}"
     assert sorted(p.name for p in (tmp_path / "out" / "train").iterdir()) == ["shard-00000.h5", "shard-00001.h5"]
-    listed = shards.load_manifest(tmp_path / "out")["splits"]["train"]["shards"]
+    listed = folder.load_manifest(tmp_path / "out")["splits"]["train"]["shards"]
     assert [e["file"] for e in listed] == ["train/shard-00000.h5", "train/shard-00001.h5"]
     monkeypatch.setattr(shards._ShardRows, "add", add)
     assert CliRunner().invoke(cli.main, args).exit_code == 0
@@ -158,9 +158,9 @@ def test_features_on_a_real_full_file_system(small_corpus, tmp_path):
         message = err.strip().splitlines()[-1]
         assert message.startswith("Error: ") and "no space left on the device while writing it" in message
         written = sorted(p.name for p in (disk / "out" / "train").iterdir())
-        listed = [e["file"] for e in shards.load_manifest(disk / "out")["splits"]["train"]["shards"]]
+        listed = [e["file"] for e in folder.load_manifest(disk / "out")["splits"]["train"]["shards"]]
         assert written and listed == [f"train/{name}" for name in written]
-        assert shards.check_shards(disk / "out", shards.load_manifest(disk / "out"), ["train"]) == []
+        assert folder.check_shards(disk / "out", folder.load_manifest(disk / "out"), ["train"]) == []
     finally:
         subprocess.run(["umount", str(disk)], check=True)
 
@@ -285,7 +285,7 @@ def test_training_on_a_full_disk_keeps_the_last_checkpoint(objects, tmp_path, mo
         val_beam_size=1,
         model=dict(embed_dim=16, hidden_dim=32, attention_dim=16),
     )
-    with pytest.raises(PipelineError, match=r"last.pt: no space left on the device while writing it; .*--resume"):
+    with pytest.raises(PipelineError, match=r"last.pt: no space left on the device while writing it; .*`resume=True`"):
         train(config, progress=False)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
         "best.pt",

@@ -10,10 +10,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from pipeline.features import shards
+from pipeline.features import folder, shards
 from pipeline.features.datasets import load_karpathy
-from pipeline.features.encoders import Preprocess, build_encoder, open_rgb
+from pipeline.features.encoders import build_encoder
 from pipeline.features.extract import FeatureConfig, decoding_workers, extract_features
+from pipeline.features.images import Preprocess, open_rgb
 from pipeline.io.errors import PipelineError
 
 from conftest import FLICKR8K, ROOT, need_shared, run_cli
@@ -61,7 +62,7 @@ def test_extraction_warns_where_centre_crops_would_cut_the_borders(small_corpus,
     extract_features(load_karpathy(json_path, root), tmp_path, config, "synthetic", ["val"], progress=False)
 
     def border_warnings():
-        return [w for w in recwarn if "--preprocess resize keeps them whole" in str(w.message)]
+        return [w for w in recwarn if "`preprocess='resize'` keeps them whole" in str(w.message)]
 
     assert len(border_warnings()) == (mode == "center-crop")
     extract_features(load_karpathy(json_path, root), tmp_path, config, "synthetic", ["val"], progress=False)
@@ -70,7 +71,7 @@ def test_extraction_warns_where_centre_crops_would_cut_the_borders(small_corpus,
 
 def test_shards_manifest_and_text(extracted):
     out, summary, records = extracted
-    manifest = shards.load_manifest(out)
+    manifest = folder.load_manifest(out)
     assert (manifest["grid"], manifest["L"], manifest["D"], manifest["dtype"]) == ([13, 13], 169, 512, "float16")
     assert manifest["encoder"]["name"] == "squeezenet1_1" and len(manifest["encoder"]["weights_sha256"]) == 64
     assert manifest["preprocess"] == {"mode": "center-crop", "image_size": 224} and manifest["precision"] == "fp32"
@@ -86,9 +87,9 @@ def test_shards_manifest_and_text(extracted):
     assert ids == [
         r.image_id for r in records if r.split == "train" and r.image_id not in ("1000", "1001", "1002", "1003")
     ]
-    captions = json.loads((out / shards.CAPTIONS).read_text())
+    captions = json.loads((out / folder.CAPTIONS).read_text())
     assert captions["val"][records[-11].image_id]["tokens"][0][:2] == ["a", records[-11].captions[0].split()[1]]
-    assert json.loads((out / shards.VOCAB).read_text())["words"][:4] == ["<pad>", "<start>", "<end>", "<unk>"]
+    assert json.loads((out / folder.VOCAB).read_text())["words"][:4] == ["<pad>", "<start>", "<end>", "<unk>"]
     assert summary.per_split == {"train": 40, "val": 10, "test": 10} and summary.images == 60
 
 
@@ -98,7 +99,7 @@ def test_bad_images_are_reported_and_the_rest_go_on(extracted):
     assert set(reasons) == {"1000", "1001", "1002", "1003"}
     assert reasons["1000"] == "empty file (0 bytes)" and reasons["1001"].startswith("not an image")
     assert reasons["1002"].startswith("truncated") and reasons["1003"].startswith("missing")
-    report = (out / shards.BAD_IMAGES).read_text().splitlines()
+    report = (out / folder.BAD_IMAGES).read_text().splitlines()
     assert report[0] == "split\timage_id\tpath\treason" and len(report) == 5
     assert any(line.startswith("train\t1003\t") and line.endswith("missing (no such file)") for line in report)
 
@@ -147,7 +148,7 @@ def test_in_process_decoding_threads_write_the_same_shards(extracted, tmp_path):
     for split in ("train", "val", "test"):
         a, b = shards.AnnotationShards(out, split), shards.AnnotationShards(tmp_path, split)
         assert a.image_ids == b.image_ids and all(torch.equal(a[i], b[i]) for i in range(len(a)))
-    with pytest.raises(PipelineError, match=r"--workers: -1 is not in the range 0<=x<=64"):
+    with pytest.raises(PipelineError, match=r"`num_workers`: -1 is not in the range 0<=x<=64"):
         FeatureConfig(num_workers=-1)
 
 
@@ -166,14 +167,14 @@ def test_rerun_skips_finished_shards_and_refuses_other_settings(extracted, corpu
         extract_features(records, out, FeatureConfig(**dict(FAST, precision="bf16")), "synthetic")
     with pytest.raises(PipelineError, match="unknown split.*dev.*has train, val, test"):
         extract_features(records, out, FeatureConfig(**FAST), "synthetic", ["train", "dev"])
-    text = {p: p.read_bytes() for p in (out / shards.VOCAB, out / shards.CAPTIONS, out / shards.MANIFEST)}
+    text = {p: p.read_bytes() for p in (out / folder.VOCAB, out / folder.CAPTIONS, out / folder.MANIFEST)}
     with pytest.raises(PipelineError, match=r"different min_count \(min_count=\d+\)"):
         extract_features(records, out, FeatureConfig(**dict(FAST, min_count=1)), "synthetic")
     with pytest.raises(PipelineError, match=r"its \w+ shards were made from a different image list"):
         extract_features([r for r in records if r is not records[0]], out, FeatureConfig(**FAST), "synthetic")
     changed = [r for r in records if r.split != "test" or r is not records[-1]]  # a split not asked for
     assert records[-1].split == "test"
-    with pytest.raises(PipelineError, match=r"its test shards were made from a different image list.*another --out"):
+    with pytest.raises(PipelineError, match=r"its test shards were made from a different image list.*another `out`"):
         extract_features(changed, out, FeatureConfig(**FAST), "synthetic", ["train"])
     assert {p: p.read_bytes() for p in text} == text and {p: p.stat().st_mtime_ns for p in out.glob("*/*.h5")} == mtimes
 
@@ -193,7 +194,7 @@ def test_autocast_features_are_recorded_and_close_to_fp32(
     records = load_karpathy(*small_corpus)
     config = FeatureConfig(**dict(FAST, device=device, precision=precision))
     extract_features(records, tmp_path, config, "synthetic", ["val"], progress=False)
-    assert shards.load_manifest(tmp_path)["precision"] == recorded
+    assert folder.load_manifest(tmp_path)["precision"] == recorded
     fp32, cast = shards.AnnotationShards(extracted[0], "val"), shards.AnnotationShards(tmp_path, "val")
     assert cast.image_ids == fp32.image_ids
     a, b = (torch.stack([s[i] for i in range(len(s))]) for s in (fp32, cast))
@@ -229,11 +230,11 @@ def test_cli_exit_status_with_bad_images(corpus_with_bad_images, tmp_path):
     proc = run_cli(*args, "--skip-bad-images")
     out, err = proc.communicate()
     assert proc.returncode == 0 and "0 images extracted" in out and "4 images could not be used" in err
-    assert shards.load_manifest(tmp_path / "f")["splits"].keys() == {"train"}
+    assert folder.load_manifest(tmp_path / "f")["splits"].keys() == {"train"}
     proc = run_cli(*_features_args(*corpus_with_bad_images, tmp_path / "f", "--splits", "val", "--shard-size", "50"))
     proc.communicate()
     assert proc.returncode == 0  # val has no bad image; the train failures stay in the report
-    assert shards.load_manifest(tmp_path / "f")["splits"].keys() == {"train", "val"}
+    assert folder.load_manifest(tmp_path / "f")["splits"].keys() == {"train", "val"}
     assert len((tmp_path / "f" / "bad_images.tsv").read_text().splitlines()) == 5
 
 
@@ -267,11 +268,11 @@ def test_the_rebuild_command_names_the_damaged_shards_split_and_folder(tmp_path)
     """The recorded command is the last run's: it may have extracted another split, or run where
     the folder was before it moved."""
     for recorded in ("python cli.py features --splits dev --out old", "python cli.py features --splits=dev --out=old"):
-        hint = shards.rebuild_hint(tmp_path / "f", {"command": recorded}, "train")
+        hint = folder.rebuild_hint(tmp_path / "f", {"command": recorded}, "train")
         assert hint == f"python cli.py features --out {tmp_path / 'f'} --splits train" or hint == (
             f"python cli.py features --splits train --out {tmp_path / 'f'}"
         )
-    assert shards.rebuild_hint(tmp_path, {"command": "python cli.py features"}, "test").endswith(
+    assert folder.rebuild_hint(tmp_path, {"command": "python cli.py features"}, "test").endswith(
         f"--out {tmp_path} --splits test"
     )
 
@@ -285,7 +286,7 @@ def test_damaged_shard_is_named_refused_and_rebuilt(small_corpus, tmp_path, dama
     assert proc.communicate() and proc.returncode == 0
     before = shards.AnnotationShards(tmp_path / "f", "train")
     values = [before[i] for i in range(len(before))]
-    manifest = shards.load_manifest(tmp_path / "f")
+    manifest = folder.load_manifest(tmp_path / "f")
     shard = tmp_path / "f" / "train" / "shard-00001.h5"
     data = bytearray(shard.read_bytes())
     if damage == "truncate":

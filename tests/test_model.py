@@ -231,8 +231,8 @@ def test_attention_input_scale_divides_what_f_att_sees():
     "scale, message",
     [
         (0.0, r"attention_input_scale 0.0: give a positive number .*new_decoder_config"),
-        (-1.0, r"--attention-input-scale: -1.0 is not in the range 0<=x"),
-        (float("nan"), r"--attention-input-scale: nan is not a finite number"),
+        (-1.0, r"`attention_input_scale`: -1.0 is not in the range 0<=x"),
+        (float("nan"), r"`attention_input_scale`: nan is not a finite number"),
     ],
 )
 def test_an_unresolved_attention_input_scale_is_refused(scale, message):

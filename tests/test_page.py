@@ -144,5 +144,5 @@ def test_serve_on_a_port_in_use_says_so(tmp_path):
             serve(None, "127.0.0.1", port)  # refused before any upload reaches the captioner
     assert str(e.value) == (
         f"127.0.0.1:{port}: the page cannot listen there (the port is in use, or the address is not this "
-        "machine's); pass another --port or --host"
+        "machine's); pass another `port` or `host`"
     )

@@ -91,10 +91,10 @@ def test_every_command_parses(tmp_path, monkeypatch):
 
 @pytest.fixture
 def readme_folder(trained_run, tmp_path):
-    """A folder laid out as the README's examples assume: data/runs/hard/best.pt and img.jpg."""
+    """A folder laid out as the README's examples assume: data/runs/flickr8k-vgg19-hard/best.pt and img.jpg."""
     out, root = trained_run
-    (tmp_path / "data/runs/hard").mkdir(parents=True)
-    shutil.copy(out / "run" / "best.pt", tmp_path / "data/runs/hard/best.pt")
+    (tmp_path / "data/runs/flickr8k-vgg19-hard").mkdir(parents=True)
+    shutil.copy(out / "run" / "best.pt", tmp_path / "data/runs/flickr8k-vgg19-hard/best.pt")
     shutil.copy(next(root.rglob("*.jpg")), tmp_path / "img.jpg")
     return tmp_path
 
@@ -113,7 +113,7 @@ def test_commands_that_need_no_dataset_run(readme_folder):
         ran.append(" ".join(words[2:]))
     assert ran == [
         "caption img.jpg",
-        "export --checkpoint data/runs/hard/best.pt --out data/models/f8k-hard",
+        "export --checkpoint data/runs/flickr8k-vgg19-hard/best.pt --out data/models/f8k-hard",
         "caption img.jpg --model data/models/f8k-hard",
     ]
     assert (readme_folder / "data/models/f8k-hard/model.safetensors").exists()

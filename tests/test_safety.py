@@ -20,8 +20,8 @@ from PIL import Image
 
 import cli
 from pipeline.checkpoint import save_checkpoint
-from pipeline.features import shards
-from pipeline.features.encoders import Preprocess, bound_aspect
+from pipeline.features import folder
+from pipeline.features.images import Preprocess, bound_aspect
 from pipeline.io import atomic, folders
 from pipeline.io.errors import PipelineError
 from pipeline.train.loop import LAST, TrainConfig, train
@@ -133,10 +133,10 @@ def test_a_second_features_on_a_held_folder_stops_at_once(small_corpus, tmp_path
         second = CliRunner().invoke(cli.main, _features_args(small_corpus, out, *extra))
         assert second.exit_code == 2 and f"out: in use by PID {first.pid} (" in _only_line(second)
     assert first.wait(timeout=600) == 0, first.communicate()
-    manifest = shards.load_manifest(out)
+    manifest = folder.load_manifest(out)
     assert manifest["encoder"]["name"] == "vgg19" and manifest["dtype"] == "float16"
     assert sum(e["images"] for e in manifest["splits"].values()) == 60
-    assert shards.check_shards(out, manifest, values=True) == []
+    assert folder.check_shards(out, manifest, values=True) == []
 
 
 def test_the_lock_of_a_killed_command_is_free_at_once(objects, tmp_path):
@@ -198,13 +198,13 @@ def test_evaluate_and_caption_on_a_checkpoint_being_rewritten(trained_run, tmp_p
 def _nan_image(features, split="train", row=3):
     """Set one image's annotations to nan and record the shard's new checksum in the manifest, as
     if it had been extracted so; returns that image's id."""
-    manifest = shards.load_manifest(features)
+    manifest = folder.load_manifest(features)
     entry = manifest["splits"][split]["shards"][0]
     with h5py.File(features / entry["file"], "r+") as f:
         f["annotations"][row] = np.nan
         image_id = f["image_ids"][row].decode()
     entry["sha256"] = atomic.file_sha256(features / entry["file"])
-    (features / shards.MANIFEST).write_text(json.dumps(manifest))
+    (features / folder.MANIFEST).write_text(json.dumps(manifest))
     return image_id
 
 
@@ -225,16 +225,16 @@ def test_nan_annotations_are_named_by_verify_and_stop_training(trained_run, tmp_
 
 
 def test_a_non_finite_loss_stops_training_before_the_weights_change(objects, tmp_path, monkeypatch):
-    import pipeline.train.loop as training
+    import pipeline.train.steps as steps
 
-    objective, calls = training.objective, []
+    objective, calls = steps.objective, []
 
     def diverging(*args, **kwargs):
         loss, stats = objective(*args, **kwargs)
         calls.append(1)
         return (loss * float("nan"), stats) if len(calls) == 3 else (loss, stats)
 
-    monkeypatch.setattr(training, "objective", diverging)
+    monkeypatch.setattr(steps, "objective", diverging)
     _stopped_at_step_3(
         objects,
         tmp_path / "run",
@@ -367,12 +367,12 @@ def test_owned_outputs_stay_owned_when_killed_at_any_write(tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         folders.write_owned(record, {a: "new a", b: "new b"}, {"run": 2})
     monkeypatch.setattr(atomic.os, "replace", replace)
-    folders.check_owned(record, [a, b], "test", "--out")
+    folders.check_owned(record, [a, b], "test", "out")
     folders.write_owned(record, {a: "new a", b: "new b"}, {"run": 2})
     assert a.read_text() == "new a" and json.loads(record.read_text())["run"] == 2
     b.write_text("edited by hand")
     with pytest.raises(PipelineError, match="r.references.json: exists and was not written by test"):
-        folders.check_owned(record, [a, b], "test", "--out")
+        folders.check_owned(record, [a, b], "test", "out")
 
 
 def test_an_image_of_any_shape_is_preprocessed_in_bounded_memory():

@@ -15,8 +15,9 @@ from pipeline.io.errors import PipelineError
 from pipeline.model.decode import free_run, greedy_decode
 from pipeline.model.decoder import Decoder, DecoderConfig
 from pipeline.text import Vocabulary
-from pipeline.train.loop import TrainConfig, train, validate
+from pipeline.train.loop import TrainConfig, train
 from pipeline.train.scst import Reward, log_probs, reference_nll, scst_loss
+from pipeline.train.validate import validate
 
 from object_features import write_object_features
 
@@ -48,9 +49,9 @@ def test_scst_raises_held_out_cider_of_an_under_trained_decoder(tmp_path, attent
 
 
 def test_scst_needs_an_init_checkpoint_of_the_same_sizes(tmp_path):
-    with pytest.raises(PipelineError, match=r"--objective scst trains an XE-trained decoder: give .* --init"):
+    with pytest.raises(PipelineError, match=r"`criterion='scst'` trains an XE-trained decoder: give .* `init`"):
         TrainConfig(features="f", out="o", criterion="scst")
-    with pytest.raises(PipelineError, match=r"--batch-size 4 counts sampled captions: at least --scst-samples \(5\)"):
+    with pytest.raises(PipelineError, match=r"`batch_size=4` counts sampled captions: at least `scst_samples` \(5\)"):
         TrainConfig(features="f", out="o", criterion="scst", init="x.pt", batch_size=4)
     features = tmp_path / "features"
     write_object_features(features, sizes={"train": 100, "val": 10})
@@ -60,7 +61,7 @@ def test_scst_needs_an_init_checkpoint_of_the_same_sizes(tmp_path):
     )
     with pytest.raises(
         PipelineError,
-        match=r"sizes and switches come from this checkpoint; drop --hidden-dim 64 \(it has hidden_dim = 32\)",
+        match=r"sizes and switches come from this checkpoint; drop `model.hidden_dim=64` \(it has hidden_dim = 32\)",
     ):
         train(other, progress=False)
 
@@ -180,16 +181,16 @@ def test_reference_nll_is_the_per_word_nll_of_each_reference_scored_alone():
 
 
 def test_scst_xe_weight_adds_the_references_cross_entropy_to_the_loss(tmp_path, monkeypatch):
-    import pipeline.train.loop
+    import pipeline.train.steps
 
-    nll = pipeline.train.loop.reference_nll
+    nll = pipeline.train.steps.reference_nll
 
     def without_drawing(*args):  # its dropout draws would change the next batch's samples: the loss's
         # arithmetic is checked with the same samples in both runs
         with torch.random.fork_rng():
             return nll(*args)
 
-    monkeypatch.setattr(pipeline.train.loop, "reference_nll", without_drawing)
+    monkeypatch.setattr(pipeline.train.steps, "reference_nll", without_drawing)
     features = tmp_path / "features"
     write_object_features(features, sizes={"train": 60, "val": 10})
     common = dict(features=str(features), ema_decay=0.0, val_beam_size=1, precision="fp32", model=TINY)

@@ -11,7 +11,8 @@ from pipeline.features.shards import AnnotationShards
 from pipeline.io.errors import PipelineError
 from pipeline.model.decode import greedy_decode
 from pipeline.model.decoder import Decoder, DecoderConfig
-from pipeline.train.loop import TrainConfig, bucket_batches, make_optimizer, train
+from pipeline.train.loop import TrainConfig, train
+from pipeline.train.steps import bucket_batches, make_optimizer
 
 from object_features import write_object_features
 
@@ -165,7 +166,8 @@ def test_checkpoint_contents_and_refusals(objects, tmp_path):
 
 def test_validation_is_free_running_beam_search(objects, tmp_path):
     from pipeline.model.decode import beam_search
-    from pipeline.train.loop import autocast, validate
+    from pipeline.train.steps import autocast
+    from pipeline.train.validate import validate
 
     features, _ = objects  # fp32: under bf16, ties among the logits break differently in the two decoders
     config = TrainConfig(features=str(features), out=str(tmp_path / "r"), epochs=1, model=TINY, precision="fp32")
@@ -208,11 +210,11 @@ def test_a_stalled_run_stops_early_and_keeps_its_best_epoch(objects, tmp_path, m
     stops the run after epoch 3 of 6, and best.pt stays the epoch-1 state that scored it. The
     epoch that improved wrote best.pt before last.pt (so a kill between the two redoes the epoch,
     never leaving a last.pt whose best epoch is not in best.pt)."""
-    import pipeline.train.loop
+    import pipeline.train.state
 
-    written, save = [], pipeline.train.loop.save_checkpoint
+    written, save = [], pipeline.train.state.save_checkpoint
     monkeypatch.setattr(
-        pipeline.train.loop, "save_checkpoint", lambda path, state: (written.append(path.name), save(path, state))
+        pipeline.train.state, "save_checkpoint", lambda path, state: (written.append(path.name), save(path, state))
     )
     state = train(_stalled(objects, tmp_path / "r", epochs=6, patience=2, val_metric="cider"), progress=False)
     assert written == ["last.pt", "best.pt", "last.pt", "last.pt", "last.pt"]  # the start, then epochs 1-3
@@ -223,7 +225,7 @@ def test_a_stalled_run_stops_early_and_keeps_its_best_epoch(objects, tmp_path, m
 
 
 def test_weight_average_is_what_is_validated_and_loaded(objects, tmp_path):
-    from pipeline.train.loop import validate
+    from pipeline.train.validate import validate
 
     features, _ = objects
     config = TrainConfig(

@@ -19,8 +19,9 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..checkpoint import build_decoder, check_features, load_checkpoint
+from ..checkpoint import build_decoder, load_checkpoint
 from ..config import DECODE, DecodeConfig
+from ..features.folder import check_identity
 from ..features.shards import AnnotationShards
 from ..io.folders import check_owned, check_writable, write_owned
 from ..model.compiled import decide_decoding, use_compiled
@@ -72,13 +73,12 @@ def evaluate(
     checkpoint = load_checkpoint(checkpoint_path)
     trained_on = checkpoint["features"]["dir"]
     files = output_names(checkpoint_path, split, settings, features, trained_on, out_dir)
-    flag = "--out-dir" if out_dir is not None else "--out-dir (the default is the checkpoint's folder)"
-    check_writable(files["scores"].parent, flag)
-    check_owned(files["scores"], [files["captions"], files["references"]], "`cli.py evaluate`", flag)
+    check_writable(files["scores"].parent, "out_dir")
+    check_owned(files["scores"], [files["captions"], files["references"]], "`cli.py evaluate`", "out_dir")
     decoder, vocab = build_decoder(checkpoint, checkpoint_path)
     decoder.to(device).eval()
     shards = AnnotationShards(features or trained_on, split)
-    check_features(checkpoint, shards, checkpoint_path)
+    check_identity(checkpoint["features"], shards.manifest, shards.dir, checkpoint_path)
     context = checkpoint["train_config"]["decode_context"]
     use_compiled([decoder], decide_decoding(settings, device, len(shards)))
     captions = []

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..io.atomic import atomic_path, write_json
-from ..io.errors import PipelineError
+from ..io.errors import PipelineError, param
 
 DATASETS = ("flickr8k", "flickr30k", "coco", "karpathy", "synthetic")
 KARPATHY_URL = "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip"
@@ -45,11 +45,14 @@ def load_records(dataset: str, data_dir=None, karpathy_json=None, image_dir=None
     """
     if dataset != "karpathy" and (karpathy_json or image_dir):
         raise PipelineError(
-            f"--karpathy-json and --image-dir are read with --dataset karpathy only; --dataset {dataset} reads "
-            "--data-dir"
+            f"{param('karpathy_json')} and {param('image_dir')} are read with {param('dataset', 'karpathy')} only; "
+            f"{param('dataset', dataset)} reads {param('data_dir')}"
         )
     if dataset == "karpathy" and data_dir:
-        raise PipelineError("--dataset karpathy reads --karpathy-json and --image-dir, not --data-dir")
+        raise PipelineError(
+            f"{param('dataset', 'karpathy')} reads {param('karpathy_json')} and {param('image_dir')}, "
+            f"not {param('data_dir')}"
+        )
     if dataset == "flickr8k":
         return load_flickr8k(data_dir or "data/flickr8k")
     if dataset in KARPATHY_LAYOUTS:
@@ -66,7 +69,9 @@ def load_records(dataset: str, data_dir=None, karpathy_json=None, image_dir=None
         return load_karpathy(make_synthetic(folder), folder)
     if dataset == "karpathy":
         if not karpathy_json or not image_dir:
-            raise PipelineError("--dataset karpathy needs --karpathy-json FILE and --image-dir DIR")
+            raise PipelineError(
+                f"{param('dataset', 'karpathy')} needs {param('karpathy_json')} and {param('image_dir')}"
+            )
         return load_karpathy(karpathy_json, image_dir)
     raise PipelineError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
 
@@ -86,7 +91,7 @@ def _read_lines(path: Path, what: str) -> list[str]:
         return path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark, where written, dropped
     except FileNotFoundError:
         raise PipelineError(
-            f"{path}: missing {what}; point --data-dir at a folder laid out like the "
+            f"{path}: missing {what}; point {param('data_dir')} at a folder laid out like the "
             "official Flickr8k release (Flickr8k_text/, Flicker8k_Dataset/)"
         ) from None
     except UnicodeDecodeError as e:
@@ -171,7 +176,7 @@ def load_karpathy(json_path, image_dir) -> list[Record]:
     try:
         images = json.loads(json_path.read_text(encoding="utf-8-sig"))["images"]
     except FileNotFoundError:
-        raise PipelineError(f"{json_path}: no such Karpathy split json; check --karpathy-json") from None
+        raise PipelineError(f"{json_path}: no such Karpathy split json; check {param('karpathy_json')}") from None
     except (ValueError, KeyError, TypeError) as e:
         raise PipelineError(f"{json_path}: not a Karpathy split json with an 'images' list ({e})") from None
     if not isinstance(images, list):
@@ -288,13 +293,13 @@ def make_synthetic(folder, sizes: dict | None = None, seed: int = 0) -> Path:
             return json_path
         what = f"generated with other settings ({made})" if made else "not a generated corpus"
         raise PipelineError(
-            f"{json_path}: {what}; it is left as it is: pass another --data-dir (the corpus is "
+            f"{json_path}: {what}; it is left as it is: pass another {param('data_dir')} (the corpus is "
             "generated in a new or empty folder)"
         )
     if folder.exists() and not marker.exists() and any(folder.iterdir()):
         raise PipelineError(
             f"{folder}: holds files of its own, so the synthetic corpus is not generated there; "
-            "pass a new or empty --data-dir"
+            f"pass a new or empty {param('data_dir')}"
         )
     folder.mkdir(parents=True, exist_ok=True)
     write_json(marker, params)

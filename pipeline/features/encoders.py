@@ -1,4 +1,5 @@
-"""The frozen CNN encoder: torchvision builders, their weights, and the image preprocessing.
+"""The frozen CNN encoder: torchvision and timm builders, their weights, and the preprocessing each
+encoder's weights want (:func:`preprocess_for`; its steps are in images.py).
 
 The annotation vectors a_1..a_L (paper section 3.1.1) are the spatial cells of a convolutional
 feature map, read row by row: cell (r, c) of an H x W grid is a_{r*W + c}.
@@ -23,28 +24,23 @@ torchvision's (downloaded at run time); the EfficientNet-Lite encoders are timm'
 import copy
 import hashlib
 import importlib
-import math
 import socket
 import urllib.error
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision import models
 from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2 as transforms
 from torchvision.transforms._presets import ImageClassification
 
-from ..io.errors import PipelineError, describe
+from ..io.errors import PipelineError, describe, param
+from .images import Preprocess
 
 # open_rgb refuses images over the limit itself (thread-safe); the warning PIL gives them is noise
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 RANDOM_SEED = 0  # `--weights random` is seeded, so its features are reproducible
 
 
@@ -142,190 +138,6 @@ ENCODERS = {
 }
 
 
-class ImageError(PipelineError):
-    """An image file that cannot be used; ``reason`` says why in a few words."""
-
-    def __init__(self, path, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path, self.reason = Path(path), reason
-
-
-def open_rgb(path) -> Image.Image:
-    """Decode an image file to 8-bit RGB, whatever its format and mode.
-
-    EXIF orientation is applied; greyscale (8/16-bit), CMYK and palette images are converted;
-    transparency is composited onto white. Images over PIL's decompression-bomb limit
-    (``Image.MAX_IMAGE_PIXELS``, about 89 megapixels) are refused.
-
-    Raises ImageError (missing, empty, not an image, truncated or corrupt, too large).
-    """
-    path = Path(path)
-    try:
-        if path.stat().st_size == 0:
-            raise ImageError(path, "empty file (0 bytes)")
-        with Image.open(path) as img:
-            if img.width * img.height > Image.MAX_IMAGE_PIXELS:  # checked here: warning filters are per process
-                raise ImageError(
-                    path,
-                    f"too large to decode safely ({img.width} x {img.height} pixels; the limit is "
-                    f"{Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels)",
-                )
-            img.load()
-            img = ImageOps.exif_transpose(img)
-    except FileNotFoundError:
-        raise ImageError(path, "missing (no such file)") from None
-    except IsADirectoryError:
-        raise ImageError(path, "a folder, not an image file") from None
-    except PermissionError:
-        raise ImageError(path, "not readable (permission denied)") from None
-    except UnidentifiedImageError:
-        raise ImageError(path, "not an image (unrecognised format)") from None
-    except Image.DecompressionBombError as e:  # Image.open's own refusal, at twice the limit
-        raise ImageError(path, f"too large to decode safely ({e})") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(path, f"truncated or corrupt image data ({e})") from None
-    return to_rgb(img)
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """An image of any PIL mode as 8-bit RGB: high bit-depth greyscale rescaled to its range,
-    transparency composited onto white, everything else converted."""
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # high bit-depth greyscale
-        a = np.asarray(img, dtype=np.float32)
-        img = Image.fromarray(np.uint8(255 * (a - a.min()) / max(float(a.max() - a.min()), 1e-6)))
-    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
-        img = img.convert("RGBA")
-        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
-    return img.convert("RGB")
-
-
-def bound_aspect(image: Image.Image, ratio: float = 2.0) -> Image.Image:
-    """The centre of ``image`` with its long side cut to at most ``ratio`` times its short side.
-
-    Resizing the short side of a 1 x 80,000,000-pixel image to 256 would make an image of 20
-    billion pixels, of which the centre crop keeps a square; this keeps everything that square
-    covers (it spans 224/256 of the short side) and bounds the resized image to
-    256 x 256 * ``ratio`` pixels. Images within the ratio are returned as they are."""
-    w, h = image.size
-    longest = math.ceil(min(w, h) * ratio)
-    if max(w, h) <= longest:
-        return image
-    return transforms.functional.center_crop(image, [min(h, longest), min(w, longest)])
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """How an RGB image becomes the encoder's input tensor (3, image_size, image_size).
-
-    mode 'center-crop': shorter side resized to ``resize`` pixels, then a centre crop of
-    image_size (torchvision's convention); 'resize': direct resize to a square (keeps the whole
-    image, squashing its aspect ratio). Then RGB scaled to [0, 1] and normalised by ``mean`` and
-    ``std`` (per channel).
-    resize: None for image_size * 256/224 (256 for 224: the paper's and VGG's weights'); an
-    encoder whose weights were trained otherwise gives its own (:func:`preprocess_for`), as it
-    gives its ``interpolation`` ('bilinear' or 'bicubic') and normalisation (ImageNet's mean and
-    std by default; EfficientNet-Lite's weights want mean = std = 0.5, i.e. RGB in [-1, 1]).
-    Raises PipelineError for an unknown mode or interpolation, or a mean or std that is not three
-    numbers (std positive).
-    """
-
-    mode: str = "center-crop"
-    image_size: int = 224
-    resize: int | None = None
-    interpolation: str = "bilinear"
-    mean: tuple = IMAGENET_MEAN
-    std: tuple = IMAGENET_STD
-
-    def __post_init__(self):
-        if self.mode not in ("center-crop", "resize"):
-            raise PipelineError(f"unknown preprocessing {self.mode!r}; choose center-crop or resize")
-        if self.interpolation not in ("bilinear", "bicubic"):
-            raise PipelineError(f"unknown interpolation {self.interpolation!r}; choose bilinear or bicubic")
-        for key in ("mean", "std"):
-            value = getattr(self, key)
-            if not (
-                isinstance(value, list | tuple)
-                and len(value) == 3
-                and all(isinstance(v, int | float) and math.isfinite(v) for v in value)
-            ) or (key == "std" and min(value) <= 0):
-                raise PipelineError(f"preprocessing {key} must be three numbers (std positive), not {value!r}")
-            object.__setattr__(self, key, tuple(float(v) for v in value))  # a manifest's JSON list reads as a tuple
-
-    def crop(self):
-        """The torchvision transform of the geometry: PIL image -> PIL image (image_size square).
-        For 'center-crop', an image longer than twice its width (or the reverse) first loses what
-        the centre crop would drop anyway (:func:`bound_aspect`), so memory stays bounded whatever
-        its shape."""
-        if self.mode == "center-crop":
-            return transforms.Compose(
-                [
-                    transforms.Lambda(bound_aspect),
-                    transforms.Resize(self.resize or round(self.image_size * 256 / 224), self._interpolation()),
-                    transforms.CenterCrop(self.image_size),
-                ]
-            )
-        return transforms.Resize((self.image_size, self.image_size), self._interpolation())
-
-    def _interpolation(self) -> InterpolationMode:
-        return InterpolationMode(self.interpolation)
-
-    def pixels(self):
-        """PIL RGB image -> (3, image_size, image_size) uint8 tensor: the part done per image (in
-        DataLoader workers); uint8 is a quarter of float32 to pass between processes."""
-        return transforms.Compose([self.crop(), transforms.PILToTensor()])
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """(..., 3, H, W) uint8 -> float32 scaled to [0, 1] and normalised by ``mean`` and ``std``
-        (done on whole batches, on the encoder's device)."""
-        return transforms.functional.normalize(
-            transforms.functional.to_dtype(images, torch.float32, scale=True), self.mean, self.std
-        )
-
-    def transform(self):
-        """PIL RGB image -> (3, image_size, image_size) float encoder input: ``pixels`` then ``normalize``."""
-        pixels = self.pixels()
-        return lambda image: self.normalize(pixels(image))
-
-    def border_warning(self, paths, sample: int = 8) -> str | None:
-        """A warning when 'center-crop' would cut the borders off images that are already
-        image_size squares (a corpus resized beforehand, as ../shared's copy of Flickr8k): the
-        first ``sample`` of ``paths`` that open (their headers only) all are. None otherwise, and
-        always for 'resize'. (Flickr8k's 224x224 copy, SqueezeNet, soft attention, dev, one run each:
-        after XE, resized features scored 19.3 BLEU-4 / 18.9 METEOR / 44.8 CIDEr against the centre
-        crops' 19.3 / 18.3 / 43.8; after SCST 20.3 / 19.0 / 48.0 against 21.0 / 18.7 / 48.0; README.)"""
-        if self.mode != "center-crop":
-            return None
-        size, opened = self.image_size, []
-        for path in paths:
-            if len(opened) == sample:
-                break
-            try:
-                with Image.open(path) as img:
-                    opened.append((path, img.size))
-            except (OSError, ValueError, Image.DecompressionBombError):
-                continue  # reported as a bad image when it is decoded
-        if not opened or any(s != (size, size) for _, s in opened):
-            return None
-        enlarged = self.resize or round(size * 256 / 224)
-        kept = round(size * size / enlarged)
-        return (
-            f"{opened[0][0]} and the next images are already {size}x{size} pixels: --preprocess center-crop "
-            f"enlarges each to {enlarged} and keeps its central {kept}x{kept} pixels; --preprocess resize keeps "
-            "them whole"
-        )
-
-    def to_dict(self) -> dict:
-        """As the manifest records it: ``resize``, ``interpolation``, ``mean`` and ``std`` only where
-        they are not the defaults, so a record without them (every record before these fields) reads
-        as the same preprocessing."""
-        default = Preprocess()
-        return {
-            k: list(v) if isinstance(v, tuple) else v
-            for k, v in asdict(self).items()
-            if k in ("mode", "image_size") or v != getattr(default, k)
-        }
-
-
 def _arch(name: str) -> _Arch:
     """The architecture of encoder ``name``. Raises PipelineError for an unknown name."""
     if name not in ENCODERS:
@@ -393,8 +205,8 @@ class Encoder(nn.Module):
         self.requires_grad_(False).eval()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        # channels_last (NHWC) runs oneDNN's convolutions without layout reorders: 1.3-2.5x faster
-        # on CPU (bench/features.py); the trunk's weights are converted in build_encoder
+        # channels_last (NHWC) runs oneDNN's convolutions without layout reorders: faster
+        # on CPU (bench/RESULTS.md section 1); the trunk's weights are converted in build_encoder
         fmap = self.inference_trunk()(images.contiguous(memory_format=torch.channels_last))
         return fmap.flatten(2).transpose(1, 2)
 
@@ -459,8 +271,8 @@ def _imagenet_model(name: str, arch: _Arch) -> nn.Module:
         )
         raise PipelineError(
             f"ImageNet weights for {name} {state} {w.url} on a machine with internet and copy it to {cache}, "
-            f"or pass --weights FILE (a state dict), or --weights random for untrained features (plumbing and "
-            f"speed tests only)"
+            f"or pass {param('weights')} as a state dict file, or {param('weights', 'random')} for untrained "
+            "features (plumbing and speed tests only)"
         ) from None
     finally:
         socket.setdefaulttimeout(old_timeout)
@@ -493,7 +305,7 @@ def _load_state_dict_file(model: nn.Module, trunk: nn.Module, path: Path) -> Non
     if missing or result.unexpected_keys:
         raise PipelineError(
             f"{path}: weights do not fit this encoder: missing {missing[:3]}, "
-            f"unexpected {result.unexpected_keys[:3]}; is it the right --encoder?"
+            f"unexpected {result.unexpected_keys[:3]}; is it the right {param('encoder')}?"
         )
 
 
@@ -510,7 +322,8 @@ def _timm_keys(state: dict, model: nn.Module, path: Path) -> dict:
         for (key, value), (our_key, our_value) in zip(state.items(), ours.items())
     ):
         raise PipelineError(
-            f"{path}: an efficientnet_pytorch state dict that does not fit this encoder; is it the right --encoder?"
+            f"{path}: an efficientnet_pytorch state dict that does not fit this encoder; "
+            f"is it the right {param('encoder')}?"
         )
     return dict(zip(ours, state.values()))
 

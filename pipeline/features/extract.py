@@ -14,29 +14,29 @@ import os
 import time
 import warnings
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..config import FeatureConfig
 from ..io import distributed
 from ..io.atomic import is_temp_of, remove_stale_temps, write_json
-from ..io.errors import PipelineError
+from ..io.errors import PipelineError, PipelineWarning, param
 from ..io.folders import folder_lock
 from ..io.memory import configure_allocator
 from ..options import CONFIG, write_toml
 from ..text import Vocabulary, tokenize
-from . import shards
+from . import folder, shards
 from .datasets import Record
-from .encoders import ImageError, build_encoder, open_rgb, preprocess_for
+from .encoders import build_encoder, preprocess_for
+from .images import ImageFiles, collate, lower_priority
 
 log = logging.getLogger(__name__)
 
-OWN_FILES = (shards.MANIFEST, shards.VOCAB, shards.CAPTIONS, shards.BAD_IMAGES, CONFIG)  # written in --out
+OWN_FILES = (folder.MANIFEST, folder.VOCAB, folder.CAPTIONS, folder.BAD_IMAGES, CONFIG)  # written in --out
 PRECISIONS = {"auto": None, "fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -53,8 +53,8 @@ def decoding_workers(config: FeatureConfig, device: torch.device) -> int:
     """Image-decoding worker processes: ``config.num_workers`` if given, else 0 on a CPU and
     min(8, CPU cores) on a GPU. On a CPU the encoder's threads already use every core: workers
     only take cores from them mid-layer, and their batches arrive through inter-process queues,
-    while decoding in the main process costs the same CPU time (SqueezeNet on 2 cores: 190 images/s
-    in-process, 157 with 2 workers). A GPU computes while the workers decode the next batches."""
+    while decoding in the main process costs the same CPU time (docs/benchmarks.md). A GPU computes
+    while the workers decode the next batches."""
     if config.num_workers is not None:
         return config.num_workers
     return 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
@@ -79,54 +79,6 @@ class FeatureSummary:
         )
 
 
-class ImageFiles(Dataset):
-    """Decodes, resizes and crops images, in DataLoader workers or in the main process.
-
-    Item i -> (i, image (3, S, S) uint8 or None, reason str or None); a bad image gives None and
-    its reason instead of an exception, so one bad file does not stop the run. In the main
-    process a batch's images are decoded by as many threads as the encoder computes on
-    (``torch.get_num_threads()``; PIL releases the GIL while it decodes and resizes), as the
-    encoder is idle meanwhile.
-    """
-
-    def __init__(self, records: list[Record], transform):
-        self.records, self.transform = records, transform
-        self._threads = None
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int):
-        try:
-            return i, self.transform(open_rgb(self.records[i].image_path)), None
-        except ImageError as e:
-            return i, None, e.reason
-
-    def __getitems__(self, indices: list[int]) -> list:
-        """A batch of items (DataLoader's batched fetch)."""
-        if get_worker_info() is not None:  # a worker process: one of several already
-            return [self[i] for i in indices]
-        if self._threads is None:
-            self._threads = ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="decode")
-        return list(self._threads.map(self.__getitem__, indices))
-
-    def __getstate__(self):  # to worker processes, without the thread pool
-        return dict(self.__dict__, _threads=None)
-
-
-def _lower_priority(_worker_id: int) -> None:
-    """Decoding workers yield the CPU to the encoder's threads, whose parallel regions would
-    otherwise stall whenever a worker takes one of their cores."""
-    os.nice(10)
-
-
-def _collate(items):
-    good = [(i, x) for i, x, _ in items if x is not None]
-    bad = [(i, reason) for i, _, reason in items if reason is not None]
-    images = torch.stack([x for _, x in good]) if good else None
-    return [i for i, _ in good], images, bad
-
-
 def _fingerprint(records: list[Record]) -> str:
     h = hashlib.sha256()
     for r in records:
@@ -149,8 +101,8 @@ def write_text(records: list[Record], out: Path, min_count: int) -> Vocabulary:
             "tokens": tokens[r.image_id],
             "path": str(r.image_path) if r.image_path else None,
         }
-    write_json(out / shards.CAPTIONS, captions)
-    vocab.save(out / shards.VOCAB)
+    write_json(out / folder.CAPTIONS, captions)
+    vocab.save(out / folder.VOCAB)
     return vocab
 
 
@@ -179,7 +131,7 @@ def extract_features(
     same files as one process writes. The summary is the whole run's on every rank.
     Rank 0 holds ``out``'s lock (:func:`pipeline.io.folders.folder_lock`) for the whole run.
     Warns (``warnings.warn``) where centre crops would cut the borders off images that are already
-    the encoder's input size (:meth:`pipeline.features.encoders.Preprocess.border_warning`).
+    the encoder's input size (:meth:`pipeline.features.images.Preprocess.border_warning`).
     Raises PipelineError for unknown split names, if another command holds ``out``, if ``out``
     holds files but no manifest (it is not a features folder), or if it holds features made with
     another dataset, encoder, weights, preprocessing, dtype, precision, shard size, vocabulary
@@ -199,7 +151,7 @@ def extract_features(
         plan = None
         if world.main:  # rank 0 holds the folder's lock for the whole job
             try:
-                held.enter_context(folder_lock(out, "--out"))
+                held.enter_context(folder_lock(out, "out"))
                 plan = _plan(records, out, config, setup, splits, command)
                 if options is not None:
                     write_toml(out / CONFIG, options, "the options of these features (cli.py features --config FILE)")
@@ -212,7 +164,7 @@ def extract_features(
         if world.main and todo:
             warning = preprocess.border_warning(r.image_path for _, _, recs in todo for r in recs)
             if warning:
-                warnings.warn(warning, stacklevel=2)
+                warnings.warn(PipelineWarning(warning), stacklevel=2)
         encoder.inference_trunk()  # the forward pass's folded trunk, made before the clock starts
         start = time.perf_counter()
         mine = world.share_by_size(todo, [len(recs) for _, _, recs in todo])
@@ -228,14 +180,18 @@ def extract_features(
         if world.main and world.size > 1:
             _add_shards_of_other_ranks(out, manifest, todo)
         summary = FeatureSummary(out, images=sum(world.gather(written)), seconds=time.perf_counter() - start)
-    if not world.main:  # rank 0 wrote the whole run's manifest
-        manifest = shards.load_manifest(out)
+    return _finish(summary, manifest if world.main else folder.load_manifest(out), splits, world.main)
+
+
+def _finish(summary: FeatureSummary, manifest: dict, splits: list[str], main: bool) -> FeatureSummary:
+    """``summary`` with the folder's images per split and the failures of ``splits`` from the whole
+    run's ``manifest``; on the ``main`` process, out/bad_images.tsv written with every failure."""
     everything = []
     for split, entry in manifest["splits"].items():
         summary.per_split[split] = entry["images"]
         everything += [dict(f, split=split) for e in entry["shards"] for f in e["failures"]]
-    if world.main:
-        shards.write_bad_image_report(out / shards.BAD_IMAGES, everything)
+    if main:
+        folder.write_bad_image_report(summary.out / folder.BAD_IMAGES, everything)
     summary.failures = [f for f in everything if f["split"] in splits]
     return summary
 
@@ -247,14 +203,14 @@ def _add_shards_of_other_ranks(out: Path, manifest: dict, todo: list) -> None:
         name, entries = shards.shard_name(split, k), manifest["splits"][split]["shards"]
         if not any(e["file"] == name for e in entries):
             entries.append(shards.shard_entry(out, name))
-    shards.save_manifest(out, manifest)
+    folder.save_manifest(out, manifest)
 
 
 def _setup(encoder, preprocess, config: FeatureConfig, dataset: str) -> dict:
     """What the manifest records of how the features are made (a resume must match it)."""
     h, w, D = encoder.grid(preprocess.image_size)
     return {
-        "format": shards.FORMAT,
+        "format": folder.FORMAT,
         "dataset": dataset,
         "encoder": encoder.describe(),
         "preprocess": preprocess.to_dict(),
@@ -274,15 +230,15 @@ def _plan(
 ) -> tuple[dict, list]:
     """Prepare ``out`` for a run: the manifest to continue (damaged shards dropped from it and
     deleted), the text files, and the shards still to write: (manifest, [(split, k, records)])."""
-    if not (out / shards.MANIFEST).exists():  # its own temporaries aside (a first manifest being written)
+    if not (out / folder.MANIFEST).exists():  # its own temporaries aside (a first manifest being written)
         foreign = sorted(p.name for p in out.iterdir() if not is_temp_of(p, OWN_FILES))
         if foreign:
             raise PipelineError(
                 f"{out}: holds files that `cli.py features` did not write ({', '.join(foreign[:3])}"
-                f"{', ...' if len(foreign) > 3 else ''}) and no manifest; pass a new or empty --out"
+                f"{', ...' if len(foreign) > 3 else ''}) and no manifest; pass a new or empty {param('out')}"
             )
         # first, so that the folder is known as ours from its first file
-        shards.save_manifest(out, dict(setup, splits={}))
+        folder.save_manifest(out, dict(setup, splits={}))
     remove_stale_temps(out, OWN_FILES)  # a manifest or text file being written when a run was killed
     manifest = _resume_manifest(out, setup)
     manifest["command"] = command or manifest.get("command")
@@ -293,14 +249,14 @@ def _plan(
         if old and old["fingerprint"] != fp:
             raise PipelineError(
                 f"{out}: its {split} shards were made from a different image list than the corpus has now; "
-                "extract into another --out"
+                f"extract into another {param('out')}"
             )
     todo = []  # (split, shard index, records)
     for split in splits:
         recs, old = by_split[split], manifest["splits"].get(split)
         entries = {}
         for entry in (old or {}).get("shards", []):
-            problem = shards.shard_problem(out, entry, manifest)
+            problem = folder.shard_problem(out, entry, manifest)
             if problem is None:
                 entries[entry["file"]] = entry
             elif problem != "missing":
@@ -321,8 +277,8 @@ def _plan(
             "shards": list(entries.values()),
         }
     manifest["vocab_size"] = len(write_text(records, out, config.min_count))  # only once the folder fits
-    manifest["text"] = shards.text_record(out)
-    shards.save_manifest(out, manifest)
+    manifest["text"] = folder.text_record(out)
+    folder.save_manifest(out, manifest)
     return manifest, todo
 
 
@@ -331,12 +287,12 @@ def _resume_manifest(out: Path, setup: dict) -> dict:
     Raises PipelineError if it was made with another setup."""
     # keys that came later: fp32 was the only precision; the weights' name and min_count went unrecorded
     later = {"precision": "fp32", "weights_name": setup["weights_name"], "min_count": setup["min_count"]}
-    old = dict(later, **shards.load_manifest(out))
+    old = dict(later, **folder.load_manifest(out))
     differs = [k for k in setup if old.get(k) != setup[k]]
     if differs:
         raise PipelineError(
             f"{out} holds features made with a different {', '.join(differs)} "
-            f"({', '.join(f'{k}={old.get(k)}' for k in differs)}); use another --out or delete it"
+            f"({', '.join(f'{k}={old.get(k)}' for k in differs)}); use another {param('out')} or delete it"
         )
     return dict(old, **setup)
 
@@ -357,11 +313,11 @@ def _run_encoder(encoder, flat, todo, out, config, preprocess, manifest, setup, 
         ImageFiles(flat, preprocess.pixels()),
         batch_sampler=batches,
         num_workers=workers,
-        collate_fn=_collate,
+        collate_fn=collate,
         pin_memory=encoder.device.type == "cuda",
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
-        worker_init_fn=_lower_priority,
+        worker_init_fn=lower_priority,
     )
     written, batch_iter = 0, iter(loader)
     half = PRECISIONS[setup["precision"]]
@@ -390,10 +346,10 @@ def _run_encoder(encoder, flat, todo, out, config, preprocess, manifest, setup, 
                     bar.update(len(indices) + len(bad))
             manifest["splits"][split]["shards"].append(shards.shard_entry(out, name))
             if save_manifest:
-                shards.save_manifest(out, manifest)
+                folder.save_manifest(out, manifest)
     bar.close()
     if shown_failures > 20:
-        log.warning(f"... and {shown_failures - 20} more skipped images (all listed in {out / shards.BAD_IMAGES})")
+        log.warning(f"... and {shown_failures - 20} more skipped images (all listed in {out / folder.BAD_IMAGES})")
     return written
 
 

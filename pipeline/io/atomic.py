@@ -15,7 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .errors import PipelineError
+from .errors import PipelineError, param
 
 TMP_MARK = ".tmp-"
 FALLOC_FL_KEEP_SIZE = 1  # linux/falloc.h
@@ -94,7 +94,7 @@ def disk_full_message(path) -> str:
     """The one line for a write of ``path`` that failed on a full disk."""
     return (
         f"{path}: no space left on the device while writing it; nothing partial was kept and finished "
-        "files are intact: free some space and run the same command again (training: with --resume)"
+        f"files are intact: free some space and run the same command again (training: with {param('resume', True)})"
     )
 
 

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from .atomic import atomic_path, file_sha256, write_json
-from .errors import PipelineError
+from .errors import PipelineError, param
 
 OWNER = "show-attend-tell"  # the mark this pipeline leaves in the files it writes (PNG metadata, JSON keys)
 
@@ -47,7 +47,7 @@ def lock_holder(folder) -> str:
 
 
 @contextlib.contextmanager
-def folder_lock(folder, flag: str = "--out", hold: bool = True):
+def folder_lock(folder, name: str = "out", hold: bool = True):
     """Hold an exclusive advisory lock on ``folder`` (made if absent, with its missing parents; those
     still empty at the end, e.g. after a refusal, are removed again) for the block.
 
@@ -59,14 +59,14 @@ def folder_lock(folder, flag: str = "--out", hold: bool = True):
         yield
         return
     folder = Path(folder)
-    made = check_writable(folder, flag)
+    made = check_writable(folder, name)
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise PipelineError(
-                f"{folder}: in use by {lock_holder(folder)}; wait for it to finish, or pass another {flag}"
+                f"{folder}: in use by {lock_holder(folder)}; wait for it to finish, or pass another {param(name)}"
             ) from None
         yield
     finally:
@@ -78,11 +78,11 @@ def folder_lock(folder, flag: str = "--out", hold: bool = True):
                 break
 
 
-def check_writable(folder, flag: str) -> list[Path]:
+def check_writable(folder, name: str) -> list[Path]:
     """Make ``folder`` (and missing parents) and check that a file can be written there.
 
     Returns the folders it made, deepest first ([] where ``folder`` existed).
-    Raises PipelineError naming the folder and the option that chose it."""
+    Raises PipelineError naming the folder and the option that chose it (``name``)."""
     folder = Path(folder)
     whole = folder.absolute()
     made = list(itertools.takewhile(lambda p: not p.exists(), (whole, *whole.parents)))
@@ -92,15 +92,17 @@ def check_writable(folder, flag: str) -> list[Path]:
             pass
     except OSError as e:
         raise PipelineError(
-            f"{folder}: cannot write there ({e.strerror or e}); pass another {flag} or make it writable"
+            f"{folder}: cannot write there ({e.strerror or e}); pass another {param(name)} or make it writable"
         ) from None
     return made
 
 
-def refuse_foreign(path, what: str, flag: str) -> None:
-    """Raise the PipelineError for an output ``path`` that holds a file not written by ``what``."""
+def refuse_foreign(path, what: str, name: str) -> None:
+    """Raise the PipelineError for an output ``path`` (chosen by option ``name``) that holds a file
+    not written by ``what``."""
     raise PipelineError(
-        f"{path}: exists and was not written by {what}, so it is left as it is; move it away or pass another {flag}"
+        f"{path}: exists and was not written by {what}, so it is left as it is; move it away or pass "
+        f"another {param(name)}"
     )
 
 
@@ -126,17 +128,17 @@ def _listed(record_path: Path) -> dict:
         return {}
 
 
-def check_owned(record_path, paths, what: str, flag: str) -> None:
+def check_owned(record_path, paths, what: str, name: str) -> None:
     """Refuse (:func:`refuse_foreign`) the first of ``record_path`` and ``paths`` (files beside it)
     that exists but is not this pipeline's: a record that is not ours, or a file that the record
     does not list with its current SHA-256 (one the user wrote or edited)."""
     record_path = Path(record_path)
     if record_path.exists() and not _owned_record(record_path):
-        refuse_foreign(record_path, what, flag)
+        refuse_foreign(record_path, what, name)
     listed = _listed(record_path)
     for path in map(Path, paths):
         if path.exists() and file_sha256(path) not in listed.get(path.name, []):
-            refuse_foreign(path, what, flag)
+            refuse_foreign(path, what, name)
 
 
 def _owned_record(path: Path) -> bool:

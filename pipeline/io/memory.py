@@ -16,8 +16,7 @@ def configure_allocator(huge_pages: bool) -> None:
     Training steps and encoder batches allocate the same large tensors over and over (a training
     step keeps a (B, L, A) tensor per time step for its backward pass and frees them all at its
     end). By default glibc returns such memory to the OS once freed, and the next step or batch
-    page-faults it in again, 4 KiB at a time: up to 90 MiB per training step at VGG sizes, and
-    SqueezeNet's forward pass ran at half speed (bench/RESULTS.md). So:
+    page-faults it in again, 4 KiB at a time (docs/benchmarks.md). So:
 
     - glibc (``mallopt``): blocks up to 32 MiB (its largest mmap threshold) come from the heap,
       which is trimmed only past 1 GiB free; fixed thresholds also stop the heap from growing with
@@ -25,9 +24,8 @@ def configure_allocator(huge_pages: bool) -> None:
     - with ``huge_pages`` (feature extraction), PyTorch (``THP_MEM_ALLOC_ENABLE=1`` unless set
       already): CPU tensors of 2 MiB or more are 2 MiB-aligned and advised onto transparent huge
       pages, one page fault per 2 MiB instead of 512 for what is still mapped afresh
-      (pytorch/pytorch#93888). SqueezeNet's 100 MiB first activation is: its batches faulted
-      25000 pages each without, 1500 with, and ran 12% faster end to end; training steps ran
-      1-4% slower with them, so training goes without.
+      (pytorch/pytorch#93888). Feature extraction runs faster with them, training steps slower,
+      so training goes without (docs/benchmarks.md).
 
     A no-op for glibc's part elsewhere; the huge pages need the kernel's THP in 'madvise' or
     'always' mode.

@@ -8,7 +8,7 @@ Also where the tests and benchmarks find the repository and the real data beside
 import os
 from pathlib import Path
 
-from .errors import PipelineError
+from .errors import PipelineError, param
 
 DATA = Path("data")
 FEATURES = DATA / "features"
@@ -24,6 +24,12 @@ def features_dir(dataset: str, encoder: str, image_size: int | None = None) -> P
     """The features folder `cli.py features` and `make features` write by default:
     ``data/features/DATASET-ENCODER``, with ``-IMAGE_SIZE`` where an input size is given."""
     return FEATURES / f"{dataset}-{encoder}{f'-{image_size}' if image_size else ''}"
+
+
+def run_dir(features, attention: str) -> Path:
+    """The run folder `cli.py train` and `make train` write by default: ``data/runs/NAME-ATTENTION``,
+    NAME the features folder's name (``data/runs/flickr8k-vgg19-hard``)."""
+    return RUNS / f"{Path(features).name}-{attention}"
 
 
 DEFAULT_FEATURES = features_dir("flickr8k", "vgg19")  # what `make features DATASET=flickr8k` writes
@@ -42,11 +48,11 @@ def default_features() -> tuple[Path, str | None]:
     if not found:
         raise PipelineError(
             f"no features under {FEATURES}: run `make features DATASET=flickr8k` (or `python cli.py "
-            "features`) first, or pass --features DIR"
+            f"features`) first, or pass {param('features')}"
         )
     raise PipelineError(
         f"{len(found)} features folders under {FEATURES} ({', '.join(p.name for p in found)}) and none "
-        f"is {DEFAULT_FEATURES.name}: choose one with --features DIR"
+        f"is {DEFAULT_FEATURES.name}: choose one with {param('features')}"
     )
 
 
@@ -57,6 +63,6 @@ def newest_checkpoint() -> tuple[Path, str]:
     if not found:
         raise PipelineError(
             f"no trained checkpoint under {RUNS}: train one with `python cli.py train` (or `make "
-            "train`), or pass --checkpoint FILE"
+            f"train`), or pass {param('checkpoint')}"
         )
     return found[-1], f"using {found[-1]} (the newest best.pt under {RUNS})"

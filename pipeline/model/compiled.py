@@ -17,13 +17,12 @@ product with w (eq. 4), the softmax (eq. 5) and the context vector's sum (eq. 13
 over the (B, L, A) and (B, L, D) tensors instead of one pass per operation; the matrix products
 stay the library's (oneDNN, cuBLAS). Under autocast the step's linear layers compute with
 weights cast once per pass (:func:`cast_once`), as eager autocast's cache has them; cast inside
-the graph, at every word, they made compiled bf16 training 0.85x eager. With gradients, f_att's
-sigmoid is kept for the backward graph, not evaluated again there (``pipeline.model.decoder._keep_sigmoid``).
-On the 2-core CPU of bench/RESULTS.md compiled batched beam search is 1.3-1.4x eager under bf16
-and 1.1-1.2x in fp32, and a training step 1.1-1.2x in fp32 and 1.0-1.2x in bf16; but over a
-Flickr8k epoch (caption lengths and batch sizes vary, the output layer, the weight average and
-the data are outside the step) compiled bf16 training ran 1.04x eager, within the spread of
-eager runs, so `auto` leaves bf16 training on a CPU eager (:data:`SLOWER_BF16_TRAINING`).
+the graph, at every word, they made compiled bf16 training slower than eager. With gradients,
+f_att's sigmoid is kept for the backward graph, not evaluated again there
+(``pipeline.model.decoder._keep_sigmoid``). Over a whole epoch on a CPU (caption lengths and batch
+sizes vary; the output layer, the weight average and the data are outside the step) compiled bf16
+training gains nothing reliable over eager, so `auto` leaves it eager (:data:`SLOWER_BF16_TRAINING`).
+The figures: bench/RESULTS.md and docs/benchmarks.md.
 
 The compile cache (inductor's FX-graph and AOTAutograd caches) is kept between runs in
 ``~/.cache/show-attend-tell/inductor`` (``$TORCHINDUCTOR_CACHE_DIR`` where set): a compile that
@@ -41,12 +40,12 @@ from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module  # what torch.func.functional_call swaps weights with
 
 from ..config import COMPILE_MODES, DECODE_ROWS
-from ..io.errors import PipelineError
+from ..io.errors import PipelineError, param
 
 log = logging.getLogger(__name__)
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "show-attend-tell" / "inductor"
-SLOWER_BF16_TRAINING = "compiled bf16 training measured 1.04x eager over a Flickr8k epoch on a CPU, no reliable gain"
+SLOWER_BF16_TRAINING = "compiled bf16 training gains nothing reliable over eager on a CPU (docs/benchmarks.md)"
 RECOMPILE_LIMIT = 64  # graphs of the step kept (torch's default, 8, is reached by a test session)
 _STEP = None  # Decoder.step compiled, built on first use (:func:`compiled_step`)
 
@@ -72,11 +71,14 @@ def decide(mode: str, device, work: int, enough: int, what: str, note: bool = Tr
     (one line); a short run stays eager silently.
     Raises PipelineError for 'on' where inductor cannot compile, or an unknown mode."""
     if mode not in COMPILE_MODES:
-        raise PipelineError(f"--compile {mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+        raise PipelineError(f"{param('compile', mode)}: choose one of {', '.join(COMPILE_MODES)}")
     device = torch.device(device)
     missing = compiler(device) if mode != "off" else ""
     if mode == "on" and missing:
-        raise PipelineError(f"--compile on needs {missing} on this machine for {device.type}; or use --compile off")
+        raise PipelineError(
+            f"{param('compile', 'on')} needs {missing} on this machine for {device.type}; "
+            f"or use {param('compile', 'off')}"
+        )
     if mode != "auto":
         return mode == "on"
     why = (
@@ -85,7 +87,7 @@ def decide(mode: str, device, work: int, enough: int, what: str, note: bool = Tr
         else slower or (f"{what} is too short to pay for compiling" if work < enough else "")
     )
     if why and note and work >= enough:
-        log.info(f"note: --compile auto: off ({why}; --compile on forces it)")
+        log.info(f"note: compile 'auto' stays off ({why}; 'on' forces it)")
     return not why
 
 
@@ -112,7 +114,7 @@ def cast_once(decoder):
     once per word. Eager autocast keeps its casts of the weights for the whole autocast region,
     but a compiled step's graph cannot reach that cache: without this it casts the step's 8.5M
     weights (VGG-sized: W_hh, W_e, W_z, W_h) at every word of every caption, forward and backward,
-    and compiled bf16 training ran at 0.85x eager (bench/RESULTS.md). Gradients flow back through
+    which made compiled bf16 training slower than eager (docs/benchmarks.md). Gradients flow back through
     the one cast to the float32 parameters, as under eager autocast. Eager decoders, or no
     autocast: nothing changes."""
     device = next(decoder.parameters()).device.type

@@ -108,8 +108,9 @@ def greedy_decode(
 
 
 @dataclass
-class Caption:
-    """One decoded caption: word ids without ``<end>``, the log-probability of the whole sequence
+class Hypothesis:
+    """One decoded caption, as the model sees it (the Captioner's :class:`~pipeline.captioner.Caption`
+    is its words): word ids without ``<end>``, the log-probability of the whole sequence
     (its ``<end>`` included when it has one; natural log), whether it ended within the length
     limit, the attention weights alpha (T, L) of each emitted token (``<end>`` included), and for
     hard attention with 'sample' or 'argmax' context the chosen locations (T,)."""
@@ -128,10 +129,10 @@ def beam_search(
     vocab: Vocabulary,
     settings: DecodeConfig = DECODE,
     context: str = "expected",
-) -> list[Caption]:
+) -> list[Hypothesis]:
     """Beam search over a batch of images at once: the best caption of each image, the first of
     :func:`n_best` (which see).
-    annotations: (B, L, D) float. Returns one :class:`Caption` per image."""
+    annotations: (B, L, D) float. Returns one :class:`Hypothesis` per image."""
     return [found[0] for found in n_best(decoder, annotations, vocab, settings, context, 1)]
 
 
@@ -143,7 +144,7 @@ def n_best(
     settings: DecodeConfig = DECODE,
     context: str = "expected",
     n: int = 1,
-) -> list[list[Caption]]:
+) -> list[list[Hypothesis]]:
     """Beam search (beam size k = ``settings.beam_size``) over a batch of images at once, keeping
     the ``n`` (<= k) best captions of each image.
 
@@ -158,7 +159,7 @@ def n_best(
     Beam search can prune the greedy caption's path (its prefix may drop out of the k best before
     it ends), so for k > 1 the greedy caption (this search with k = 1, 1/k more work) is decoded
     too and put first where it ranks higher: a larger beam never returns a worse-ranked caption.
-    Returns per image its captions (:class:`Caption`), best first.
+    Returns per image its captions (:class:`Hypothesis`), best first.
     """
     annotations = in_autocast_dtype(annotations)  # once for both searches
     with cast_once(decoder):  # a compiled step under autocast: its weights cast once, not at every word
@@ -167,7 +168,7 @@ def n_best(
             return found
         greedy = _beam(decoder, annotations, vocab, replace(settings, beam_size=1), context, 1)
 
-    def rank(caption: Caption):
+    def rank(caption: Hypothesis):
         return caption.ended, caption.log_prob / (len(caption.tokens) + caption.ended) ** settings.length_penalty
 
     for captions, (g,) in zip(found, greedy):
@@ -177,7 +178,7 @@ def n_best(
     return found
 
 
-def _beam(decoder, annotations, vocab: Vocabulary, settings: DecodeConfig, context, n) -> list[list[Caption]]:
+def _beam(decoder, annotations, vocab: Vocabulary, settings: DecodeConfig, context, n) -> list[list[Hypothesis]]:
     """The beam search of :func:`n_best` proper (without its greedy safeguard)."""
     B, L, _ = annotations.shape  # annotations (B, L, D)
     k, device, inf = settings.beam_size, annotations.device, float("-inf")
@@ -193,14 +194,7 @@ def _beam(decoder, annotations, vocab: Vocabulary, settings: DecodeConfig, conte
     history = torch.empty(B, k, 0, dtype=torch.long, device=device)  # (B, k, t) words
     alphas = torch.empty(B, k, 0, L, device=device)  # (B, k, t, L) attention weights
     places = torch.empty(B, k, 0, dtype=torch.long, device=device)  # (B, k, t) sampled locations
-    done = {
-        "rank": torch.full((B, n), inf, device=device),
-        "log_p": torch.full((B, n), inf, device=device),
-        "len": torch.zeros(B, n, dtype=torch.long, device=device),
-        "history": torch.zeros(B, n, max_len, dtype=torch.long, device=device),
-        "alphas": torch.zeros(B, n, max_len, L, device=device),
-        "places": torch.zeros(B, n, max_len, dtype=torch.long, device=device),
-    }
+    done = _empty_pool(B, n, max_len, L, device)
     for t in range(1, max_len + 1):
         embedded = decoder.embedding(token)  # (B*k, m)
         state, z, alpha, _, s = decoder.step(embedded, state, a, proj, context)  # z (B*k, D); alpha (B*k, L)
@@ -214,20 +208,8 @@ def _beam(decoder, annotations, vocab: Vocabulary, settings: DecodeConfig, conte
         alphas = torch.cat([alphas[rows, beam], alpha[src].unsqueeze(2)], 2)  # (B, 2k, t, L)
         step_places = s[src] if s is not None else torch.zeros_like(word)  # (B, 2k) sampled locations
         places = torch.cat([places[rows, beam], step_places.unsqueeze(2)], 2)  # (B, 2k, t)
-        # retire the candidates among the k best that end into each image's pool of n best
         is_end = word == vocab.end  # (B, 2k)
-        ended = (is_end & torch.isfinite(top))[:, :k]  # (B, k)
-        candidates = {
-            "rank": torch.where(ended, top[:, :k] / t**length_penalty, inf),
-            "log_p": top[:, :k],
-            "len": torch.full_like(ended, t, dtype=torch.long),
-            "history": _pad(history[:, :k], max_len),
-            "alphas": _pad(alphas[:, :k], max_len),
-            "places": _pad(places[:, :k], max_len),
-        }  # (B, k, ...)
-        pooled = {key: torch.cat([done[key], candidates[key]], 1) for key in done}  # (B, n + k, ...)
-        pick = pooled["rank"].topk(n, dim=1).indices  # (B, n)
-        done = {key: value[rows, pick] for key, value in pooled.items()}  # (B, n, ...)
+        done = _retire(done, (is_end & torch.isfinite(top))[:, :k], top[:, :k], (history, alphas, places), t, settings)
         # carry the k best unfinished candidates on
         score, keep = top.masked_fill(is_end, inf).topk(k, dim=1)  # (B, k)
         history, alphas, places = history[rows, keep], alphas[rows, keep], places[rows, keep]  # (B, k, t, ...)
@@ -240,19 +222,53 @@ def _beam(decoder, annotations, vocab: Vocabulary, settings: DecodeConfig, conte
     return [_captions(done, i, history, alphas, places, score, s is not None) for i in range(B)]
 
 
+def _empty_pool(B: int, n: int, max_len: int, L: int, device) -> dict:
+    """Each of B images' pool of its n best finished captions, empty: 'rank' (the length-penalised
+    score, -inf for an empty place), 'log_p', 'len' (B, n); 'history', 'places' (B, n, max_len)
+    long; 'alphas' (B, n, max_len, L)."""
+    inf = float("-inf")
+    return {
+        "rank": torch.full((B, n), inf, device=device),
+        "log_p": torch.full((B, n), inf, device=device),
+        "len": torch.zeros(B, n, dtype=torch.long, device=device),
+        "history": torch.zeros(B, n, max_len, dtype=torch.long, device=device),
+        "alphas": torch.zeros(B, n, max_len, L, device=device),
+        "places": torch.zeros(B, n, max_len, dtype=torch.long, device=device),
+    }
+
+
+def _retire(done: dict, ended, log_p, paths: tuple, t: int, settings: DecodeConfig) -> dict:
+    """The pools ``done`` (:func:`_empty_pool`) after the candidates of step ``t`` that end join
+    them: ended (B, k) bool and log_p (B, k), of the k best candidates; ``paths``: their (history,
+    alphas, places), (B, >= k, t, ...). Each pool keeps its n best by log_p / t**length_penalty."""
+    history, alphas, places = (x[:, : ended.shape[1]] for x in paths)
+    candidates = {
+        "rank": torch.where(ended, log_p / t**settings.length_penalty, float("-inf")),
+        "log_p": log_p,
+        "len": torch.full_like(ended, t, dtype=torch.long),
+        "history": _pad(history, settings.max_len),
+        "alphas": _pad(alphas, settings.max_len),
+        "places": _pad(places, settings.max_len),
+    }  # (B, k, ...)
+    pooled = {key: torch.cat([done[key], candidates[key]], 1) for key in done}  # (B, n + k, ...)
+    pick = pooled["rank"].topk(done["rank"].shape[1], dim=1).indices  # (B, n)
+    rows = torch.arange(pick.shape[0], device=pick.device).unsqueeze(1)
+    return {key: value[rows, pick] for key, value in pooled.items()}  # (B, n, ...)
+
+
 def _pad(x: torch.Tensor, length: int) -> torch.Tensor:
     """x (B, k, t, ...) zero-padded along t to ``length``."""
     return torch.cat([x, x.new_zeros(*x.shape[:2], length - x.shape[2], *x.shape[3:])], 2)
 
 
-def _captions(done: dict, i: int, history, alphas, places, score, sampled: bool) -> list[Caption]:
+def _captions(done: dict, i: int, history, alphas, places, score, sampled: bool) -> list[Hypothesis]:
     """Image i's finished captions, best first, then its best live hypothesis if fewer than n ended."""
     captions = []
     for j in range(done["rank"].shape[1]):
         if torch.isfinite(done["rank"][i, j]):
             n = done["len"][i, j].item()
             captions.append(
-                Caption(
+                Hypothesis(
                     done["history"][i, j, : n - 1].tolist(),
                     done["log_p"][i, j].item(),
                     True,
@@ -262,6 +278,8 @@ def _captions(done: dict, i: int, history, alphas, places, score, sampled: bool)
             )
     if len(captions) < done["rank"].shape[1]:  # nothing (more) ended within max_len: the best live one
         captions.append(
-            Caption(history[i, 0].tolist(), score[i, 0].item(), False, alphas[i, 0], places[i, 0] if sampled else None)
+            Hypothesis(
+                history[i, 0].tolist(), score[i, 0].item(), False, alphas[i, 0], places[i, 0] if sampled else None
+            )
         )
     return captions

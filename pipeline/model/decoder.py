@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from ..config import CONTEXTS, DecoderConfig, ObjectiveConfig
-from ..io.errors import PipelineError
+from ..io.errors import PipelineError, param
 from .compiled import cast_once, compiled_step
 
 
@@ -56,9 +56,7 @@ def _keep_sigmoid(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     step: the sigmoid's output is saved for the backward pass, the rest recomputed as inductor
     chooses. Left to itself, inductor's partitioner saves the inputs and evaluates the sigmoid
     again in the backward graph, one more exp and division per element of (N, L, A) at every
-    word. Compiled bf16 training steps (VGG-sized soft, batch 64, 2-core CPU; 4 processes each way,
-    alternating, 3 timings each) ran 145 captions/s on average that way and 153 with the sigmoid
-    kept; `python -m bench training` went from 0.88-0.99x eager under bf16 to 1.07-1.16x."""
+    word; keeping it makes compiled bf16 training steps faster (docs/benchmarks.md)."""
     return CheckpointPolicy.MUST_SAVE if op is torch.ops.aten.sigmoid.default else CheckpointPolicy.PREFER_RECOMPUTE
 
 
@@ -69,8 +67,8 @@ class AttentionTanh(torch.autograd.Function):
     """tanh(proj + att_h) of f_att (eq. 4): proj (N, L, A), att_h (N, A) -> (N, L, A), the
     decoding step's largest tensor, so computed in place in the sum's one allocation.
     On a CPU as 2 sigmoid(2x) - 1 (within 2e-7 of tanh in float32, 1 bf16 ulp): PyTorch's CPU tanh
-    kernel runs at 0.85 G values/s here, its sigmoid kernel at 7.2, and f_att's tanh was a batched
-    decoding step's largest cost; this is 4.2x faster than tanh_ (bench/RESULTS.md, beam search).
+    kernel is several times slower than its sigmoid kernel, and f_att's tanh was a batched decoding
+    step's largest cost (bench/RESULTS.md section 3 measures both).
     The backward pass keeps only the output, as tanh's own does: d tanh = 1 - tanh^2."""
 
     @staticmethod
@@ -174,7 +172,7 @@ def upgrade_state_dict(weights: dict, config: DecoderConfig) -> dict:
     if any(k.startswith("att_extra.") for k in weights):
         raise PipelineError(
             "written with the former 2-layer attention (its second layer after the tanh), which is "
-            "not the authors' and is gone: retrain with --attention-layers 2"
+            f"not the authors' and is gone: retrain with {param('attention_layers', 2)}"
         )
     n, A = config.hidden_dim, config.attention_dim
     W, b = weights["hidden_proj.weight"], weights["hidden_proj.bias"]  # (4n + A + 1, n), (4n + A + 1,)

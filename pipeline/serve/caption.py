@@ -15,9 +15,9 @@ from pathlib import Path
 
 from ..captioner import Captioner
 from ..config import DECODE, DecodeConfig
-from ..features.encoders import ImageError
+from ..features.images import ImageError
 from ..io.atomic import temp_name
-from ..io.errors import PipelineError
+from ..io.errors import PipelineError, param
 from ..io.folders import OWNER, check_writable, refuse_foreign
 from ..model.compiled import decide_decoding
 from ..plots import is_attention_figure
@@ -70,10 +70,10 @@ def plot_paths(paths: list[Path], pattern, inputs: list[Path]) -> list[Path | No
             )
         seen[plot.resolve()] = image
         if plot.resolve() in taken:
-            raise PipelineError(f"{plot}: is an input of this command; pass another --attention-plot")
+            raise PipelineError(f"{plot}: is an input of this command; pass another {param('attention_plot')}")
         if plot.exists() and not is_attention_figure(plot):
-            refuse_foreign(plot, "`cli.py caption` (not one of its attention figures)", "--attention-plot")
-        check_writable(plot.parent, "--attention-plot")
+            refuse_foreign(plot, "`cli.py caption` (not one of its attention figures)", "attention_plot")
+        check_writable(plot.parent, "attention_plot")
     return plots
 
 
@@ -82,7 +82,9 @@ def check_jsonl(path: Path, taken: list[Path]) -> None:
     or an existing file whose first line is not the header this pipeline writes; check its folder
     is writable. Raises PipelineError naming it."""
     if path.resolve() in {p.resolve() for p in taken}:
-        raise PipelineError(f"{path}: is an input or an attention figure of this command; pass another --jsonl")
+        raise PipelineError(
+            f"{path}: is an input or an attention figure of this command; pass another {param('jsonl')}"
+        )
     if path.exists():
         try:
             with open(path, encoding="utf-8") as f:
@@ -90,8 +92,8 @@ def check_jsonl(path: Path, taken: list[Path]) -> None:
         except (ValueError, AttributeError, UnicodeDecodeError):
             ours = False
         if not ours:
-            refuse_foreign(path, "`cli.py caption`", "--jsonl")
-    check_writable(path.parent, "--jsonl")
+            refuse_foreign(path, "`cli.py caption`", "jsonl")
+    check_writable(path.parent, "jsonl")
 
 
 class JsonLines:

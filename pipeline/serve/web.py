@@ -16,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..captioner import Captioner
 from ..config import DECODE, DecodeConfig
-from ..io.errors import PipelineError
+from ..io.errors import PipelineError, param
 from ..plots import attention_overlay
 
 MAX_BYTES = 20 * 2**20  # bytes per upload
@@ -126,5 +126,5 @@ def serve(
     except OSError as e:  # Gradio's "Cannot find empty port" (no strerror), or the socket's own error
         why = e.strerror or "the port is in use, or the address is not this machine's"
         raise PipelineError(
-            f"{host}:{port}: the page cannot listen there ({why}); pass another --port or --host"
+            f"{host}:{port}: the page cannot listen there ({why}); pass another {param('port')} or {param('host')}"
         ) from None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..features.encoders import Preprocess, open_rgb
+from ..features.images import Preprocess, open_rgb
 from ..io.errors import PipelineError
 from ..plots import attention_plot, training_curves
 
