@@ -17,13 +17,13 @@ import click
 from click.core import ParameterSource
 from PIL import Image
 
-from pipeline.config import DecodeConfig, DecoderConfig, FeatureConfig, ObjectiveConfig, TrainConfig
+from pipeline.config import SECTIONS, DecodeConfig, DecoderConfig, FeatureConfig, ObjectiveConfig, TrainConfig
 from pipeline.features.datasets import DATASETS
 from pipeline.io import paths
 from pipeline.io.atomic import disk_full_message
 from pipeline.io.errors import PipelineError, Worded, describe, one_line, worded
 from pipeline.io.folders import os_error_message
-from pipeline.options import field_flag, flag_name, specs
+from pipeline.options import field_flag, flag_name, nest, specs
 
 DEBUG = "SHOW_ATTEND_TELL_DEBUG"  # set to 1 to see the traceback of an unexpected error
 CONFIGS = (TrainConfig, FeatureConfig, DecodeConfig, DecoderConfig, ObjectiveConfig)  # whose fields are options
@@ -369,18 +369,16 @@ def train(features, out, resume, no_progress, **settings):
         features, note = paths.default_features()
         if note and main_process():
             click.echo(note, err=True)
-    sections = {"model": specs(DecoderConfig), "objective": specs(ObjectiveConfig)}
-    nested = {section: {k: settings.pop(k) for k in fields if k in settings} for section, fields in sections.items()}
+    fields = nest(settings, SECTIONS)
     typed = set(_given(click.get_current_context(), "resume", "no_progress"))
     if settings["init"]:  # the decoder's options come from --init's checkpoint: those typed must agree with it
-        nested["model"] = {k: v for k, v in nested["model"].items() if k in typed}
+        fields["model"] = {k: v for k, v in fields["model"].items() if k in typed}
     config = TrainConfig(
         features=features and str(features),
         out=str(out or paths.run_dir(features or paths.default_features()[0], settings["attention"])),
-        **settings,
-        **nested,
+        **fields,
     )
-    where = {k: f"{section}.{k}" for section, values in nested.items() for k in values}
+    where = {k: f"{section}.{k}" for section in SECTIONS for k in fields[section]}
     given = {where.get(name, name) for name in typed}
     state = run_training(config, resume=resume, progress=not no_progress, given=given)
     ran = TrainConfig(**state["train_config"])  # a resumed run's own options (e.g. --objective scst), not the defaults

@@ -64,8 +64,7 @@ class DecodeConfig:
     )
     allow_unk: bool = option(
         False,
-        "Let captions contain <unk> (the stand-in for words outside the vocabulary); by default decoding never "
-        "emits it.",
+        "Let captions contain <unk> (the stand-in for words outside the vocabulary); by default never emitted.",
     )
     block_trigrams: bool = option(
         False,
@@ -396,3 +395,6 @@ class ObjectiveConfig:
 
     def __post_init__(self):
         check_config(self)
+
+
+SECTIONS = {"model": DecoderConfig, "objective": ObjectiveConfig}  # TrainConfig's fields that are configurations

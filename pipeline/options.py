@@ -147,3 +147,25 @@ def write_toml(path, values: dict, heading: str) -> None:
             lines.append(f"{name} = {text}")
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def nest(options: dict, sections: dict) -> dict:
+    """Flat options, as the command line and config.toml name them ('lr', 'embed_dim'), as a
+    configuration's fields: those of each dataclass of ``sections`` (name -> class, e.g.
+    ``pipeline.config.SECTIONS``) gathered under its name. The inverse of :func:`flatten`."""
+    nested = {name: {k: v for k, v in options.items() if k in specs(cls)} for name, cls in sections.items()}
+    taken = {k for fields in nested.values() for k in fields}
+    return dict({k: v for k, v in options.items() if k not in taken}, **nested)
+
+
+def flatten(fields: dict, sections, dotted: bool = False) -> dict:
+    """A configuration's fields (as ``asdict`` gives them) as flat options: those under the names
+    in ``sections`` brought up ({'lr': ..., 'model': {'embed_dim': ...}} -> {'lr': ..., 'embed_dim':
+    ...}), as 'model.embed_dim' where ``dotted``."""
+    flat = {}
+    for key, value in fields.items():
+        if key in sections:
+            flat.update({f"{key}.{k}" if dotted else k: v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat

@@ -437,6 +437,22 @@ CASES = [
         2,
     ),
     (
+        "evaluate-split-is-a-path",
+        lambda t, r, i: (
+            _evaluate(r / "run" / "best.pt", "--split", "a/b", "--out-dir", str(t / "out")),
+            r"'a/b': not a split name \(letters, digits, _ and -\); pass another --split",
+        ),
+        2,
+    ),
+    (
+        "evaluate-split-leaves-its-folder",
+        lambda t, r, i: (
+            _evaluate(r / "run" / "best.pt", "--split", "../../x/y", "--out-dir", str(t / "out" / "deep")),
+            r"'../../x/y': not a split name",
+        ),
+        2,
+    ),
+    (
         "evaluate-unknown-split",
         lambda t, r, i: (
             _evaluate(r / "run" / "best.pt", "--split", "holdout"),

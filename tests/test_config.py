@@ -9,10 +9,12 @@ import torch
 from click.testing import CliRunner
 
 import cli
+from pipeline import options
 from pipeline.checkpoint import build_decoder
 from pipeline.config import (
     DECODE,
     ENCODER_NAMES,
+    SECTIONS,
     DecodeConfig,
     DecoderConfig,
     FeatureConfig,
@@ -139,3 +141,15 @@ def test_a_config_naming_an_unknown_option_is_refused(tmp_path):
     (tmp_path / "c.toml").write_text("lr = 0.1\nwarp_speed = 9\n")
     result = CliRunner().invoke(cli.main, ["train", "--config", str(tmp_path / "c.toml")])
     assert result.exit_code == 2 and "c.toml: no option 'warp_speed' in `train`" in result.output
+
+
+def test_options_nest_into_their_configurations_and_flatten_back():
+    flat = {"lr": 1e-3, "embed_dim": 16, "alpha_c": 0.5}
+    nested = options.nest(flat, SECTIONS)
+    assert nested == {"lr": 1e-3, "model": {"embed_dim": 16}, "objective": {"alpha_c": 0.5}}
+    assert options.flatten(nested, SECTIONS) == flat
+    assert options.flatten(nested, SECTIONS, dotted=True) == {
+        "lr": 1e-3,
+        "model.embed_dim": 16,
+        "objective.alpha_c": 0.5,
+    }

@@ -24,6 +24,7 @@ from pipeline.features import folder
 from pipeline.features.images import Preprocess, bound_aspect
 from pipeline.io import atomic, folders
 from pipeline.io.errors import PipelineError
+from pipeline.serve.caption import JsonLines
 from pipeline.train.loop import LAST, TrainConfig, train
 
 from conftest import run_cli
@@ -383,3 +384,25 @@ def test_an_image_of_any_shape_is_preprocessed_in_bounded_memory():
     assert bound_aspect(tall).size == (30, 60)
     usual = Image.new("RGB", (500, 300))
     assert bound_aspect(usual) is usual  # within 2:1 nothing changes
+
+
+def test_a_jsonl_run_stopped_before_any_result_leaves_the_file_as_it_was(tmp_path):
+    keep = tmp_path / "keep.jsonl"
+    with JsonLines(keep, {"run": 1}) as lines:
+        lines.write('{"caption": "a dog"}')
+    before = keep.read_text()
+    for stop in (PipelineError("the model does not fit these images"), KeyboardInterrupt()):
+        with pytest.raises(type(stop)):
+            with JsonLines(keep, {"run": 2}):
+                raise stop
+        assert keep.read_text() == before and list(tmp_path.iterdir()) == [keep]
+    with JsonLines(keep, {"run": 3}) as lines:
+        lines.write('{"caption": "a cat"}')
+    assert [json.loads(line).get("run") for line in keep.read_text().splitlines()] == [3, None]
+
+
+def test_bad_image_rows_stay_one_line_whatever_the_file_name(tmp_path):
+    failures = [{"split": "train", "image_id": "a\nb.jpg", "path": "x/a\nb\r.jpg", "reason": "bad\tdata"}]
+    folder.write_bad_image_report(tmp_path / "bad_images.tsv", failures)
+    rows = (tmp_path / "bad_images.tsv").read_text().split("\n")
+    assert rows == ["split\timage_id\tpath\treason", "train\ta b.jpg\tx/a b .jpg\tbad data", ""]

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from ..checkpoint import build_decoder, load_checkpoint
 from ..config import DECODE, DecodeConfig
-from ..features.folder import check_identity
+from ..features.folder import check_identity, check_split_name
 from ..features.shards import AnnotationShards
 from ..io.folders import check_owned, check_writable, write_owned
 from ..model.compiled import decide_decoding, use_compiled
@@ -66,9 +66,11 @@ def evaluate(
     to be writable, and the output names to be free or this pipeline's, before any decoding.
     Returns {'scores': {metric: %}, 'notes': [str], 'captions': path, 'scores_file': path,
     'references': path, 'images': n, 'examples': [(image id, caption)] (the first three)}.
-    Raises PipelineError for an unreadable checkpoint, missing split, mismatched features, an
-    output folder that cannot be written, or an output name taken by a file not written here.
+    Raises PipelineError for a split name that is a path, an unreadable checkpoint, missing split,
+    mismatched features, an output folder that cannot be written, or an output name taken by a file
+    not written here.
     """
+    check_split_name(split)  # before any folder is made from it
     checkpoint_path = Path(checkpoint_path)
     checkpoint = load_checkpoint(checkpoint_path)
     trained_on = checkpoint["features"]["dir"]

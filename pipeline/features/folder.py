@@ -176,6 +176,13 @@ def load_manifest(features_dir) -> dict:
 _SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
+def check_split_name(split) -> None:
+    """Raise PipelineError unless ``split`` can name a split: letters, digits, '_' and '-' (so it
+    names no path: the file names of shards and evaluations are made from it)."""
+    if not isinstance(split, str) or not _SPLIT_NAME.fullmatch(split):
+        raise PipelineError(f"{split!r}: not a split name (letters, digits, _ and -); pass another {param('split')}")
+
+
 IDENTITY = ("dataset", "encoder", "preprocess", "grid", "L", "D", "dtype")
 """The keys of how features were made that a checkpoint and a model folder record of them (a manifest
 holds them beside what only a resume compares: precision, shard size, ...)."""
@@ -256,9 +263,11 @@ def save_manifest(features_dir: Path, manifest: dict) -> None:
 
 
 def write_bad_image_report(path: Path, failures: list[dict]) -> None:
-    """Write the failed images as TSV (split, image_id, path, reason), atomically."""
+    """Write the failed images as TSV (split, image_id, path, reason), atomically: one row each,
+    tabs and line breaks in a value written as spaces."""
     lines = ["split\timage_id\tpath\treason"] + [
-        "\t".join(str(f[k]).replace("\t", " ") for k in ("split", "image_id", "path", "reason")) for f in failures
+        "\t".join(" ".join(str(f[k]).replace("\t", " ").splitlines()) for k in ("split", "image_id", "path", "reason"))
+        for f in failures
     ]
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")

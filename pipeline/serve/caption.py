@@ -100,18 +100,22 @@ class JsonLines:
     """The ``--jsonl`` file, as a context manager: a header line (``header`` and this pipeline's
     mark), then :meth:`write` a line per result, each flushed, into ``PATH.tmp-PID``, which
     replaces ``path`` when the block ends, also when it ends by Ctrl-C or SIGTERM (the lines done
-    are kept; SIGTERM is Ctrl-C's KeyboardInterrupt within the block). A killed command (SIGKILL)
-    leaves ``path`` as it was and its finished lines in ``PATH.tmp-PID``."""
+    are kept; SIGTERM is Ctrl-C's KeyboardInterrupt within the block). A block that ends, however,
+    before any result was written leaves a file at ``path`` as it was (the header-only one is removed). A
+    killed command (SIGKILL) leaves ``path`` as it was and its finished lines in ``PATH.tmp-PID``."""
 
     def __init__(self, path, header: dict):
         self.path = Path(path)
         self.tmp = temp_name(self.path)
         self.file = open(self.tmp, "w", encoding="utf-8")
-        self.write(json.dumps(dict(header, written_by=OWNER)))
+        self.file.write(json.dumps(dict(header, written_by=OWNER)) + "\n")
+        self.results = 0
 
     def write(self, line: str) -> None:
+        """Append one result's JSON line, flushed."""
         self.file.write(line + "\n")
         self.file.flush()
+        self.results += 1
 
     def __enter__(self) -> "JsonLines":
         self.on_sigterm = signal.signal(signal.SIGTERM, _interrupt)
@@ -120,7 +124,10 @@ class JsonLines:
     def __exit__(self, *exc) -> None:
         signal.signal(signal.SIGTERM, self.on_sigterm)
         self.file.close()
-        os.replace(self.tmp, self.path)
+        if not self.results and self.path.exists():  # stopped before any result: keep the file there
+            self.tmp.unlink()
+        else:
+            os.replace(self.tmp, self.path)
 
 
 def _interrupt(signum, frame):

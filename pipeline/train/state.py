@@ -12,14 +12,14 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 from ..checkpoint import save_checkpoint
-from ..config import DecoderConfig, ObjectiveConfig, TrainConfig
+from ..config import SECTIONS, DecoderConfig, ObjectiveConfig, TrainConfig
 from ..features import folder
 from ..features.shards import AnnotationShards, CaptionPairs
 from ..io import distributed
 from ..io.atomic import atomic_path
 from ..io.errors import PipelineError, param
 from ..model.decoder import Decoder
-from ..options import CONFIG, defaults, specs, write_toml
+from ..options import CONFIG, defaults, flatten, specs, write_toml
 from .monitor import BOARD, CURVES
 from .scst import Reward
 
@@ -118,7 +118,7 @@ def resumed_config(checkpoint: dict, config: TrainConfig, given: set[str], check
     decoder = {k: checkpoint["model_config"].get(k, default) for k, default in defaults(DecoderConfig).items()}
     objective = dict(defaults(ObjectiveConfig), **saved["objective"])
     run = dict(saved, model=dict(decoder, **saved["model"]), objective=objective)
-    new, old = _flat(asdict(config)), _flat(run)
+    new, old = flatten(asdict(config), SECTIONS, dotted=True), flatten(run, SECTIONS, dotted=True)
     refused = sorted(k for k in given if k not in (*RESUMABLE, "features", "out") and new.get(k) != old.get(k))
     if refused:
         flags = ", ".join(f"{param(k)} (the run has {old.get(k)}, given {new.get(k)})" for k in refused)
@@ -131,21 +131,13 @@ def resumed_config(checkpoint: dict, config: TrainConfig, given: set[str], check
     return TrainConfig(**dict(saved, features=config.features or saved["features"], out=config.out, **changed))
 
 
-def _flat(config: dict) -> dict:
-    """{'lr': ..., 'model': {'embed_dim': ...}} -> {'lr': ..., 'model.embed_dim': ...}."""
-    flat = {}
-    for key, value in config.items():
-        flat.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
-    return flat
-
-
 def write_config(config: TrainConfig, model_config: DecoderConfig) -> None:
     """Record the run's resolved options as ``OUT/config.toml``: one flat table of option names
     (the decoder's as ``model_config`` has them where not given, those of ``--init``'s checkpoint
     included, and the objective's defaults filled in), so ``cli.py train --config`` repeats it."""
-    values = {k: v for k, v in asdict(config).items() if k not in ("model", "objective")}
-    values.update({k: getattr(model_config, k) for k in specs(DecoderConfig)}, **config.model)
-    values.update(defaults(ObjectiveConfig), **config.objective)
+    model = dict({k: getattr(model_config, k) for k in specs(DecoderConfig)}, **config.model)
+    objective = dict(defaults(ObjectiveConfig), **config.objective)
+    values = flatten(dict(asdict(config), model=model, objective=objective), SECTIONS)
     write_toml(Path(config.out) / CONFIG, values, "the options of this run (cli.py train --config FILE repeats it)")
 
 
