@@ -153,8 +153,9 @@ def nest(options: dict, sections: dict) -> dict:
     """Flat options, as the command line and config.toml name them ('lr', 'embed_dim'), as a
     configuration's fields: those of each dataclass of ``sections`` (name -> class, e.g.
     ``pipeline.config.SECTIONS``) gathered under its name. The inverse of :func:`flatten`."""
-    nested = {name: {k: v for k, v in options.items() if k in specs(cls)} for name, cls in sections.items()}
-    taken = {k for fields in nested.values() for k in fields}
+    known = {name: specs(cls) for name, cls in sections.items()}
+    nested = {name: {k: v for k, v in options.items() if k in known[name]} for name in sections}
+    taken = {k for values in nested.values() for k in values}
     return dict({k: v for k, v in options.items() if k not in taken}, **nested)
 
 

@@ -92,10 +92,12 @@ def test_center_crop_keeps_the_middle_and_resize_keeps_the_borders():
 def test_centre_crops_of_images_already_at_the_input_size_are_warned_of(tmp_path):
     squares = [_jpeg(tmp_path / f"{n}.jpg", (224, 224)) for n in range(3)]
     (tmp_path / "bad.jpg").write_text("not an image")
-    warning = Preprocess("center-crop").border_warning([tmp_path / "bad.jpg", *squares])
+    warning = str(Preprocess("center-crop").border_warning([tmp_path / "bad.jpg", *squares]))
     assert warning.startswith(f"{squares[0]} and the next images are already 224x224 pixels")
     assert "enlarges each to 256 and keeps its central 196x196 pixels" in warning
-    assert Preprocess("center-crop", 224, 232).border_warning(squares).count("232 and keeps its central 216x216") == 1
+    assert (
+        str(Preprocess("center-crop", 224, 232).border_warning(squares)).count("232 and keeps its central 216x216") == 1
+    )
     assert Preprocess("resize").border_warning(squares) is None  # nothing is cut
     assert Preprocess("center-crop", 256).border_warning(squares) is None  # not the input size
     larger = _jpeg(tmp_path / "larger.jpg", (500, 375))

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from ..config import FeatureConfig
 from ..io import distributed
 from ..io.atomic import is_temp_of, remove_stale_temps, write_json
-from ..io.errors import PipelineError, PipelineWarning, param
+from ..io.errors import PipelineError, param
 from ..io.folders import folder_lock
 from ..io.memory import configure_allocator
 from ..options import CONFIG, write_toml
@@ -164,7 +164,7 @@ def extract_features(
         if world.main and todo:
             warning = preprocess.border_warning(r.image_path for _, _, recs in todo for r in recs)
             if warning:
-                warnings.warn(PipelineWarning(warning), stacklevel=2)
+                warnings.warn(warning, stacklevel=2)
         encoder.inference_trunk()  # the forward pass's folded trunk, made before the clock starts
         start = time.perf_counter()
         mine = world.share_by_size(todo, [len(recs) for _, _, recs in todo])

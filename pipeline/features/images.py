@@ -16,7 +16,7 @@ from torch.utils.data import Dataset, get_worker_info
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as transforms
 
-from ..io.errors import PipelineError, param
+from ..io.errors import PipelineError, PipelineWarning, param
 from .datasets import Record
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -169,13 +169,12 @@ class Preprocess:
         pixels = self.pixels()
         return lambda image: self.normalize(pixels(image))
 
-    def border_warning(self, paths, sample: int = 8) -> str | None:
+    def border_warning(self, paths, sample: int = 8) -> PipelineWarning | None:
         """A warning when 'center-crop' would cut the borders off images that are already
         image_size squares (a corpus resized beforehand, as ../shared's copy of Flickr8k): the
         first ``sample`` of ``paths`` that open (their headers only) all are. None otherwise, and
-        always for 'resize'. (Flickr8k's 224x224 copy, SqueezeNet, soft attention, dev, one run each:
-        after XE, resized features scored 19.3 BLEU-4 / 18.9 METEOR / 44.8 CIDEr against the centre
-        crops' 19.3 / 18.3 / 43.8; after SCST 20.3 / 19.0 / 48.0 against 21.0 / 18.7 / 48.0; README.)"""
+        always for 'resize'. (docs/benchmarks.md, "Figures behind the code's choices", compares
+        the two on that copy.)"""
         if self.mode != "center-crop":
             return None
         size, opened = self.image_size, []
@@ -191,7 +190,7 @@ class Preprocess:
             return None
         enlarged = self.resize or round(size * 256 / 224)
         kept = round(size * size / enlarged)
-        return (
+        return PipelineWarning(
             f"{opened[0][0]} and the next images are already {size}x{size} pixels: "
             f"{param('preprocess', 'center-crop')} enlarges each to {enlarged} and keeps its central {kept}x{kept} "
             f"pixels; {param('preprocess', 'resize')} keeps them whole"
