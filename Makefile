@@ -21,6 +21,11 @@ SKIP_BAD ?=
 # processes of `make features`: empty for one; N runs N under torchrun, each computing on one CPU thread
 # (data parallel across processes, which keeps more of the cores busy than one process's threads do)
 RANKS ?=
+ifneq ($(RANKS),)
+ifeq ($(shell [ "$(RANKS)" -ge 1 ] 2>/dev/null && echo ok),)
+$(error RANKS=$(RANKS): give the number of processes as a whole number, 1 or more)
+endif
+endif
 OUT ?= data/features/$(DATASET)-$(ENCODER)$(if $(IMAGE_SIZE),-$(IMAGE_SIZE))
 FEATURES ?= $(OUT)
 ATTENTION ?= soft

@@ -130,3 +130,14 @@ def test_two_rank_training_checkpoints_and_resumes(tmp_path):
     a, b = single, torch.load(last, weights_only=True)
     assert a["position"] == b["position"]
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_make_refuses_a_number_of_processes_that_is_not_a_whole_number(tmp_path):
+    for ranks in ("abc", "0", "1.5"):
+        done = _run(["make", "-n", "features", f"RANKS={ranks}", f"OUT={tmp_path / 'f'}"])
+        assert done.returncode != 0 and "Traceback" not in done.stderr
+        assert f"RANKS={ranks}: give the number of processes as a whole number, 1 or more" in done.stderr
+    assert (
+        "torchrun --standalone --nproc-per-node 2 cli.py features" in _run(["make", "-n", "features", "RANKS=2"]).stdout
+    )
+    assert not (tmp_path / "f").exists()
